@@ -1,0 +1,85 @@
+"""White-box L-inf attacks: FGSM, PGD with random start and restarts, EOT-PGD, and the adaptive
+attack on the smoothed classifier's soft output (Salman et al., 2019).
+
+Every attack takes a *logit function* ``f(x) -> [B, C]`` (log-probabilities work too) and images in
+[0, 1]; it never leaves the eps ball or [0, 1]. A randomized model (input noise, PNI weight noise)
+is attacked honestly by averaging the gradient over ``eot`` noise draws, and the smoothed classifier
+itself by :func:`smoothed_log_probs`, the log of its mean softmax over m copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from models.smooth import Smooth
+
+LogitFn = Callable[[torch.Tensor], torch.Tensor]
+
+EPS = 8 / 255
+STEP = 2 / 255
+STEPS = 7
+
+
+def _losses(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eot: int) -> torch.Tensor:
+    """Per-image cross-entropy averaged over ``eot`` draws, run as one batch (x repeated), so a
+    randomized ``f`` sees independent noise per draw."""
+    logits = f(x.repeat(eot, 1, 1, 1))
+    return F.cross_entropy(logits.float(), y.repeat(eot), reduction="none").view(eot, -1).mean(0)
+
+
+def _loss_grad(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eot: int) -> torch.Tensor:
+    """Gradient of the (EOT-averaged) loss w.r.t. a fresh leaf copy of ``x``: reset every step."""
+    x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_losses(f, x, y, eot).sum(), x)
+    return grad
+
+
+def fgsm(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eps: float = EPS,
+         random_start: bool = False, step: float | None = None) -> torch.Tensor:
+    """FGSM; with ``random_start`` it is Wong et al.'s "fast" variant (uniform start, step 1.25 eps)."""
+    delta = torch.empty_like(x).uniform_(-eps, eps) if random_start else torch.zeros_like(x)
+    start = (x + delta).clamp(0, 1)
+    grad = _loss_grad(f, start, y, 1)
+    step = step if step is not None else (1.25 * eps if random_start else eps)
+    adv = start + step * grad.sign()
+    return torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1).detach()
+
+
+def pgd(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eps: float = EPS, step: float = STEP,
+        steps: int = STEPS, restarts: int = 1, random_start: bool = True, eot: int = 1) -> torch.Tensor:
+    """PGD L-inf (Madry et al.) maximising cross-entropy; keeps, per image, the restart with the
+    highest final loss. ``eot`` > 1 averages each step's gradient over that many noise draws."""
+    x = x.detach()
+    best = x.clone()
+    best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)
+    for _ in range(restarts):
+        adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) if random_start else x.clone()
+        for _ in range(steps):
+            grad = _loss_grad(f, adv, y, eot)
+            adv = adv + step * grad.sign()
+            adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1).detach()
+        with torch.no_grad():
+            loss = _losses(f, adv, y, eot)
+        better = loss > best_loss
+        best[better] = adv[better]
+        best_loss = torch.where(better, loss, best_loss)
+    return best
+
+
+def noisy_logits_fn(smooth: Smooth) -> LogitFn:
+    """The base model under one fresh draw of the smoothing noise per row (what PGD and EOT attack)."""
+    return smooth.forward_noisy
+
+
+def smoothed_log_probs(smooth: Smooth, samples: int) -> LogitFn:
+    """Log of the smoothed classifier's mean softmax over ``samples`` noisy copies (differentiable)."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        logits = smooth.forward_noisy(x.repeat_interleave(samples, dim=0)).float()
+        probs = logits.softmax(1).view(x.shape[0], samples, -1).mean(1)
+        return probs.clamp_min(1e-12).log()
+
+    return f

@@ -1,0 +1,187 @@
+"""CIFAR data: read once from whichever layout the user has, cache as uint8, augment on the device.
+
+Layouts understood (``--data PATH``):
+
+* an ImageFolder tree ``train/<class>/*.jpg|png`` and ``test/<class>/...``, as a folder or packed in a
+  ``.tar.gz`` (this project's JPEG-encoded CIFAR-10 archive is one);
+* the official python layout, ``cifar-10-batches-py`` or ``cifar-100-python`` (read with
+  torchvision's ``CIFAR10``/``CIFAR100``), given as that folder or its parent.
+
+Decoded splits are cached under ``--cache-dir`` as safetensors keyed by the source's checksum, so the
+second run starts at once and every record can name the exact data it saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+Split = Literal["train", "test"]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A whole split in memory: ``images`` uint8 ``[N, 3, H, W]``, ``labels`` int64 ``[N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    source: str
+    checksum: str
+    encoding: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, count: int | None, seed: int = 0) -> Dataset:
+        """The first ``count`` images of a fixed random permutation (all of them if ``count`` is None)."""
+        if count is None or count >= len(self):
+            return self
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
+        return Dataset(self.images[order], self.labels[order], self.classes, self.source,
+                       self.checksum, self.encoding)
+
+
+def _fingerprint(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's (relative path, size) listing plus its data files."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def _decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _from_members(members: list[tuple[str, bytes]], split: Split) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Build a split from (relative path, bytes) pairs laid out as ``split/class/file``."""
+    by_class: dict[str, list[tuple[str, bytes]]] = {}
+    for name, data in members:
+        parts = Path(name).parts
+        if len(parts) >= 3 and parts[-3] == split and name.lower().endswith(IMAGE_SUFFIXES):
+            by_class.setdefault(parts[-2], []).append((name, data))
+    if not by_class:
+        raise FileNotFoundError(f"no images under a '{split}/<class>/' folder")
+    classes = tuple(sorted(by_class))  # ImageFolder's order; for CIFAR-10 it is the official label order
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for _, data in sorted(by_class[cls]):
+            images.append(_decode(data))
+            labels.append(label)
+    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
+
+
+def _read_tar(path: Path, split: Split) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    members = []
+    with tarfile.open(path, "r:*") as tar:
+        for info in tar:
+            if info.isfile() and f"{split}/" in info.name:
+                f = tar.extractfile(info)
+                if f is not None:
+                    members.append((info.name, f.read()))
+    return _from_members(members, split)
+
+
+def _read_folder(path: Path, split: Split) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    root = path / split
+    members = [(str(p.relative_to(path)), p.read_bytes()) for p in root.rglob("*") if p.is_file()]
+    return _from_members(members, split)
+
+
+def _official_folder(path: Path) -> Path | None:
+    for name in ("cifar-10-batches-py", "cifar-100-python"):
+        if path.name == name:
+            return path
+        if (path / name).is_dir():
+            return path / name
+    return None
+
+
+def _read_official(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if folder.name == "cifar-10-batches-py" else CIFAR100
+    ds = cls(root=str(folder.parent), train=split == "train", download=False)
+    return np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64), tuple(ds.classes)
+
+
+def describe_layout(path: Path) -> str:
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return "imagefolder-tar"
+    if path.is_dir() and _official_folder(path) is not None:
+        return "official"
+    if path.is_dir() and ((path / "train").is_dir() or (path / "test").is_dir()):
+        return "imagefolder"
+    raise FileNotFoundError(
+        f"{path}: not a CIFAR source; expected an ImageFolder tree (folder or .tar.gz with train/ and test/) "
+        "or the official cifar-10-batches-py / cifar-100-python folder")
+
+
+def load_split(path: str | Path, split: Split, cache_dir: str | Path | None = "data-cache") -> Dataset:
+    """Load one split of the CIFAR data at ``path``, decoding it only the first time."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    layout = describe_layout(path)
+    source = _official_folder(path) if layout == "official" else path
+    assert source is not None
+    checksum = _fingerprint(source)
+    encoding = "official (lossless)" if layout == "official" else _guess_encoding(path)
+    cache = Path(cache_dir) / f"{checksum[:16]}-{split}.safetensors" if cache_dir else None
+    if cache is not None and cache.is_file():
+        tensors = load_file(str(cache))
+        meta = json.loads((cache.with_suffix(".json")).read_text())
+        return Dataset(tensors["images"], tensors["labels"], tuple(meta["classes"]), str(path), checksum, encoding)
+    reader = {"imagefolder-tar": _read_tar, "imagefolder": _read_folder, "official": _read_official}[layout]
+    images, labels, classes = reader(source, split)
+    data = Dataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels),
+                   classes, str(path), checksum, encoding)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"images": data.images, "labels": data.labels}, str(cache))
+        cache.with_suffix(".json").write_text(json.dumps({"classes": list(classes), "source": str(path)}))
+    return data
+
+
+def _guess_encoding(path: Path) -> str:
+    return "JPEG" if "jpeg" in path.name.lower() or "jpg" in path.name.lower() else "as stored"
+
+
+def augment(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, batched on the images' device."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
+    rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=images.device))[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    chan = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    out = padded[batch, chan, rows, cols]
+    flip = torch.rand(n, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[0, 255]`` to float ``[0, 1]``."""
+    return images.float().div_(255.0)

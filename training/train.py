@@ -1,0 +1,321 @@
+"""Adversarial training of a CIFAR ResNet for smoothed inference (``siam train``).
+
+One step: craft adversarial examples against the *noisy* model (Gaussian input noise at sigma and,
+with PNI-W, weight noise on while the attack runs), then minimise
+``clean_weight * CE(clean) + (1 - clean_weight) * CE(adversarial)``. The attack is PGD-k (Madry et
+al.) or FGSM with random start (Wong et al.'s "fast" adversarial training).
+
+Runs on CPU or CUDA (mixed precision and channels_last there), on one process or many under
+``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on GPUs). The run folder holds ``state.pt``
+(resume), ``log.jsonl`` (one line per epoch) and ``checkpoint/`` (the servable checkpoint, rewritten
+after every epoch, with its training record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from models.checkpoint import save_checkpoint
+from models.resnet import Classifier, build_classifier
+from models.smooth import Smooth
+from models.spec import ArchitectureSpec, ModelSpec, NoiseLayerSpec, NormalizationSpec, SmoothingSpec
+from training.attacks import fgsm, pgd
+from training.data import Dataset, augment, load_split, to_float
+
+DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="siam train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=DEFAULT_DATA,
+                   help="CIFAR source: ImageFolder folder or .tar.gz, or the official cifar-10-batches-py "
+                        "(or cifar-100-python) folder (default: %(default)s)")
+    g.add_argument("--cache-dir", default="data-cache", help="where decoded splits are cached (default: %(default)s)")
+    g.add_argument("--train-images", type=int, default=None, help="train on a random subset of this size")
+    g.add_argument("--eval-images", type=int, default=1000, help="test images for the per-epoch clean accuracy")
+    g.add_argument("--eval-attack-images", type=int, default=200, help="test images for the per-epoch PGD accuracy")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet20", choices=["resnet20", "resnet32", "resnet44", "resnet56"])
+    g.add_argument("--width", type=int, default=1, help="channel width multiplier (ResNet-20 x4: --width 4)")
+    g.add_argument("--pni", default="none", choices=["none", "layer", "channel", "element"],
+                   help="PNI-W weight noise and its granularity (default: none)")
+    g = p.add_argument_group("smoothing (stored in the checkpoint)")
+    g.add_argument("--sigma", type=float, default=0.0625,
+                   help="std of the Gaussian input noise, in training and in the stored smoothing (default: %(default)s)")
+    g.add_argument("--noise-space", default="pixel", choices=["pixel", "normalized"],
+                   help="space sigma is measured in: pixel = images in [0, 1] (default), normalized = after mean/std")
+    g.add_argument("--samples", type=int, default=16, help="default number of noisy copies m at inference")
+    g.add_argument("--aggregation", default="softmax", choices=["vote", "softmax", "logits"])
+    g = p.add_argument_group("adversarial training")
+    g.add_argument("--attack", default="pgd", choices=["pgd", "fgsm", "none"],
+                   help="pgd: PGD-k (Madry); fgsm: FGSM with random start (fast AT); none: standard training")
+    g.add_argument("--eps", type=float, default=8 / 255)
+    g.add_argument("--step", type=float, default=2 / 255, help="PGD step size (FGSM uses 1.25 * eps)")
+    g.add_argument("--steps", type=int, default=7, help="PGD steps (default: %(default)s)")
+    g.add_argument("--clean-weight", type=float, default=0.5, help="weight of the clean loss (default: %(default)s)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=200)
+    g.add_argument("--batch-size", type=int, default=128, help="global batch size (split across processes)")
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "step"],
+                   help="cosine (after --warmup-epochs linear warm-up) or step (x0.1 at 50%% and 75%%)")
+    g.add_argument("--warmup-epochs", type=float, default=0.0)
+    g = p.add_argument_group("run")
+    g.add_argument("--output", default="runs/resnet20", help="run folder (default: %(default)s)")
+    g.add_argument("--name", default=None, help="model name in the manifest (default: the run folder's name)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                   help="mixed precision (auto: bf16 on CUDA, none on CPU)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a state")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    g.add_argument("--quick", action="store_true",
+                   help="a tiny run for trying things out: 2000 images, 1 epoch, FGSM, small evaluation")
+    return p
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group when launched by torchrun; a single process otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.train_images = args.train_images or 2000
+        args.epochs = 1
+        args.attack = "fgsm"
+        args.eval_images = min(args.eval_images, 200)
+        args.eval_attack_images = min(args.eval_attack_images, 50)
+
+
+def model_spec(args: argparse.Namespace, classes: tuple[str, ...]) -> ModelSpec:
+    return ModelSpec(
+        architecture=ArchitectureSpec(name=args.arch, width=args.width, num_classes=len(classes)),
+        normalization=NormalizationSpec(),
+        noise_layers=NoiseLayerSpec(type="none" if args.pni == "none" else "pni-w",
+                                    mode="layer" if args.pni == "none" else args.pni),
+        smoothing=SmoothingSpec(sigma=args.sigma, space=args.noise_space, default_samples=args.samples,
+                                aggregation=args.aggregation),
+        class_names=classes,
+    )
+
+
+def learning_rate(args: argparse.Namespace, progress: float) -> float:
+    """LR at ``progress`` epochs into training (fractional, updated every step)."""
+    if progress < args.warmup_epochs:
+        return args.lr * progress / args.warmup_epochs
+    if args.schedule == "step":
+        return args.lr * (0.1 ** (int(progress >= 0.5 * args.epochs) + int(progress >= 0.75 * args.epochs)))
+    span = max(args.epochs - args.warmup_epochs, 1e-8)
+    return 0.5 * args.lr * (1 + math.cos(math.pi * (progress - args.warmup_epochs) / span))
+
+
+def autocast(device: torch.device, amp: str) -> Any:
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def craft(args: argparse.Namespace, f: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if args.attack == "pgd":
+        return pgd(f, x, y, eps=args.eps, step=args.step, steps=args.steps)
+    if args.attack == "fgsm":
+        return fgsm(f, x, y, eps=args.eps, random_start=True)
+    return x
+
+
+@torch.no_grad()
+def _accuracy(f: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((f(x).argmax(1) == y).float().mean()) if len(y) else float("nan")
+
+
+def evaluate_epoch(args: argparse.Namespace, model: Classifier, spec: ModelSpec, test: Dataset,
+                   device: torch.device) -> dict[str, float]:
+    """Quick per-epoch health check: accuracy of the noisy base model (one draw), clean and under PGD-7."""
+    model.eval()
+    smooth = Smooth(model, spec.smoothing, spec.architecture.num_classes)
+    f = smooth.forward_noisy
+    clean = test.subset(args.eval_images, seed=1)
+    correct = 0
+    for i in range(0, len(clean), 500):
+        x = to_float(clean.images[i:i + 500].to(device))
+        correct += int((f(x).argmax(1) == clean.labels[i:i + 500].to(device)).sum())
+    attacked = test.subset(args.eval_attack_images, seed=2)
+    x, y = to_float(attacked.images.to(device)), attacked.labels.to(device)
+    adv = pgd(f, x, y) if len(y) else x
+    model.train()
+    return {"test_clean_acc": correct / max(len(clean), 1), "test_pgd7_acc": _accuracy(f, adv, y),
+            "eval_images": len(clean), "eval_attack_images": len(y)}
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+            or platform.machine(), "threads": torch.get_num_threads(), "git_commit": commit}
+
+
+def train(args: argparse.Namespace) -> Path:
+    apply_quick(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ddp = setup_distributed(torch.device("cuda" if args.device.startswith("cuda") or
+                                         (args.device == "auto" and torch.cuda.is_available()) else "cpu"))
+    device = resolve_device(args.device, ddp.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed + ddp.rank)
+    out = Path(args.output)
+    name = args.name or out.name
+
+    train_set = load_split(args.data, "train", args.cache_dir).subset(args.train_images, seed=args.seed)
+    test_set = load_split(args.data, "test", args.cache_dir)
+    spec = model_spec(args, train_set.classes)
+    model = build_classifier(spec).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                          weight_decay=args.weight_decay, nesterov=True)
+    start_epoch, history = 0, []
+    state_path = out / "state.pt"
+    if state_path.is_file() and not args.no_resume:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], json.loads(state["history"])
+        torch.set_rng_state(state["rng_cpu"])
+        if ddp.main:
+            print(f"resuming {out} from epoch {start_epoch}")
+    net: nn.Module = DistributedDataParallel(model) if ddp.world > 1 else model
+    # The attack only needs input gradients: it runs on the bare model, outside DDP's gradient sync.
+    attack_fn = Smooth(model, spec.smoothing, spec.architecture.num_classes, per_row_weight_noise=False).forward_noisy
+    train_fn = Smooth(net, spec.smoothing, spec.architecture.num_classes,  # type: ignore[arg-type]
+                      per_row_weight_noise=False).forward_noisy
+
+    images, labels = train_set.images.to(device), train_set.labels.to(device)
+    per_rank = args.batch_size // ddp.world
+    steps_per_epoch = len(train_set) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
+    record_base = {
+        "config": {k: v for k, v in vars(args).items()},
+        "data": {"source": train_set.source, "sha256": train_set.checksum, "encoding": train_set.encoding,
+                 "train_images": len(train_set), "test_images": len(test_set)},
+        "environment": environment(device), "world_size": ddp.world,
+    }
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        perm = perm[: steps_per_epoch * args.batch_size].view(steps_per_epoch, ddp.world, per_rank)[:, ddp.rank]
+        bar = tqdm(perm, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not ddp.main, mininterval=2,
+                   dynamic_ncols=True)
+        seen, loss_sum, correct, t0 = 0, 0.0, 0, time.perf_counter()
+        for idx in bar:
+            idx = idx.to(device)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(args, step / steps_per_epoch)
+            x, y = to_float(augment(images[idx])), labels[idx]
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, args.amp):
+                x_adv = craft(args, attack_fn, x, y)
+                logits = train_fn(torch.cat([x, x_adv]) if args.attack != "none" else x).float()
+            if args.attack != "none":
+                clean_logits, adv_logits = logits.chunk(2)
+                loss = (args.clean_weight * F.cross_entropy(clean_logits, y)
+                        + (1 - args.clean_weight) * F.cross_entropy(adv_logits, y))
+            else:
+                adv_logits, loss = logits, F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += int((adv_logits.argmax(1) == y).sum())
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", adv_acc=f"{correct / seen:.3f}",
+                            img_s=f"{seen * ddp.world / (time.perf_counter() - t0):.0f}",
+                            lr=f"{opt.param_groups[0]['lr']:.4f}")
+            if args.max_steps is not None and step >= args.max_steps:
+                break
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                   "train_adv_acc" if args.attack != "none" else "train_acc": correct / max(seen, 1),
+                   "images_per_s": seen * ddp.world / (time.perf_counter() - t0), "steps": step}
+        if ddp.main:
+            metrics.update(evaluate_epoch(args, model, spec, test_set, device))
+            history.append(metrics)
+            print(json.dumps(metrics), flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            with (out / "log.jsonl").open("a") as log:
+                log.write(json.dumps(metrics) + "\n")
+            finished = epoch + 1 == args.epochs or (args.max_steps is not None and step >= args.max_steps)
+            record = {**record_base, "epochs_completed": epoch + 1, "complete": finished, "history": history}
+            save_checkpoint(out / "checkpoint", model, spec, name, record)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                        "history": json.dumps(history), "rng_cpu": torch.get_rng_state()}, state_path)
+        if args.max_steps is not None and step >= args.max_steps:
+            break
+    if ddp.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out / "checkpoint"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    path = train(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {path}")
+
+
+if __name__ == "__main__":
+    main()
