@@ -4,8 +4,8 @@ Layouts understood (``--data PATH``):
 
 * an ImageFolder tree ``train/<class>/*.jpg|png`` and ``test/<class>/...``, as a folder or packed in a
   ``.tar.gz`` (this project's JPEG-encoded CIFAR-10 archive is one);
-* the official python layout, ``cifar-10-batches-py`` or ``cifar-100-python`` (read with
-  torchvision's ``CIFAR10``/``CIFAR100``), given as that folder or its parent.
+* the official python layout, ``cifar-10-batches-py`` or ``cifar-100-python`` (what torchvision's
+  ``CIFAR10``/``CIFAR100`` download), given as that folder or its parent.
 
 Decoded splits are cached under ``--cache-dir`` as safetensors keyed by the source's checksum, so the
 second run starts at once and every record can name the exact data it saw.
@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -69,6 +70,7 @@ def _fingerprint(path: Path) -> str:
 
 
 def _decode(data: bytes) -> np.ndarray:
+    """PNG/JPEG bytes to an HWC uint8 RGB array."""
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
@@ -117,12 +119,41 @@ def _official_folder(path: Path) -> Path | None:
     return None
 
 
-def _read_official(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    from torchvision.datasets import CIFAR10, CIFAR100
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler for the official CIFAR python batches that can build numpy arrays and nothing else."""
 
-    cls = CIFAR10 if folder.name == "cifar-10-batches-py" else CIFAR100
-    ds = cls(root=str(folder.parent), train=split == "train", download=False)
-    return np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64), tuple(ds.classes)
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        return _ArrayUnpickler(f, encoding="latin1").load()
+
+
+def _read_official(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """The python layout torchvision's CIFAR10/CIFAR100 read, parsed with a restricted unpickler
+    (torchvision's own reader insists on the official MD5s and unpickles without restriction)."""
+    if folder.name == "cifar-10-batches-py":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key, classes = "labels", tuple(_unpickle(folder / "batches.meta")["label_names"])
+    else:
+        files, label_key = ["train" if split == "train" else "test"], "fine_labels"
+        classes = tuple(_unpickle(folder / "meta")["fine_label_names"])
+    data, labels = [], []
+    for name in files:
+        batch = _unpickle(folder / name)
+        data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.extend(batch[label_key])
+    return np.concatenate(data), np.asarray(labels, dtype=np.int64), classes
 
 
 def describe_layout(path: Path) -> str:

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNI-W weight noise and its granularity (default: none)")
     g = p.add_argument_group("smoothing (stored in the checkpoint)")
     g.add_argument("--sigma", type=float, default=0.0625,
-                   help="std of the Gaussian input noise, in training and in the stored smoothing (default: %(default)s)")
+                   help="std of the Gaussian input noise, in training and in the stored smoothing "
+                        "(default: %(default)s)")
     g.add_argument("--noise-space", default="pixel", choices=["pixel", "normalized"],
                    help="space sigma is measured in: pixel = images in [0, 1] (default), normalized = after mean/std")
     g.add_argument("--samples", type=int, default=16, help="default number of noisy copies m at inference")

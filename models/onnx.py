@@ -1,0 +1,72 @@
+"""ONNX export of the noisy base model, with the smoothing noise inside the graph.
+
+The graph computes ``logits = f(images + sigma * N(0, I))`` (or the noise added after normalization
+when sigma is in normalized space) with ``RandomNormalLike``, so ONNX Runtime draws the noise on its
+own device, one draw per row. ``sigma`` is a graph input: feed the manifest's sigma to serve and
+``0`` to compare with PyTorch on noise-free input. The batch axis is dynamic.
+
+PNI-W models are refused: per-row weight noise has no faithful ONNX form here, and a graph with one
+weight draw per batch would make an image's answer depend on its batch mates.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.pni import pni_layers
+from models.resnet import Classifier
+from models.spec import ModelSpec
+
+INPUT_NAMES = ["images", "sigma"]
+OUTPUT_NAMES = ["logits"]
+OPSET = 17
+
+
+class NoisyGraph(nn.Module):
+    """What the ONNX graph computes: the base classifier under Gaussian input noise of scale ``sigma``."""
+
+    def __init__(self, model: Classifier, space: str):
+        super().__init__()
+        self.model = model
+        self.space = space
+
+    def forward(self, images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn_like(images) * sigma
+        if self.space == "pixel":
+            return self.model(images + noise)
+        return self.model(images, normalized_noise=noise)
+
+
+def export_onnx(model: Classifier, spec: ModelSpec, path: str | Path) -> Path:
+    """Write the noisy base model to ``path`` (ONNX, dynamic batch axis); returns the path."""
+    if any(layer.enabled for layer in pni_layers(model)):
+        raise ValueError("ONNX export does not support PNI-W weight noise; serve this model with the torch backend")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = spec.architecture.input_size
+    # A copy: export must neither move the caller's model nor change its train/eval mode.
+    graph = NoisyGraph(copy.deepcopy(model).cpu(), spec.smoothing.space).eval()
+    example = (torch.rand(2, 3, size, size), torch.tensor([spec.smoothing.sigma], dtype=torch.float32))
+    torch.onnx.export(
+        graph, example, str(path), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET, dynamo=False,
+    )
+    return path
+
+
+def default_providers() -> list[str]:
+    """ONNX Runtime providers to ask for: CUDA first only where a GPU is actually usable.
+
+    ``onnxruntime-gpu`` lists the CUDA provider even on machines without a GPU and then logs errors
+    while falling back; asking for it only when CUDA works keeps the fallback quiet and explicit.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]

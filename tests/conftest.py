@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny models and checkpoints made on the spot (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import ModelSpec, NoiseLayerSpec, SmoothingSpec, build_classifier, save_checkpoint
+from models.resnet import Classifier
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_model(pni: str = "none", seed: int = 0, sigma: float = 0.25, samples: int = 8,
+               aggregation: str = "softmax", space: str = "pixel") -> tuple[Classifier, ModelSpec]:
+    """A randomly initialised ResNet-20 (eval mode) and its spec."""
+    spec = ModelSpec(
+        noise_layers=NoiseLayerSpec(type="none" if pni == "none" else "pni-w",
+                                    mode="layer" if pni == "none" else pni),
+        smoothing=SmoothingSpec(sigma=sigma, space=space, default_samples=samples, aggregation=aggregation),
+    )
+    torch.manual_seed(seed)
+    return build_classifier(spec).eval(), spec
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A valid checkpoint folder with a random ResNet-20 (sigma 0.25 pixel, m=8, softmax)."""
+    model, spec = make_model()
+    folder = tmp_path / "tiny"
+    save_checkpoint(folder, model, spec, name="tiny", training={"note": "random weights for tests"})
+    return folder
+
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` uint8 HWC images whose class shows as a bright horizontal band, and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(CLASSES)
+    images = rng.integers(0, 80, size=(n, 32, 32, 3), dtype=np.uint8)
+    for i, y in enumerate(labels):
+        images[i, 3 * y : 3 * y + 3, :, :] = 230
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder tree (train 40/class, test 4/class, PNG) like the shared archive's layout."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("cifar-folder") / "cifar10-png"
+    for split, n, seed in (("train", 400, 0), ("test", 40, 1)):
+        images, labels = synthetic_images(n, seed)
+        for i, (img, y) in enumerate(zip(images, labels, strict=True)):
+            folder = root / split / CLASSES[y]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar_tar(tiny_cifar_folder: Path) -> Path:
+    import tarfile
+
+    path = tiny_cifar_folder.parent / "cifar10-png.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(tiny_cifar_folder, arcname="cifar10-png")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar_official(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The official ``cifar-10-batches-py`` layout (pickled batches, as torchvision reads them)."""
+    import pickle
+
+    root = tmp_path_factory.mktemp("cifar-official") / "cifar-10-batches-py"
+    root.mkdir()
+    for name, n, seed in (("data_batch_1", 50, 0), ("test_batch", 20, 1)):
+        images, labels = synthetic_images(n, seed)
+        batch = {"data": images.transpose(0, 3, 1, 2).reshape(n, -1), "labels": labels.tolist()}
+        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
+    for i in range(2, 6):  # torchvision wants all five training batches
+        images, labels = synthetic_images(10, 10 + i)
+        batch = {"data": images.transpose(0, 3, 1, 2).reshape(10, -1), "labels": labels.tolist()}
+        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
+    (root / "batches.meta").write_bytes(pickle.dumps({"label_names": list(CLASSES)}, protocol=2))
+    return root

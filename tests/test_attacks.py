@@ -1,0 +1,91 @@
+"""Attacks: strength on a non-robust model, the eps ball and [0, 1] box, EOT, the adaptive attack."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import Smooth, SmoothingSpec
+from models.resnet import Classifier, Normalize
+from training.attacks import EPS, _loss_grad, fgsm, pgd, smoothed_log_probs
+
+
+def separable_problem(n: int = 200, seed: int = 0) -> tuple[Classifier, torch.Tensor, torch.Tensor]:
+    """Two classes that differ by +-0.02 along a fixed sign pattern (less than eps = 8/255), and a
+    plain linear classifier trained on them to ~100% clean accuracy: non-robust by construction."""
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.randint(0, 2, (3, 32, 32), generator=g).float() * 2 - 1
+    y = torch.arange(n) % 2
+    x = (0.5 + 0.02 * (2 * y - 1).float().view(-1, 1, 1, 1) * pattern
+         + 0.05 * (torch.rand(n, 3, 32, 32, generator=g) - 0.5)).clamp(0, 1)
+    torch.manual_seed(seed)
+    model = Classifier(Normalize((0.5,) * 3, (0.25,) * 3), nn.Sequential(nn.Flatten(), nn.Linear(3072, 10)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(50):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), x, y
+
+
+def accuracy(f: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((f(x).argmax(1) == y).float().mean())
+
+
+@pytest.fixture(scope="module")
+def problem() -> tuple[Classifier, torch.Tensor, torch.Tensor]:
+    return separable_problem()
+
+
+def test_pgd_drives_a_non_robust_model_to_zero(problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    model, x, y = problem
+    assert accuracy(model, x, y) > 0.97
+    adv = pgd(model, x, y)  # paper defaults: eps 8/255, 7 steps of 2/255, random start
+    assert accuracy(model, adv, y) < 0.03
+    assert accuracy(model, fgsm(model, x, y), y) < 0.2
+
+
+@pytest.mark.parametrize("eps", [2 / 255, EPS, 0.3])
+def test_attacks_stay_in_the_eps_ball_and_the_image_box(
+        problem: tuple[Classifier, torch.Tensor, torch.Tensor], eps: float) -> None:
+    model, x, y = problem
+    x = x.clone()
+    x[:10] = 0.0  # images at the edges of [0, 1], where clipping matters
+    x[10:20] = 1.0
+    for adv in (pgd(model, x, y, eps=eps, step=eps / 2, steps=5, restarts=2),
+                fgsm(model, x, y, eps=eps), fgsm(model, x, y, eps=eps, random_start=True)):
+        assert (adv - x).abs().max() <= eps + 1e-6
+        assert adv.min() >= 0.0 and adv.max() <= 1.0
+
+
+def test_weaker_eps_is_weaker(problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    model, x, y = problem
+    accs = [accuracy(model, pgd(model, x, y, eps=e, step=e / 4, steps=10), y) for e in (0.0, 0.005, 0.04)]
+    assert accs[0] > 0.97 and accs[0] >= accs[1] >= accs[2] and accs[2] < 0.03
+
+
+def test_eot_averages_gradients_over_noise_draws(problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    model, x, y = problem
+    x, y = x[:4], y[:4]
+    deterministic = [_loss_grad(model, x, y, eot) for eot in (1, 4)]
+    assert torch.allclose(deterministic[0], deterministic[1], atol=1e-6)
+    noisy = Smooth(model, SmoothingSpec(sigma=0.5), 10).forward_noisy
+    spread = {k: torch.stack([_loss_grad(noisy, x, y, k) for _ in range(8)]).var(0).mean().item() for k in (1, 16)}
+    assert spread[16] < spread[1] / 4  # averaging 16 draws cuts the gradient's variance ~16x
+
+
+def test_adaptive_attack_on_the_smoothed_output(problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    model, x, y = problem
+    smooth = Smooth(model, SmoothingSpec(sigma=0.1), 10)
+    f = smoothed_log_probs(smooth, 8)
+    with torch.no_grad():
+        probs = f(x[:5]).exp()
+    assert probs.shape == (5, 10) and torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5)
+    clean = [p.label for p in smooth.predict_batch(x, 16)]
+    adv = pgd(f, x, y)
+    attacked = [p.label for p in smooth.predict_batch(adv, 16)]
+    assert sum(int(a == b) for a, b in zip(clean, y.tolist(), strict=True)) > 0.95 * len(y)
+    assert sum(int(a == b) for a, b in zip(attacked, y.tolist(), strict=True)) < 0.05 * len(y)

@@ -1,0 +1,102 @@
+"""Training runs (a couple of steps), resume, DistributedDataParallel, export parity, evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models import load_checkpoint
+from models.onnx import export_onnx
+from tests.conftest import make_model
+from training import evaluate, train
+from training.export import check_parity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_args(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--cache-dir", str(cache), "--output", str(out), "--batch-size", "32",
+            "--eval-images", "20", "--eval-attack-images", "8", "--threads", "1", *extra]
+
+
+def test_two_step_pgd_run_writes_a_servable_checkpoint(tiny_cifar_tar: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train.main(train_args(tiny_cifar_tar, out, tmp_path / "cache", "--epochs", "1", "--max-steps", "2",
+                          "--attack", "pgd", "--steps", "2", "--sigma", "0.1", "--samples", "4"))
+    _, manifest = load_checkpoint(out / "checkpoint")
+    record = manifest.training
+    assert manifest.spec.smoothing.sigma == 0.1 and manifest.spec.smoothing.default_samples == 4
+    assert record["config"]["attack"] == "pgd" and record["config"]["steps"] == 2
+    assert len(record["data"]["sha256"]) == 64 and record["data"]["train_images"] == 400
+    assert record["history"][0]["steps"] == 2 and 0 <= record["history"][0]["test_clean_acc"] <= 1
+    assert (out / "state.pt").is_file() and len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_fgsm_pni_run(tiny_cifar_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pni"
+    train.main(train_args(tiny_cifar_folder, out, tmp_path / "cache", "--epochs", "1", "--max-steps", "2",
+                          "--attack", "fgsm", "--pni", "channel"))
+    _, manifest = load_checkpoint(out / "checkpoint")
+    assert manifest.spec.noise_layers.type == "pni-w" and manifest.spec.noise_layers.mode == "channel"
+
+
+def test_resume_continues_from_the_last_epoch(tiny_cifar_tar: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "resume"
+    common = train_args(tiny_cifar_tar, out, tmp_path / "cache", "--attack", "fgsm", "--batch-size", "100")
+    train.main([*common, "--epochs", "1"])
+    train.main([*common, "--epochs", "2"])
+    assert "resuming" in capsys.readouterr().out
+    _, manifest = load_checkpoint(out / "checkpoint")
+    history = manifest.training["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["steps"] == 8  # 4 steps per epoch, continued rather than restarted
+    assert manifest.training["complete"]
+
+
+def test_distributed_data_parallel_on_two_cpu_processes(tiny_cifar_tar: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "training.train",
+           *train_args(tiny_cifar_tar, out, tmp_path / "cache", "--epochs", "1", "--max-steps", "3",
+                       "--attack", "fgsm")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, manifest = load_checkpoint(out / "checkpoint")
+    assert manifest.training["world_size"] == 2
+    assert manifest.training["history"][0]["steps"] == 3
+
+
+def test_onnx_export_matches_pytorch(tmp_path: Path) -> None:
+    model, spec = make_model(sigma=0.25)
+    path = export_onnx(model, spec, tmp_path / "m.onnx")
+    result = check_parity(model, path, spec.smoothing.sigma, atol=1e-4)
+    assert result["max_abs_diff"] < 1e-4 and result["noise_in_graph"] is True
+    assert result["provider"] == "CPUExecutionProvider"
+    assert not model.training  # exporting must not flip the caller's model into train mode
+
+
+def test_onnx_export_refuses_pni(tmp_path: Path) -> None:
+    model, spec = make_model(pni="layer")
+    with pytest.raises(ValueError, match="PNI"):
+        export_onnx(model, spec, tmp_path / "m.onnx")
+
+
+def test_evaluate_writes_table_json_and_plot(tiny_checkpoint: Path, tiny_cifar_tar: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    evaluate.main([str(tiny_checkpoint), "--data", str(tiny_cifar_tar), "--cache-dir", str(tmp_path / "c"),
+                   "--images", "8", "--samples", "1,2", "--sigmas", "0.1,0.25", "--steps", "2", "--eot", "2",
+                   "--adaptive-samples", "2", "--output", str(out), "--threads", "1"])
+    report = json.loads((out / "eval.json").read_text())
+    assert len(report["results"]) == 2 * 4 * 2  # sigmas x attacks x m
+    for row in report["results"]:
+        assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+    assert report["data"]["images"] == 8 and report["attack"]["eot_draws"] == 2
+    assert "| 0.25 | adaptive |" in (out / "eval.md").read_text()
+    assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
