@@ -102,6 +102,35 @@ def aggregate(logits: torch.Tensor, image_of_row: torch.Tensor, num_images: int,
     return scores, votes
 
 
+def summarize(logits: torch.Tensor, counts: Sequence[int], aggregation: Aggregation) -> list[Prediction]:
+    """One :class:`Prediction` per image from the logits of its ``counts[i]`` consecutive noisy copies."""
+    image_of_row = torch.repeat_interleave(
+        torch.arange(len(counts), device=logits.device),
+        torch.as_tensor(counts, device=logits.device))
+    scores, votes = aggregate(logits, image_of_row, len(counts), aggregation)
+    labels = scores.argmax(1)
+    shares = votes.gather(1, labels[:, None]).squeeze(1) / torch.as_tensor(
+        counts, dtype=torch.float32, device=votes.device)
+    return [
+        Prediction(int(label), probs, float(share), int(m))
+        for label, probs, share, m in zip(labels.tolist(), scores.tolist(), shares.tolist(), counts, strict=True)
+    ]
+
+
+def certify_from_counts(selection: torch.Tensor, counts: torch.Tensor, alpha: float, sigma: float) -> Certificate:
+    """Cohen's CERTIFY given class counts of the selection copies and of the (independent) estimation copies.
+
+    The radius is ``sigma * Phi^-1(p_lower)``; with probability >= 1 - alpha the smoothed vote
+    classifier is constant within it (in the space sigma is measured in).
+    """
+    label = int(selection.argmax())
+    n = int(counts.sum())
+    p_lower = clopper_pearson_lower(int(counts[label]), n, alpha)
+    if p_lower < 0.5:
+        return Certificate(ABSTAIN, 0.0, p_lower, counts.tolist())
+    return Certificate(label, float(sigma * norm.ppf(p_lower)), p_lower, counts.tolist())
+
+
 class Smooth:
     """A base classifier smoothed with Gaussian input noise (and its own PNI weight noise)."""
 
@@ -194,18 +223,7 @@ class Smooth:
     def aggregate_logits(self, logits: torch.Tensor, counts: Sequence[int],
                          aggregation: Aggregation) -> list[Prediction]:
         """Turn the per-copy logits of :meth:`noisy_logits` into one answer per image."""
-        image_of_row = torch.repeat_interleave(
-            torch.arange(len(counts), device=logits.device),
-            torch.as_tensor(counts, device=logits.device))
-        scores, votes = aggregate(logits, image_of_row, len(counts), aggregation)
-        labels = scores.argmax(1)
-        shares = votes.gather(1, labels[:, None]).squeeze(1) / torch.as_tensor(
-            counts, dtype=torch.float32, device=votes.device)
-        return [
-            Prediction(int(label), probs, float(share), int(m))
-            for label, probs, share, m in zip(labels.tolist(), scores.tolist(), shares.tolist(), counts,
-                                              strict=True)
-        ]
+        return summarize(logits, counts, aggregation)
 
     def _sample_counts(self, num_images: int, samples: int | Sequence[int] | None) -> list[int]:
         if samples is None:
@@ -238,10 +256,6 @@ class Smooth:
         (``smoothing.space``); with probability >= 1 - alpha the smoothed vote classifier is constant
         within it.
         """
-        selection = self.class_counts(x, n0, None if seed is None else seed)
-        label = int(selection.argmax())
+        selection = self.class_counts(x, n0, seed)
         counts = self.class_counts(x, n, None if seed is None else seed + 1)
-        p_lower = clopper_pearson_lower(int(counts[label]), n, alpha)
-        if p_lower < 0.5:
-            return Certificate(ABSTAIN, 0.0, p_lower, counts.tolist())
-        return Certificate(label, float(self.sigma * norm.ppf(p_lower)), p_lower, counts.tolist())
+        return certify_from_counts(selection, counts, alpha, self.sigma)

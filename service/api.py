@@ -1,0 +1,167 @@
+"""The native API: predict, feedback, model listing, health. Thin: parsing here, work in the engine."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from models.spec import Aggregation
+from service.engine import Answer
+from service.images import InputError, check_count, decode_base64, decode_image
+from service.metrics import samples_bucket
+from service.schemas import ErrorOut, FeedbackIn, FeedbackOut, PredictionOut, PredictionsOut, PredictRequest
+from service.state import ServiceState, read_body, serving, state_of
+
+router = APIRouter()
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut, "description": text} for code, text in {
+        400: "undecodable body or image", 403: "seed not allowed", 413: "body or image count over the limit",
+        415: "unsupported content type", 422: "invalid parameter or image", 503: "queue full or not ready "
+        "(Retry-After)", 504: "deadline passed"}.items()
+}
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": PredictRequest.model_json_schema()},
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+}}}
+
+
+def decode_request(body: bytes, content_type: str, state: ServiceState) -> tuple[torch.Tensor, bool]:
+    """JSON with base64 images, or raw image bytes, to ``[N, 3, H, W]`` floats in [0, 1]; and whether the
+    client sent a list (``images``), so it gets a list back even for one image."""
+    settings, size = state.settings, state.manifest.spec.architecture.input_size  # type: ignore[union-attr]
+    media = content_type.split(";")[0].strip().lower()
+    if not body:
+        raise InputError("empty body: send JSON {\"image\": <base64>} or raw PNG/JPEG bytes", 400)
+    if media == "application/json":
+        try:
+            request = PredictRequest.model_validate_json(body)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+            raise InputError(f"invalid JSON body: {problems}", 422 if body.strip().startswith(b"{") else 400) from e
+        encoded = request.encoded()
+        check_count(len(encoded), settings.max_images)
+        images = [decode_image(decode_base64(text, i), size, settings.allow_resize, i)
+                  for i, text in enumerate(encoded)]
+        return torch.stack(images), request.images is not None
+    if media.startswith("image/"):
+        return decode_image(body, size, settings.allow_resize).unsqueeze(0), False
+    raise InputError(f"content type {media or '(none)'!r} is not supported; send application/json or image/png, "
+                     "image/jpeg", 415, "unsupported_media_type")
+
+
+def check_samples(samples: int | None, default: int, limit: int) -> int:
+    m = default if samples is None else samples
+    if not 1 <= m <= limit:
+        raise InputError(f"samples must be between 1 and {limit}, got {m}")
+    return m
+
+
+def to_out(answer: Answer, state: ServiceState, aggregation: str, elapsed_ms: float) -> PredictionOut:
+    p, c = answer.prediction, answer.certificate
+    label = p.label if c is None else c.label
+    names = state.manifest.spec.class_names  # type: ignore[union-attr]
+    out = PredictionOut(
+        id=uuid.uuid4().hex, label=label, class_name=names[label] if label >= 0 else None,
+        probabilities=p.probabilities, vote_share=p.vote_share, samples=p.samples, model=state.model_name,
+        latency_ms=round(elapsed_ms, 3), aggregation=aggregation,
+        abstained=None if c is None else c.abstained, radius=None if c is None else c.radius,
+        p_lower=None if c is None else c.p_lower)
+    if state.feedback is not None and label >= 0:
+        state.feedback.add(out.id, label, p.samples, state.model_name)
+    return out
+
+
+@router.post("/predict", response_model=PredictionOut | PredictionsOut, response_model_exclude_none=True,
+             responses=ERRORS, openapi_extra=PREDICT_BODY, tags=["predict"])
+async def predict(
+    request: Request,
+    samples: Annotated[int | None, Query(description="noisy copies m (default: the checkpoint's)")] = None,
+    aggregation: Annotated[Aggregation | None, Query(description="vote, softmax or logits "
+                                                     "(default: the checkpoint's)")] = None,
+    certify: Annotated[bool, Query(description="also run Cohen's CERTIFY (abstain / L2 radius)")] = False,
+    alpha: Annotated[float, Query(gt=0, lt=0.5, description="certify: failure probability")] = 0.001,
+    seed: Annotated[int | None, Query(ge=0, lt=2**63, description="fix the noise (only if the server "
+                                                                  "allows it)")] = None,
+) -> PredictionOut | PredictionsOut:
+    """The smoothed prediction for one image (JSON ``image``, or raw PNG/JPEG body) or several
+    (JSON ``images``), each over ``samples`` noisy copies batched with every other waiting request."""
+    start = time.perf_counter()
+    state, engine, manifest = serving(request)
+    settings, smoothing = state.settings, manifest.spec.smoothing
+    m = check_samples(samples, smoothing.default_samples, settings.max_samples)
+    if seed is not None and not settings.allow_seed:
+        raise InputError("seed is disabled on this server: fixed noise makes the model deterministic, and so "
+                         "attackable (SIAM_ALLOW_SEED=true enables it)", 403)
+    images, as_list = decode_request(await read_body(request, settings.max_body_bytes),
+                            request.headers.get("content-type", ""), state)
+    rule = aggregation or smoothing.aggregation
+    answers = await engine.predict(images, m, rule, seed, alpha if certify else None,
+                                   settings.certify_selection_samples, settings.request_timeout_s)
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    state.metrics.prediction_duration.labels(samples_bucket(m)).observe(elapsed_ms / 1000)
+    outs = [to_out(a, state, rule, elapsed_ms) for a in answers]
+    return PredictionsOut(predictions=outs) if as_list else outs[0]
+
+
+@router.post("/feedback", response_model=FeedbackOut, responses={404: {"model": ErrorOut}}, tags=["monitoring"])
+async def feedback(body: FeedbackIn, request: Request) -> FeedbackOut | JSONResponse:
+    """Report the true label of an earlier prediction; feeds the live-accuracy counters."""
+    state = state_of(request)
+    issued = state.feedback.take(body.id) if state.feedback else None
+    if issued is None:
+        state.metrics.errors.labels("feedback_unknown_id").inc()
+        return JSONResponse({"detail": f"prediction id {body.id!r} is unknown, expired, or already has feedback"},
+                            status_code=404)
+    correct = issued.label == body.label
+    bucket = samples_bucket(issued.samples)
+    state.metrics.feedback.labels(issued.model, bucket).inc()
+    if correct:
+        state.metrics.feedback_correct.labels(issued.model, bucket).inc()
+    return FeedbackOut(id=body.id, correct=correct)
+
+
+@router.get("/v1/models", tags=["models"])
+async def models(request: Request) -> dict[str, Any]:
+    """What is loaded: the checkpoint's manifest (smoothing settings included) and how it runs."""
+    state = state_of(request)
+    if state.manifest is None or state.backend is None:
+        return {"models": [], "load_error": state.load_error}
+    s = state.settings
+    return {"models": [{
+        "name": state.manifest.name, "checkpoint": str(s.checkpoint), "sha256": state.manifest.weights.sha256,
+        "spec": state.manifest.spec.model_dump(mode="json"), "runtime": state.backend.describe(),
+        "chunk_rows": state.backend.chunk_rows, "ready": state.ready,
+        "limits": {"max_samples": s.max_samples, "max_images": s.max_images, "max_body_bytes": s.max_body_bytes,
+                   "max_batch_rows": s.max_batch_rows, "allow_seed": s.allow_seed, "allow_resize": s.allow_resize},
+    }]}
+
+
+@router.get("/health/live", tags=["health"])
+async def live() -> dict[str, str]:
+    """The process answers."""
+    return {"status": "live"}
+
+
+@router.get("/health/ready", tags=["health"], responses={503: {"model": ErrorOut}})
+async def ready(request: Request) -> JSONResponse:
+    """Ready once the model is loaded and warmed up; not ready while shutting down."""
+    state = state_of(request)
+    if state.ready and not state.draining:
+        return JSONResponse({"status": "ready", "model": state.model_name})
+    reason = "shutting down" if state.draining else state.load_error or "loading"
+    return JSONResponse({"status": "not ready", "detail": reason}, status_code=503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

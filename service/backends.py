@@ -1,0 +1,232 @@
+"""Backends: what turns a batch of images and their sample counts into the logits of every noisy copy.
+
+Both draw the smoothing noise on the model's device, one independent draw per row:
+
+* :class:`TorchBackend` runs :meth:`models.smooth.Smooth.noisy_logits` (PNI weight noise per row too);
+* :class:`OnnxBackend` runs the exported graph (``models.onnx``), whose ``RandomNormalLike`` draws the
+  noise inside ONNX Runtime.
+
+Seeded images (``?seed=`` when allowed) get noise from :class:`models.noise.SeededNoise`, so a seeded
+image has the same answer on either backend and whatever shares its batch. The ONNX graph takes that
+noise already added, expressed in pixel space, and ``sigma = 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from models.checkpoint import Manifest, load_checkpoint
+from models.noise import SeededNoise
+from models.pni import pni_layers
+from models.resnet import Classifier
+from models.smooth import Smooth
+from service.settings import Settings
+
+log = logging.getLogger("siam.backend")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+    precision: str
+    chunk_rows: int
+
+    def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+        """``[sum(samples), C]`` float32 logits, image by image, each copy with its own noise."""
+        ...
+
+    def describe(self) -> dict[str, object]: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name} requested but CUDA is not available on this machine")
+    return device
+
+
+def expand_rows(images: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
+    """Each image repeated ``samples[i]`` times, in order."""
+    return images.repeat_interleave(torch.as_tensor(samples, device=images.device), dim=0)
+
+
+def seeded_pixel_noise(manifest: Manifest, images: torch.Tensor, samples: Sequence[int],
+                       seeds: Sequence[int]) -> torch.Tensor:
+    """The seeded smoothing noise for every copy, converted to pixel space (``sigma`` included)."""
+    spec = manifest.spec
+    source = SeededNoise.for_copies(list(seeds), [(0, m) for m in samples], images.device)
+    noise = source.normal(images.shape[1:]) * spec.smoothing.sigma
+    if spec.smoothing.space == "normalized":  # N(0, s^2) after normalization == std * that before it
+        noise = noise * torch.tensor(spec.normalization.std, device=noise.device).view(1, 3, 1, 1)
+    return noise
+
+
+class TorchBackend:
+    """Eager PyTorch (optionally ``torch.compile``), on CPU or CUDA, fp32/fp16/bf16."""
+
+    name = "torch"
+
+    def __init__(self, model: Classifier, manifest: Manifest, device: torch.device, precision: str,
+                 chunk_rows: int, compile_model: bool = False):
+        self.manifest = manifest
+        self.device = device
+        self.precision = precision
+        self.dtype = DTYPES[precision]
+        model = model.to(device=device, dtype=self.dtype).eval()
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.smooth = Smooth(model, manifest.spec.smoothing, manifest.spec.architecture.num_classes, chunk_rows)
+        if compile_model:
+            self.smooth.model = torch.compile(model, dynamic=True)  # type: ignore[assignment]
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.smooth.chunk_rows
+
+    @chunk_rows.setter
+    def chunk_rows(self, value: int) -> None:
+        self.smooth.chunk_rows = value
+
+    def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+        images = images.to(self.device, self.dtype, non_blocking=True)
+        out = self.smooth.noisy_logits(images, samples, seeds if any(s is not None for s in seeds) else None)
+        return out.float().cpu()
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": self.name, "device": str(self.device), "precision": self.precision,
+                "compiled": isinstance(self.smooth.model, torch._dynamo.eval_frame.OptimizedModule)}
+
+
+class OnnxBackend:
+    """ONNX Runtime: the CUDA provider on a GPU, the CPU provider otherwise (see ``describe``)."""
+
+    name = "onnx"
+
+    def __init__(self, path: Path, manifest: Manifest, device: torch.device, chunk_rows: int,
+                 threads: int | None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if device.type == "cuda":
+            providers: list[object] = [("CUDAExecutionProvider", {"device_id": device.index or 0}),
+                                       "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        if device.type == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise RuntimeError(f"ONNX Runtime could not use CUDA (providers: {self.session.get_providers()})")
+        self.manifest = manifest
+        self.device = device
+        self.precision = "fp32"
+        self.chunk_rows = chunk_rows
+        self.sigma = np.array([manifest.spec.smoothing.sigma], dtype=np.float32)
+        self.zero = np.zeros(1, dtype=np.float32)
+        self.path = path
+
+    def _run(self, rows: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"images": rows, "sigma": sigma})[0]
+
+    def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+        images = images.float().cpu()
+        out: list[torch.Tensor | None] = [None] * len(samples)
+        unseeded = [i for i, s in enumerate(seeds) if s is None]
+        seeded = [i for i, s in enumerate(seeds) if s is not None]
+        if unseeded:
+            counts = [samples[i] for i in unseeded]
+            rows = expand_rows(images[unseeded], counts)
+            for i, part in zip(unseeded, self._chunked(rows, self.sigma).split(counts), strict=True):
+                out[i] = part
+        if seeded:
+            counts = [samples[i] for i in seeded]
+            rows = expand_rows(images[seeded], counts)
+            rows = rows + seeded_pixel_noise(self.manifest, images[seeded], counts, [seeds[i] for i in seeded])
+            for i, part in zip(seeded, self._chunked(rows, self.zero).split(counts), strict=True):
+                out[i] = part
+        return torch.cat([t for t in out if t is not None])
+
+    def _chunked(self, rows: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
+        array = rows.numpy()
+        parts = [self._run(array[start:start + self.chunk_rows], sigma)
+                 for start in range(0, array.shape[0], self.chunk_rows)]
+        return torch.from_numpy(np.concatenate(parts))
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": self.name, "device": str(self.device), "precision": self.precision,
+                "provider": self.provider, "providers": self.session.get_providers(), "graph": str(self.path)}
+
+
+def onnx_graph(model: Classifier, manifest: Manifest, checkpoint: Path, cache: Path) -> Path:
+    """The checkpoint's ONNX graph, exported once per weights checksum into ``cache``."""
+    from models.onnx import export_onnx
+
+    path = cache / f"{manifest.name}-{manifest.weights.sha256[:16]}.onnx"
+    if not path.is_file():
+        log.info("exporting %s to ONNX at %s", checkpoint, path)
+        tmp = path.with_suffix(".tmp.onnx")
+        export_onnx(model, manifest.spec, tmp)
+        tmp.replace(path)
+    return path
+
+
+def tune_chunk_rows(backend: Backend, size: int, candidates: Sequence[int] = (32, 64, 128, 256, 512),
+                    budget_s: float = 0.3) -> int:
+    """The chunk size with the most noisy rows per second on this device (measured, not assumed)."""
+    best, best_rate = backend.chunk_rows, 0.0
+    images = torch.rand(1, 3, size, size)
+    for rows in candidates:
+        backend.chunk_rows = rows
+        backend.logits(images, [rows], [None])  # warm this shape
+        done, start = 0, time.perf_counter()
+        while True:
+            backend.logits(images, [rows], [None])
+            done += rows
+            elapsed = time.perf_counter() - start
+            if elapsed > budget_s:
+                break
+        rate = done / elapsed
+        log.info("chunk_rows %d: %.0f rows/s", rows, rate)
+        if rate > best_rate:
+            best, best_rate = rows, rate
+    backend.chunk_rows = best
+    return best
+
+
+def load_backend(settings: Settings) -> tuple[Backend, Manifest]:
+    """Load the checkpoint and build the backend the settings ask for (``auto`` picks ONNX Runtime
+    unless the model has PNI weight noise, which only the torch backend draws per row)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    model, manifest = load_checkpoint(settings.checkpoint, "cpu")
+    has_pni = any(layer.enabled for layer in pni_layers(model))
+    kind = settings.backend
+    if kind == "auto":
+        kind = "torch" if has_pni or settings.precision != "fp32" else "onnx"
+    if kind == "onnx" and has_pni:
+        raise RuntimeError("the onnx backend cannot draw PNI weight noise per row; use SIAM_BACKEND=torch")
+    if kind == "onnx" and settings.precision != "fp32":
+        raise RuntimeError("the onnx backend serves fp32 graphs; use SIAM_BACKEND=torch for fp16/bf16")
+    chunk = 256 if settings.chunk_rows == "auto" else int(settings.chunk_rows)
+    backend: Backend
+    if kind == "onnx":
+        path = onnx_graph(model, manifest, settings.checkpoint, settings.onnx_cache)
+        backend = OnnxBackend(path, manifest, device, chunk, settings.threads)
+    else:
+        backend = TorchBackend(model, manifest, device, settings.precision, chunk, settings.compile)
+    return backend, manifest

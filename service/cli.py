@@ -1,0 +1,70 @@
+"""``siam serve``: run the service under uvicorn, with graceful shutdown on SIGTERM.
+
+Every flag is a field of :class:`service.settings.Settings`, also settable as ``SIAM_<NAME>``; a flag
+given on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import uvicorn
+
+from service.app import create_app
+from service.observe import setup_logging
+from service.settings import Settings
+
+log = logging.getLogger("siam.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="siam serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    default = Settings.model_fields["checkpoint"].default
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help=f"checkpoint folder [env SIAM_CHECKPOINT; default {default}]")
+    for name, field in Settings.model_fields.items():
+        if name == "checkpoint":
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description or name} [env SIAM_{name.upper()}; default {field.default}]"
+        if field.annotation is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=name, default=None, help=help_text)
+    return p
+
+
+class GracefulServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, turn not-ready and refuse new predictions at once, then let uvicorn finish the
+    requests already accepted (up to ``graceful_timeout_s``) before the lifespan stops the engine."""
+
+    def __init__(self, config: uvicorn.Config, app: Any):
+        super().__init__(config)
+        self.siam_app = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.siam_app.state.siam.draining = True
+        log.info("signal %d: draining", sig)
+        super().handle_exit(sig, frame)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
+    overrides = {k: v for k, v in args.items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except Exception as e:  # pydantic's message names the bad setting
+        sys.exit(f"siam serve: invalid settings: {e}")
+    setup_logging(settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False, log_config=None,
+                            timeout_graceful_shutdown=int(settings.graceful_timeout_s), lifespan="on")
+    GracefulServer(config, app).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The batching engine: every waiting request's noisy copies go through the model together.
+
+Requests join one queue. A dispatcher task (on the event loop) takes all that are waiting, up to
+``max_batch_rows`` noisy rows, and hands them to a single worker thread, which expands each image into
+its ``samples`` copies, runs them through the backend in chunks, and aggregates per image. Requests
+with different ``samples``, aggregation rules or certify flags share a batch. The event loop never
+runs the model: while the worker computes, new requests gather for the next batch.
+
+A full queue raises :class:`QueueFullError` at once (the API answers 503); a request still waiting at its
+deadline raises :class:`DeadlineExceededError` (504) and its rows are dropped before they are computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from models.smooth import Certificate, Prediction, certify_from_counts, summarize
+from models.spec import Aggregation
+from service.backends import Backend
+from service.metrics import Metrics, samples_bucket
+
+log = logging.getLogger("siam.engine")
+
+
+class QueueFullError(RuntimeError):
+    """The queue holds ``max_queue`` requests already."""
+
+
+class DeadlineExceededError(TimeoutError):
+    """The request waited longer than its deadline."""
+
+
+class ShuttingDownError(RuntimeError):
+    """The engine no longer takes requests."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One image's answer: the smoothed prediction and, with certify, Cohen's certificate."""
+
+    prediction: Prediction
+    certificate: Certificate | None = None
+
+
+@dataclass
+class Job:
+    """One request: its images and how to answer them."""
+
+    images: torch.Tensor  # [B, 3, H, W] float32 in [0, 1], on the CPU
+    samples: int
+    aggregation: Aggregation
+    seed: int | None
+    certify_alpha: float | None  # None: no certificate
+    selection_samples: int
+    deadline: float  # loop.time() after which the answer is useless
+    future: asyncio.Future[list[Answer]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def copies(self) -> int:
+        """Noisy copies per image: ``samples``, plus Cohen's selection copies when certifying."""
+        return self.samples + (self.selection_samples if self.certify_alpha is not None else 0)
+
+    @property
+    def rows(self) -> int:
+        return self.images.shape[0] * self.copies
+
+
+class Engine:
+    """Dynamic batching over one backend; ``await engine.predict(...)`` from request handlers."""
+
+    def __init__(self, backend: Backend, model_name: str, sigma: float, metrics: Metrics,
+                 max_batch_rows: int = 4096, max_wait_ms: float = 1.0, max_queue: int = 256):
+        self.backend = backend
+        self.model_name = model_name
+        self.sigma = sigma
+        self.metrics = metrics
+        self.max_batch_rows = max_batch_rows
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self._pending: deque[Job] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="siam-model")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._busy = False
+
+    # --- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="siam-dispatcher")
+
+    async def stop(self) -> None:
+        """Refuse new work, finish what was accepted, then stop the worker."""
+        self._closing = True
+        while self._pending or self._busy:
+            await asyncio.sleep(0.01)
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._pending)
+
+    # --- the request side ------------------------------------------------------------------------
+
+    async def predict(self, images: torch.Tensor, samples: int, aggregation: Aggregation,
+                      seed: int | None = None, certify_alpha: float | None = None,
+                      selection_samples: int = 64, timeout: float = 30.0) -> list[Answer]:
+        """Queue ``images`` and wait for their answers.
+
+        Raises QueueFullError, DeadlineExceededError or ShuttingDownError.
+        """
+        if self._closing or self._wakeup is None:
+            raise ShuttingDownError("the server is shutting down")
+        if len(self._pending) >= self.max_queue:
+            raise QueueFullError(f"{len(self._pending)} requests are waiting (limit {self.max_queue})")
+        loop = asyncio.get_running_loop()
+        job = Job(images, samples, aggregation, seed, certify_alpha, selection_samples,
+                  loop.time() + timeout, loop.create_future())
+        self._pending.append(job)
+        self.metrics.queue_length.set(len(self._pending))
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout)
+        except TimeoutError:
+            job.future.cancel()  # the worker skips it if it has not started it yet
+            raise DeadlineExceededError(f"no answer within {timeout:g} s") from None
+        except asyncio.CancelledError:  # the client went away: do not compute for nobody
+            job.future.cancel()
+            raise
+
+    # --- the worker side -------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            formed = time.perf_counter()
+            if self.max_wait > 0 and self._pending_rows() < self.max_batch_rows:
+                await asyncio.sleep(self.max_wait)  # let a burst of requests arrive together
+            batch = self._take_batch(loop.time())
+            self.metrics.queue_length.set(len(self._pending))
+            self.metrics.batch_formation.observe(time.perf_counter() - formed)
+            if not batch:
+                continue
+            self._busy = True
+            try:
+                answers = await loop.run_in_executor(self._executor, self._compute, batch)
+            except Exception as e:  # a model failure answers every request of the batch, then carries on
+                log.exception("batch of %d requests failed", len(batch))
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                continue
+            finally:
+                self._busy = False
+            for job, answer in zip(batch, answers, strict=True):
+                if not job.future.done():
+                    job.future.set_result(answer)
+
+    def _pending_rows(self) -> int:
+        return sum(job.rows for job in self._pending)
+
+    def _take_batch(self, now: float) -> list[Job]:
+        """Waiting jobs, oldest first, up to ``max_batch_rows`` rows (always at least one job);
+        jobs past their deadline or abandoned by their client are dropped here, uncomputed."""
+        batch: list[Job] = []
+        rows = 0
+        while self._pending:
+            job = self._pending[0]
+            if job.future.done() or now > job.deadline:
+                self._pending.popleft()
+                if not job.future.done():
+                    job.future.set_exception(DeadlineExceededError("deadline passed while queued"))
+                continue
+            if batch and rows + job.rows > self.max_batch_rows:
+                break
+            batch.append(self._pending.popleft())
+            rows += job.rows
+        return batch
+
+    def _compute(self, batch: list[Job]) -> list[list[Answer]]:
+        """Runs on the worker thread: one pass of the backend over every copy of every image."""
+        start = time.perf_counter()
+        for job in batch:
+            self.metrics.queue_wait.observe(start - job.enqueued)
+        images = torch.cat([job.images for job in batch])
+        copies = [job.copies for job in batch for _ in range(job.images.shape[0])]
+        seeds = [job.seed for job in batch for _ in range(job.images.shape[0])]
+        logits = self.backend.logits(images, copies, seeds)
+        answers = [self._answer(job, part) for job, part in
+                   zip(batch, logits.split([job.rows for job in batch]), strict=True)]
+        self.metrics.model_compute.observe(time.perf_counter() - start)
+        self.metrics.batch_images.observe(images.shape[0])
+        self.metrics.batch_rows.observe(logits.shape[0])
+        self.metrics.rows.labels(self.model_name).inc(logits.shape[0])
+        return answers
+
+    def _answer(self, job: Job, logits: torch.Tensor) -> list[Answer]:
+        """Aggregate one job's logits; with certify, the first n0 copies of each image select the
+        class and the other ``samples`` copies (independent draws) bound its probability."""
+        n = job.images.shape[0]
+        per_image = logits.view(n, job.copies, -1)
+        if job.certify_alpha is None:
+            predictions = summarize(logits, [job.samples] * n, job.aggregation)
+            certificates: list[Certificate | None] = [None] * n
+        else:
+            selection, estimation = per_image[:, : job.selection_samples], per_image[:, job.selection_samples :]
+            predictions = summarize(estimation.reshape(-1, logits.shape[1]), [job.samples] * n, job.aggregation)
+            classes = logits.shape[1]
+            certificates = [
+                certify_from_counts(torch.bincount(sel.argmax(1), minlength=classes),
+                                    torch.bincount(est.argmax(1), minlength=classes), job.certify_alpha, self.sigma)
+                for sel, est in zip(selection, estimation, strict=True)
+            ]
+        bucket = samples_bucket(job.samples)
+        self.metrics.predictions.labels(self.model_name, bucket).inc(n)
+        for p, c in zip(predictions, certificates, strict=True):
+            self.metrics.vote_share.labels(self.model_name).observe(p.vote_share)
+            if c is not None:
+                self.metrics.certifications.labels(self.model_name).inc()
+                if c.abstained:
+                    self.metrics.abstentions.labels(self.model_name).inc()
+        return [Answer(p, c) for p, c in zip(predictions, certificates, strict=True)]

@@ -1,0 +1,99 @@
+"""Turning request payloads into model input: ``[N, 3, H, W]`` float32 in [0, 1].
+
+Every way a payload can be wrong raises :class:`InputError` with the HTTP status and a message that
+says what is wrong, so the API answers 4xx and keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class InputError(ValueError):
+    """A client mistake: ``status`` is the HTTP code to answer with."""
+
+    def __init__(self, message: str, status: int = 422, kind: str = "bad_request"):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+def decode_base64(text: str, index: int) -> bytes:
+    """Strict base64 (a ``data:image/...;base64,`` prefix is allowed)."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InputError(f"image {index}: not valid base64 ({e})", 400) from e
+    if not data:
+        raise InputError(f"image {index}: empty image", 400)
+    return data
+
+
+def decode_image(data: bytes, size: int, allow_resize: bool, index: int = 0) -> torch.Tensor:
+    """PNG/JPEG bytes to a ``[3, size, size]`` float tensor; 8-bit RGB (or palette) only."""
+    if not data:
+        raise InputError(f"image {index}: empty image", 400)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in {"PNG", "JPEG"}:
+                raise InputError(f"image {index}: {img.format} is not supported; send PNG or JPEG", 415,
+                                 "unsupported_media_type")
+            img.load()  # raises on truncated data
+            if img.mode == "P":
+                img = img.convert("RGB")
+            if img.mode != "RGB":
+                channels = len(img.getbands())
+                raise InputError(f"image {index}: expected 3 channels (8-bit RGB), got {channels} (mode {img.mode})")
+            if img.size != (size, size):
+                if not allow_resize:
+                    raise InputError(f"image {index}: expected {size}x{size} pixels, got {img.size[0]}x{img.size[1]} "
+                                     "(this server does not resize; SIAM_ALLOW_RESIZE=true enables it)")
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise InputError(f"image {index}: not a PNG or JPEG image", 400) from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"image {index}: corrupt or truncated image ({e})", 400) from e
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+
+
+def from_tensor(array: np.ndarray, layout: str, size: int) -> torch.Tensor:
+    """A KServe tensor (FP32 ``[N,3,H,W]`` in [0, 1] or UINT8 ``[N,H,W,3]``) to model input."""
+    if layout == "FP32":
+        expected = ("N", 3, size, size)
+        if array.ndim != 4 or array.shape[1:] != (3, size, size):
+            raise InputError(f"FP32 input must have shape {list(expected)}, got {list(array.shape)}")
+        if not np.isfinite(array).all():
+            raise InputError("FP32 input contains NaN or infinite values")
+        low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+        if low < 0.0 or high > 1.0:
+            raise InputError(f"FP32 input must be in [0, 1] (pixels scaled by 1/255), got range [{low:g}, {high:g}]")
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if layout == "UINT8":
+        if array.ndim != 4 or array.shape[1:] != (size, size, 3):
+            raise InputError(f"UINT8 input must have shape [N, {size}, {size}, 3], got {list(array.shape)}")
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float().div_(255)
+    raise InputError(f"datatype {layout} is not supported; send FP32 [N,3,{size},{size}] or UINT8 [N,{size},{size},3]")
+
+
+def check_count(n: int, limit: int) -> None:
+    if n == 0:
+        raise InputError("no images in the request", 400)
+    if n > limit:
+        raise InputError(f"{n} images in one request; this server takes at most {limit}", 413, "payload_too_large")
+
+
+def finite(x: float) -> float:
+    """JSON has no NaN: report non-finite numbers as 0 (they cannot occur for valid probabilities)."""
+    return x if math.isfinite(x) else 0.0

@@ -1,0 +1,65 @@
+"""Prometheus metrics (prometheus-client), one registry per app so tests can run several apps.
+
+Latency is split where it is spent: queue wait, batch formation, model compute, and the whole
+request. Accuracy comes three ways: feedback counters (live accuracy = correct / total), canary gauges,
+and label-free signals (vote share of the winner, abstentions) per prediction.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Sub-millisecond (a cached m=1 answer) to tens of seconds (m=1024 on a CPU under load).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SHARE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+SAMPLE_BUCKETS = ((1, "1"), (4, "2-4"), (16, "5-16"), (64, "17-64"), (256, "65-256"))
+
+
+def samples_bucket(m: int) -> str:
+    """A small fixed set of label values for m, so the label's cardinality stays bounded."""
+    for top, name in SAMPLE_BUCKETS:
+        if m <= top:
+            return name
+    return "257+"
+
+
+class Metrics:
+    """All the service's metrics on their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.request_duration = Histogram(
+            "siam_request_duration_seconds", "HTTP request duration", ["endpoint", "status"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.prediction_duration = Histogram(
+            "siam_prediction_duration_seconds", "Predict request duration by samples bucket", ["samples"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("siam_queue_wait_seconds", "Time a request waited before its batch ran",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_formation = Histogram("siam_batch_formation_seconds", "Time spent gathering a batch",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.model_compute = Histogram("siam_model_compute_seconds", "Model time per batch (noise, forward, "
+                                       "aggregation)", buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_images = Histogram("siam_batch_images", "Images per batch", buckets=IMAGE_BUCKETS, registry=r)
+        self.batch_rows = Histogram("siam_batch_rows", "Noisy rows per batch", buckets=ROW_BUCKETS, registry=r)
+        self.in_flight = Gauge("siam_in_flight_requests", "Requests being handled", registry=r)
+        self.queue_length = Gauge("siam_queue_length", "Requests waiting for the worker", registry=r)
+        self.rows = Counter("siam_rows", "Noisy rows run through the model", ["model"], registry=r)
+        self.predictions = Counter("siam_predictions", "Images answered", ["model", "samples"], registry=r)
+        self.errors = Counter("siam_errors", "Failed requests by kind", ["kind"], registry=r)
+        self.vote_share = Histogram("siam_vote_share", "Vote share of the winning class per prediction",
+                                    ["model"], buckets=SHARE_BUCKETS, registry=r)
+        self.certifications = Counter("siam_certifications", "Predictions with ?certify=true", ["model"],
+                                      registry=r)
+        self.abstentions = Counter("siam_abstentions", "Certified predictions that abstained", ["model"], registry=r)
+        self.feedback = Counter("siam_feedback", "Predictions with a true label fed back", ["model", "samples"],
+                                registry=r)
+        self.feedback_correct = Counter("siam_feedback_correct", "Fed-back predictions that were right",
+                                        ["model", "samples"], registry=r)
+        self.canary_accuracy = Gauge("siam_canary_accuracy", "Accuracy on the canary set at the last run",
+                                     ["model", "samples", "attack"], registry=r)
+        self.canary_last_run = Gauge("siam_canary_last_run_timestamp_seconds", "When the canary last finished",
+                                     registry=r)
+        self.model = Info("siam_model", "The model being served", registry=r)

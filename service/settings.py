@@ -1,0 +1,66 @@
+"""Every serving knob in one place: environment variables ``SIAM_*`` (or ``siam serve`` flags).
+
+What a model answers (sigma, its space, default m, aggregation, noise layers) is NOT here: it comes
+from the checkpoint manifest. These settings only say how the service runs it and what it accepts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CHECKPOINT = Path("checkpoints/resnet20-fast-at")
+
+
+class Settings(BaseSettings):
+    """Service settings; each field is also the environment variable ``SIAM_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="SIAM_", extra="ignore")
+
+    # what to serve, and on what
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint folder (manifest.json + weights)")
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="auto: ONNX Runtime when the model has no PNI weight noise, else PyTorch")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="model precision (fp16/bf16: CUDA)")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: all cores)")
+    compile: bool = Field(False, description="torch backend: wrap the model in torch.compile")
+    onnx_cache: Path = Field(Path(".siam-cache/onnx"), description="where exported ONNX graphs are kept")
+
+    # batching
+    chunk_rows: int | Literal["auto"] = Field(
+        "auto", description="noisy rows per model call; auto measures the fastest size at start-up")
+    max_batch_rows: int = Field(4096, ge=1, description="noisy rows the worker takes from the queue at once")
+    max_wait_ms: float = Field(1.0, ge=0, description="how long an idle worker waits for more requests")
+    max_queue: int = Field(256, ge=1, description="requests waiting beyond this get 503 at once")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request still waiting after this gets 504")
+
+    # what requests may ask
+    max_samples: int = Field(1024, ge=1, description="largest samples (m) a request may ask for")
+    max_images: int = Field(64, ge=1, description="images per request")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger bodies get 413")
+    allow_seed: bool = Field(False, description="let clients fix the noise with ?seed= (makes the model "
+                                                "deterministic to them, so attackable: off by default)")
+    allow_resize: bool = Field(False, description="resize images of another size instead of answering 422")
+    certify_selection_samples: int = Field(
+        64, ge=1, description="extra copies Cohen's CERTIFY uses to pick the class (n0) when ?certify=true")
+
+    # monitoring
+    feedback_capacity: int = Field(100_000, ge=1, description="prediction ids kept for POST /feedback")
+    feedback_ttl_s: float = Field(3600.0, gt=0, description="how long a prediction id accepts feedback")
+    canary_interval_s: float = Field(0.0, ge=0, description="minutes between canary runs in seconds; 0 = off")
+    canary_samples: str = Field("1,16", description="comma-separated m values the canary measures")
+    canary_attacked: bool = Field(True, description="canary also scores the PGD-attacked canary images")
+
+    # process
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    warmup: bool = Field(True, description="run the model once before reporting ready")
+    graceful_timeout_s: float = Field(30.0, gt=0, description="on SIGTERM, how long to finish accepted requests")
+
+    def canary_sample_list(self) -> list[int]:
+        return [int(m) for m in self.canary_samples.split(",") if m.strip()]

@@ -1,0 +1,74 @@
+"""What a running service holds, shared by the routers, and the errors they turn into HTTP answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from starlette.requests import ClientDisconnect
+
+from models.checkpoint import Manifest
+from service.backends import Backend
+from service.engine import Engine
+from service.feedback import FeedbackStore
+from service.images import InputError
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    manifest: Manifest | None = None
+    backend: Backend | None = None
+    engine: Engine | None = None
+    feedback: FeedbackStore | None = None
+    ready: bool = False
+    draining: bool = False
+    load_error: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest.name if self.manifest else "none"
+
+
+def state_of(request: Request) -> ServiceState:
+    return request.app.state.siam  # type: ignore[no-any-return]
+
+
+class ServiceUnavailableError(RuntimeError):
+    """503 with a Retry-After header; ``kind`` labels the error counter."""
+
+    def __init__(self, message: str, kind: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after_s = retry_after_s
+
+
+def serving(request: Request) -> tuple[ServiceState, Engine, Manifest]:
+    """The state, engine and manifest of a service that can take predictions now (else 503)."""
+    state = state_of(request)
+    if state.draining:
+        raise ServiceUnavailableError("the server is shutting down", "shutting_down", 5)
+    if not state.ready or state.engine is None or state.manifest is None:
+        raise ServiceUnavailableError("the model is not loaded yet", "not_ready", 5)
+    return state, state.engine, state.manifest
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InputError(f"body of {declared} bytes is over the limit of {limit} bytes", 413, "payload_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InputError(f"body is over the limit of {limit} bytes", 413, "payload_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect as e:
+        raise InputError("client disconnected while sending the body", 400) from e
+    return b"".join(chunks)

@@ -1,0 +1,282 @@
+"""The HTTP API in-process (FastAPI's TestClient runs the real app, lifespan included)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import make_model
+from models import save_checkpoint
+from models.canary import Canary, save_canary
+from service.app import create_app
+from service.settings import Settings
+from service_helpers import b64, image_bytes
+
+PNG = image_bytes(0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, spec = make_model()
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(folder, model, spec, name="tiny")
+    return folder
+
+
+def settings(checkpoint: Path, **kw: object) -> Settings:
+    base: dict[str, object] = {"checkpoint": checkpoint, "backend": "torch", "chunk_rows": 64, "threads": 1,
+                               "max_samples": 256, "max_images": 4, "max_body_bytes": 262144, "allow_seed": True,
+                               "onnx_cache": checkpoint.parent / "onnx"}
+    base.update(kw)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(settings(checkpoint))) as c:
+        yield c
+
+
+def metric_value(text: str, metric: str, **labels: str) -> float:
+    """The sum of the samples of ``metric`` whose labels include ``labels``."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def test_health_models_and_docs(client: TestClient) -> None:
+    assert client.get("/health/live").json() == {"status": "live"}
+    assert client.get("/health/ready").status_code == 200
+    model = client.get("/v1/models").json()["models"][0]
+    assert model["name"] == "tiny" and model["runtime"]["backend"] == "torch"
+    assert model["spec"]["smoothing"]["sigma"] == 0.25
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/predict", "/feedback", "/v2/models/{name}/infer"} <= set(paths)
+
+
+@pytest.mark.parametrize("samples", [1, 16, 256])
+def test_predict_one_image(client: TestClient, samples: int) -> None:
+    r = client.post(f"/predict?samples={samples}", json={"image": b64(PNG)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"id", "label", "class_name", "probabilities", "vote_share", "samples", "model",
+                         "latency_ms", "aggregation"}
+    assert body["samples"] == samples and body["model"] == "tiny"
+    assert math.isclose(sum(body["probabilities"]), 1.0, rel_tol=1e-5)
+    assert body["label"] == int(np.argmax(body["probabilities"]))
+    assert body["class_name"] == "airplane automobile bird cat deer dog frog horse ship truck".split()[body["label"]]
+    assert 0 < body["vote_share"] <= 1 and body["latency_ms"] > 0
+
+
+def test_raw_bytes_jpeg_and_several_images(client: TestClient) -> None:
+    r = client.post("/predict", content=image_bytes(1, fmt="JPEG"), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200 and r.json()["samples"] == 8  # the checkpoint's default m
+    r = client.post("/predict?samples=4", json={"images": [b64(PNG), b64(image_bytes(2))]})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+
+
+def test_vote_aggregation_returns_vote_shares(client: TestClient) -> None:
+    body = client.post("/predict?samples=10&aggregation=vote", json={"image": b64(PNG)}).json()
+    assert body["aggregation"] == "vote"
+    assert all(abs(p * 10 - round(p * 10)) < 1e-6 for p in body["probabilities"])
+    assert body["vote_share"] == max(body["probabilities"])
+
+
+def test_seed_gives_same_answer_and_is_off_by_default(client: TestClient, checkpoint: Path) -> None:
+    a = client.post("/predict?samples=8&seed=5", json={"image": b64(PNG)}).json()
+    b = client.post("/predict?samples=8&seed=5", json={"images": [b64(image_bytes(3)), b64(PNG)]}).json()
+    assert a["probabilities"] == pytest.approx(b["predictions"][1]["probabilities"], abs=1e-6)
+    with TestClient(create_app(settings(checkpoint, allow_seed=False))) as strict:
+        r = strict.post("/predict?seed=5", json={"image": b64(PNG)})
+        assert r.status_code == 403 and "seed" in r.json()["detail"]
+
+
+def test_certify_reports_radius_or_abstains(client: TestClient) -> None:
+    body = client.post("/predict?samples=64&certify=true&alpha=0.01", json={"image": b64(PNG)}).json()
+    assert isinstance(body["abstained"], bool)
+    if body["abstained"]:
+        assert body["label"] == -1 and body["radius"] == 0 and body["class_name"] is None
+    else:
+        assert body["radius"] > 0 and 0.5 <= body["p_lower"] <= 1
+
+
+def truncated_png() -> bytes:
+    return PNG[: len(PNG) // 2]
+
+
+BAD_REQUESTS = [
+    ("not base64", "/predict", {"json": {"image": "***"}}, 400, "base64"),
+    ("not an image", "/predict", {"json": {"image": b64(b"hello world")}}, 400, "not a PNG or JPEG"),
+    ("truncated image", "/predict", {"content": truncated_png(), "headers": {"content-type": "image/png"}}, 400,
+     "truncated"),
+    ("wrong size", "/predict", {"content": image_bytes(0, size=40), "headers": {"content-type": "image/png"}}, 422,
+     "32x32"),
+    ("grayscale", "/predict", {"content": image_bytes(0, mode="L"), "headers": {"content-type": "image/png"}}, 422,
+     "3 channels"),
+    ("rgba", "/predict", {"json": {"image": b64(image_bytes(0, mode="RGBA"))}}, 422, "got 4"),
+    ("empty body", "/predict", {"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty"),
+    ("body too large", "/predict", {"content": b"x" * 300000, "headers": {"content-type": "image/png"}}, 413, "limit"),
+    ("too many images", "/predict", {"json": {"images": [b64(image_bytes(0, size=8))] * 5}}, 413, "at most 4"),
+    ("no images", "/predict", {"json": {"images": []}}, 400, "no images"),
+    ("samples 0", "/predict?samples=0", {"json": {"image": b64(PNG)}}, 422, "between 1 and 256"),
+    ("samples negative", "/predict?samples=-3", {"json": {"image": b64(PNG)}}, 422, "between 1 and 256"),
+    ("samples above max", "/predict?samples=257", {"json": {"image": b64(PNG)}}, 422, "between 1 and 256"),
+    ("samples not a number", "/predict?samples=ten", {"json": {"image": b64(PNG)}}, 422, "valid integer"),
+    ("unknown aggregation", "/predict?aggregation=median", {"json": {"image": b64(PNG)}}, 422, "vote"),
+    ("wrong content type", "/predict", {"content": PNG, "headers": {"content-type": "text/plain"}}, 415,
+     "text/plain"),
+    ("no content type", "/predict", {"content": PNG}, 415, "not supported"),
+    ("malformed json", "/predict", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422,
+     "invalid JSON"),
+    ("both image and images", "/predict", {"json": {"image": b64(PNG), "images": [b64(PNG)]}}, 422, "exactly one"),
+    ("unsupported format", "/predict", {"json": {"image": b64(image_bytes(0, fmt="BMP"))}}, 415, "BMP"),
+    ("bad alpha", "/predict?certify=true&alpha=2", {"json": {"image": b64(PNG)}}, 422, "alpha"),
+]
+
+
+@pytest.mark.parametrize(("path", "kwargs", "status", "message"), [b[1:] for b in BAD_REQUESTS],
+                         ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_is_a_clear_4xx(client: TestClient, path: str, kwargs: dict, status: int, message: str) -> None:
+    r = client.post(path, **kwargs)
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"]
+    assert client.post("/predict?samples=2", json={"image": b64(PNG)}).status_code == 200  # still serving
+
+
+def v2_request(array: np.ndarray, datatype: str, **params: object) -> dict:
+    return {"inputs": [{"name": "images", "shape": list(array.shape), "datatype": datatype,
+                        "data": array.reshape(-1).tolist()}], "parameters": params}
+
+
+def test_kserve_v2_json(client: TestClient) -> None:
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    meta = client.get("/v2/models/tiny").json()
+    assert meta["inputs"][0]["shape"] == [-1, 3, 32, 32] and meta["parameters"]["samples"] == 8
+    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    r = client.post("/v2/models/tiny/infer", json=v2_request(x, "FP32", samples=4, seed=1))
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    assert outputs["probabilities"]["shape"] == [2, 10] and outputs["label"]["shape"] == [2]
+    u8 = np.random.default_rng(1).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    r = client.post("/v2/models/tiny/infer", json=v2_request(u8, "UINT8"))
+    assert r.status_code == 200 and r.json()["parameters"]["samples"] == 8
+    assert client.get("/v2/models/other").status_code == 404
+
+
+BAD_TENSORS = [
+    ("nan", v2_request(np.full((1, 3, 32, 32), np.nan, np.float32), "FP32"), 422, "NaN"),
+    ("out of range", v2_request(np.full((1, 3, 32, 32), 255, np.float32), "FP32"), 422, "[0, 1]"),
+    ("wrong shape", v2_request(np.zeros((1, 1, 32, 32), np.float32), "FP32"), 422, "shape"),
+    ("wrong datatype", v2_request(np.zeros((1, 3, 32, 32), np.float32), "FP64"), 422, "FP64"),
+    ("data count", {"inputs": [{"name": "x", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.5]}]}, 400,
+     "needs 3072"),
+    ("samples param", v2_request(np.zeros((1, 3, 32, 32), np.float32), "FP32", samples="many"), 422, "integer"),
+    ("two inputs", {"inputs": [{}, {}]}, 400, "exactly one"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [b[1:] for b in BAD_TENSORS], ids=[b[0] for b in BAD_TENSORS])
+def test_kserve_bad_tensors(client: TestClient, body: dict, status: int, message: str) -> None:
+    r = client.post("/v2/models/tiny/infer", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def test_feedback_counts_live_accuracy(client: TestClient) -> None:
+    before = client.get("/metrics").text
+    first = client.post("/predict?samples=4", json={"image": b64(PNG)}).json()
+    second = client.post("/predict?samples=4", json={"image": b64(PNG)}).json()
+    assert client.post("/feedback", json={"id": first["id"], "label": first["label"]}).json()["correct"] is True
+    wrong = (second["label"] + 1) % 10
+    assert client.post("/feedback", json={"id": second["id"], "label": wrong}).json()["correct"] is False
+    assert client.post("/feedback", json={"id": first["id"], "label": 0}).status_code == 404  # used once
+    assert client.post("/feedback", json={"id": "nope", "label": 0}).status_code == 404
+    after = client.get("/metrics").text
+    labels = {"model": "tiny", "samples": "2-4"}
+    assert metric_value(after, "siam_feedback_total", **labels) - metric_value(before, "siam_feedback_total",
+                                                                               **labels) == 2
+    assert metric_value(after, "siam_feedback_correct_total", **labels) - metric_value(
+        before, "siam_feedback_correct_total", **labels) == 1
+
+
+def test_metrics_cover_latency_batches_and_errors(client: TestClient) -> None:
+    client.post("/predict?samples=3", json={"image": b64(PNG)})
+    client.post("/predict?samples=0", json={"image": b64(PNG)})
+    text = client.get("/metrics").text
+    assert metric_value(text, "siam_request_duration_seconds_count", endpoint="/predict", status="200") >= 1
+    assert metric_value(text, "siam_request_duration_seconds_count", endpoint="/predict", status="422") >= 1
+    assert metric_value(text, "siam_errors_total", kind="bad_request") >= 1
+    for name in ("siam_queue_wait_seconds_count", "siam_model_compute_seconds_count", "siam_batch_rows_count",
+                 "siam_batch_formation_seconds_count", "siam_vote_share_count", "siam_rows_total"):
+        assert metric_value(text, name) > 0, name
+    assert metric_value(text, "siam_model_info", name="tiny", backend="torch") == 1
+
+
+def test_concurrent_requests_with_mixed_samples_match_unbatched(checkpoint: Path) -> None:
+    app = create_app(settings(checkpoint, max_wait_ms=200))
+    cases = [(i, m) for i, m in enumerate((1, 4, 16, 4, 8, 32))]
+    with TestClient(app) as c:
+        alone = {i: c.post(f"/predict?samples={m}&seed=9", json={"image": b64(image_bytes(i))}).json()
+                 for i, m in cases}
+        batches_before = metric_value(c.get("/metrics").text, "siam_batch_rows_count")
+        with ThreadPoolExecutor(len(cases)) as pool:
+            together = dict(zip([i for i, _ in cases], pool.map(
+                lambda im: c.post(f"/predict?samples={im[1]}&seed=9", json={"image": b64(image_bytes(im[0]))}).json(),
+                cases), strict=True))
+        batches = metric_value(c.get("/metrics").text, "siam_batch_rows_count") - batches_before
+    assert batches < len(cases)  # some requests really shared a batch
+    for i, m in cases:
+        assert together[i]["samples"] == m
+        assert together[i]["probabilities"] == pytest.approx(alone[i]["probabilities"], abs=1e-5)
+
+
+def test_onnx_backend_answers_like_torch(checkpoint: Path) -> None:
+    answers = {}
+    for backend in ("torch", "onnx"):
+        with TestClient(create_app(settings(checkpoint, backend=backend))) as c:
+            assert c.get("/v1/models").json()["models"][0]["runtime"]["backend"] == backend
+            answers[backend] = c.post("/predict?samples=16&seed=4", json={"image": b64(PNG)}).json()
+    assert answers["onnx"]["probabilities"] == pytest.approx(answers["torch"]["probabilities"], abs=1e-4)
+
+
+def test_canary_exports_accuracy_gauges(tmp_path: Path) -> None:
+    model, spec = make_model()
+    save_checkpoint(tmp_path / "c", model, spec, name="canaried")
+    images = torch.rand(6, 3, 32, 32)
+    labels = torch.zeros(6, dtype=torch.long)
+    save_canary(tmp_path / "c", Canary(labels, {"clean": images, "pgd": images.clone()}, {"clean": "test"}))
+    with TestClient(create_app(settings(tmp_path / "c", canary_interval_s=60, canary_samples="1,4"))) as c:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = c.get("/metrics").text
+            if metric_value(text, "siam_canary_last_run_timestamp_seconds") > 0:
+                break
+            time.sleep(0.1)
+        for attack in ("clean", "pgd"):
+            for m in ("1", "4"):
+                value = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                         if s.name == "siam_canary_accuracy" and s.labels == {"model": "canaried", "samples": m,
+                                                                               "attack": attack}]
+                assert len(value) == 1 and 0 <= value[0] <= 1
+
+
+def test_not_ready_when_checkpoint_is_broken(tmp_path: Path) -> None:
+    with TestClient(create_app(settings(tmp_path / "missing"))) as c:
+        r = c.get("/health/ready")
+        assert r.status_code == 503 and "not a checkpoint folder" in r.json()["detail"]
+        r = c.post("/predict", json={"image": b64(PNG)})
+        assert r.status_code == 503 and r.headers["retry-after"]
