@@ -1,0 +1,122 @@
+"""The service as users run it: a real ``siam serve`` (uvicorn) process, for overload, deadlines,
+graceful shutdown and the official Triton/KServe HTTP client."""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_model
+from models import save_checkpoint
+from service_helpers import Server, b64, image_bytes
+
+BODY = {"image": b64(image_bytes(0))}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, spec = make_model()
+    folder = tmp_path_factory.mktemp("served") / "tiny"
+    save_checkpoint(folder, model, spec, name="tiny")
+    return folder
+
+
+def post(url: str, samples: int, timeout: float = 60) -> tuple[int, dict, float, dict]:
+    start = time.perf_counter()
+    r = httpx.post(f"{url}/predict?samples={samples}", json=BODY, timeout=timeout)
+    return r.status_code, r.json(), time.perf_counter() - start, dict(r.headers)
+
+
+def batch_seconds(checkpoint: Path, rows: int) -> float:
+    """How long one batch of ``rows`` noisy rows takes on one thread here (median of three)."""
+    from models import Smooth, load_checkpoint
+
+    model, manifest = load_checkpoint(checkpoint)
+    smooth = Smooth(model, manifest.spec.smoothing, 10, chunk_rows=256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            smooth.noisy_logits(torch.rand(1, 3, 32, 32), [rows])
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return sorted(times)[1]
+
+
+def test_queue_full_is_503_at_once_and_deadline_is_504(checkpoint: Path) -> None:
+    rows = 512
+    one = batch_seconds(checkpoint, rows)
+    # One running and two queued requests of one batch each: the third cannot finish within 1.4 batches.
+    timeout = max(1.4 * one, 0.2)
+    flags = ["--backend", "torch", "--chunk-rows", "256", "--max-queue", "2", "--max-batch-rows", str(rows),
+             "--request-timeout-s", f"{timeout:.3f}", "--max-wait-ms", "0", "--no-warmup"]
+    with Server(checkpoint, *flags) as server:
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(lambda _: post(server.url, rows), range(10)))
+        statuses = [r[0] for r in results]
+        assert set(statuses) <= {200, 503, 504}, statuses
+        full = [r for r in results if r[0] == 503]
+        assert full, f"no request was refused: {statuses}"
+        assert all(r[3].get("retry-after") for r in full)
+        assert all(r[2] < max(0.5 * one, 0.25) + 0.25 for r in full), "503 must come at once, not after waiting"
+        assert "busy" in full[0][1]["detail"]
+        late = [r for r in results if r[0] == 504]
+        assert late, f"no request missed its {timeout:.2f} s deadline (one batch: {one:.2f} s): {statuses}"
+        assert "deadline" in late[0][1]["detail"]
+        assert post(server.url, 4)[0] == 200  # and it still serves
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'siam_errors_total{kind="queue_full"}' in metrics and 'siam_errors_total{kind="deadline"}' in metrics
+
+
+def test_sigterm_finishes_accepted_requests_then_exits(checkpoint: Path) -> None:
+    server = Server(checkpoint, "--backend", "torch", "--chunk-rows", "256", "--max-wait-ms", "0")
+    with server:
+        with ThreadPoolExecutor(3) as pool:
+            pending = [pool.submit(post, server.url, 512) for _ in range(3)]
+            time.sleep(0.5)  # accepted and queued or running
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            try:  # new work is refused: no longer listening, or not ready
+                assert post(server.url, 1, timeout=5)[0] == 503
+            except httpx.TransportError:
+                pass
+            answers = [f.result() for f in pending]
+        assert [a[0] for a in answers] == [200, 200, 200], answers
+        assert all(a[1]["samples"] == 512 for a in answers)
+        assert server.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+
+
+def test_kserve_v2_with_the_official_triton_client(checkpoint: Path) -> None:
+    tritonclient = pytest.importorskip("tritonclient.http")
+    with Server(checkpoint, "--backend", "torch", "--chunk-rows", "64", "--allow-seed") as server:
+        client = tritonclient.InferenceServerClient(server.url.removeprefix("http://"))
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
+        meta = client.get_model_metadata("tiny")
+        assert meta["inputs"][0]["shape"] == [-1, 3, 32, 32]
+        x = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
+        for binary in (True, False):
+            inp = tritonclient.InferInput("images", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)
+            outputs = [tritonclient.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "label")]
+            result = client.infer("tiny", [inp], outputs=outputs, parameters={"samples": 8, "seed": 3})
+            probs, labels = result.as_numpy("probabilities"), result.as_numpy("label")
+            assert probs.shape == (3, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+            assert (labels == probs.argmax(1)).all()
+        # no outputs named: the client asks for everything in binary
+        u8 = (x.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+        inp = tritonclient.InferInput("images", list(u8.shape), "UINT8")
+        inp.set_data_from_numpy(u8)
+        result = client.infer("tiny", [inp], parameters={"samples": 4})
+        assert result.as_numpy("vote_share").shape == (3,)
+        with pytest.raises(tritonclient.InferenceServerException, match="samples"):
+            client.infer("tiny", [inp], parameters={"samples": 0})
