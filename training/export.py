@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="ONNX file (default: <checkpoint>/model.onnx)")
     p.add_argument("--atol", type=float, default=1e-3, help="largest allowed |logit difference| (default: %(default)s)")
     p.add_argument("--provider", default=None, help="ONNX Runtime provider for the check (default: best available)")
+    p.add_argument("--canary", type=int, default=0, metavar="N",
+                   help="also write <checkpoint>/canary.safetensors: N test images, clean and EOT-PGD-attacked, "
+                        "that the service re-scores when SIAM_CANARY_INTERVAL_S > 0 (default: none)")
+    p.add_argument("--data", default=None, help="CIFAR source for --canary (default: as siam train)")
     return p
 
 
@@ -67,6 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"parity at sigma=0 on batches {result['batch_sizes']}: max |logit diff| {result['max_abs_diff']:.2e} "
           f"(<= {args.atol:g}); provider that ran: {result['provider']}; noise drawn in graph: "
           f"{result['noise_in_graph']}")
+    if args.canary:
+        from training.canary import make_canary
+        from training.train import DEFAULT_DATA
+
+        path = make_canary(args.checkpoint, args.data or DEFAULT_DATA, args.canary)
+        print(f"wrote {path} ({args.canary} images, clean and EOT-PGD-attacked)")
 
 
 if __name__ == "__main__":
