@@ -1,7 +1,7 @@
-"""``siam serve``: run the service under uvicorn, with graceful shutdown on SIGTERM.
+"""siam serve: run the service under uvicorn, with graceful shutdown on SIGTERM.
 
-Every flag is a field of :class:`service.settings.Settings`, also settable as ``SIAM_<NAME>``; a flag
-given on the command line wins over the environment.
+Every flag is a field of service/settings.py, also settable as the environment variable SIAM_<NAME>;
+a flag given on the command line wins over the environment.
 """
 
 from __future__ import annotations

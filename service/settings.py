@@ -12,7 +12,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_CHECKPOINT = Path("checkpoints/resnet20-fast-at")
+# Beside the code (an editable install or the Docker image), so `siam serve` works from any folder.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "resnet20-fast-at"
 
 
 class Settings(BaseSettings):
@@ -34,7 +35,8 @@ class Settings(BaseSettings):
     chunk_rows: int | Literal["auto"] = Field(
         "auto", description="noisy rows per model call; auto measures the fastest size at start-up")
     max_batch_rows: int = Field(4096, ge=1, description="noisy rows the worker takes from the queue at once")
-    max_wait_ms: float = Field(1.0, ge=0, description="how long an idle worker waits for more requests")
+    max_wait_ms: float = Field(0.0, ge=0, description="how long an idle worker waits for more requests (0: none; "
+                               "requests arriving while the model runs batch together anyway)")
     max_queue: int = Field(256, ge=1, description="requests waiting beyond this get 503 at once")
     request_timeout_s: float = Field(30.0, gt=0, description="a request still waiting after this gets 504")
 
@@ -51,7 +53,7 @@ class Settings(BaseSettings):
     # monitoring
     feedback_capacity: int = Field(100_000, ge=1, description="prediction ids kept for POST /feedback")
     feedback_ttl_s: float = Field(3600.0, gt=0, description="how long a prediction id accepts feedback")
-    canary_interval_s: float = Field(0.0, ge=0, description="minutes between canary runs in seconds; 0 = off")
+    canary_interval_s: float = Field(0.0, ge=0, description="seconds between canary runs; 0 = off")
     canary_samples: str = Field("1,16", description="comma-separated m values the canary measures")
     canary_attacked: bool = Field(True, description="canary also scores the PGD-attacked canary images")
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CLASSES, make_model
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from service_helpers import b64, image_bytes
 
-from conftest import make_model
 from models import save_checkpoint
 from models.canary import Canary, save_canary
 from service.app import create_app
 from service.settings import Settings
-from service_helpers import b64, image_bytes
 
 PNG = image_bytes(0)
 
@@ -78,7 +78,7 @@ def test_predict_one_image(client: TestClient, samples: int) -> None:
     assert body["samples"] == samples and body["model"] == "tiny"
     assert math.isclose(sum(body["probabilities"]), 1.0, rel_tol=1e-5)
     assert body["label"] == int(np.argmax(body["probabilities"]))
-    assert body["class_name"] == "airplane automobile bird cat deer dog frog horse ship truck".split()[body["label"]]
+    assert body["class_name"] == CLASSES[body["label"]]
     assert 0 < body["vote_share"] <= 1 and body["latency_ms"] > 0
 
 
