@@ -4,7 +4,8 @@ attack on the smoothed classifier's soft output (Salman et al., 2019).
 Every attack takes a *logit function* ``f(x) -> [B, C]`` (log-probabilities work too) and images in
 [0, 1]; it never leaves the eps ball or [0, 1]. A randomized model (input noise, PNI weight noise)
 is attacked honestly by averaging the gradient over ``eot`` noise draws, and the smoothed classifier
-itself by :func:`smoothed_log_probs`, the log of its mean softmax over m copies.
+itself by :func:`smoothed_log_probs`, the log of its mean softmax over m copies. Query-only attacks
+(NAttack, :mod:`training.nattack`) see nothing but :func:`smoothed_probabilities`, what the service returns.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from models.smooth import Smooth
+from models.smooth import Smooth, aggregate
+from models.spec import Aggregation
 
 LogitFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -81,5 +83,18 @@ def smoothed_log_probs(smooth: Smooth, samples: int) -> LogitFn:
         logits = smooth.forward_noisy(x.repeat_interleave(samples, dim=0)).float()
         probs = logits.softmax(1).view(x.shape[0], samples, -1).mean(1)
         return probs.clamp_min(1e-12).log()
+
+    return f
+
+
+def smoothed_probabilities(smooth: Smooth, samples: int, aggregation: Aggregation | None = None) -> LogitFn:
+    """The served answer as a black box: per-image scores (probabilities or vote shares) from ``samples``
+    fresh noisy copies, with the checkpoint's aggregation rule; no gradient flows."""
+    rule = aggregation or smooth.smoothing.aggregation
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        logits = smooth.noisy_logits(x, [samples] * x.shape[0])
+        rows = torch.arange(x.shape[0], device=logits.device).repeat_interleave(samples)
+        return aggregate(logits, rows, x.shape[0], rule)[0]
 
     return f

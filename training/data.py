@@ -51,7 +51,20 @@ class Dataset:
         if count is None or count >= len(self):
             return self
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
-        return Dataset(self.images[order], self.labels[order], self.classes, self.source,
+        return self._take(order)
+
+    def hold_out(self, count: int, seed: int) -> tuple[Dataset, Dataset]:
+        """``(held_out, rest)``: ``count`` images of a fixed random permutation, and all the others in their
+        original order, so a validation split never overlaps training and ``count == 0`` changes nothing."""
+        if count <= 0:
+            return self._take(torch.zeros(0, dtype=torch.long)), self
+        if count >= len(self):
+            raise ValueError(f"cannot hold out {count} of {len(self)} images and train on the rest")
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return self._take(order[:count].sort().values), self._take(order[count:].sort().values)
+
+    def _take(self, index: torch.Tensor) -> Dataset:
+        return Dataset(self.images[index], self.labels[index], self.classes, self.source,
                        self.checksum, self.encoding)
 
 

@@ -10,6 +10,10 @@ answers them with each m (the aggregation rule stored in the checkpoint). Attack
 
 Every accuracy comes with a 95% Clopper-Pearson interval. Writes ``eval.json``, ``eval.md`` and
 ``eval.png`` (accuracy and latency against m) into ``--output``.
+
+``siam evaluate --report [--quick]`` writes the full robustness report instead (sigma and m chosen on
+validation images, stronger and black-box attacks, an eps sweep, CERTIFY); see
+``siam evaluate --report --help``.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the subset choice, the attacks' and the noise draws")
     p.add_argument("--output", default=None, help="output folder (default: <checkpoint>/eval)")
     p.add_argument("--quick", action="store_true", help="100 images, m in 1,4, PGD and EOT only")
+    p.add_argument("--report", action="store_true",
+                   help="write the robustness report (reports/robustness/) instead; "
+                        "`siam evaluate --report --help` lists its options")
     return p
 
 
@@ -208,6 +215,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--report" in argv:
+        from training import report
+
+        report.main([a for a in argv if a != "--report"])
+        return
     args = build_parser().parse_args(argv)
     report = evaluate(args)
     out = Path(args.output) if args.output else Path(args.checkpoint) / "eval"

@@ -14,6 +14,7 @@ after every epoch, with its training record).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(or cifar-100-python) folder (default: %(default)s)")
     g.add_argument("--cache-dir", default="data-cache", help="where decoded splits are cached (default: %(default)s)")
     g.add_argument("--train-images", type=int, default=None, help="train on a random subset of this size")
+    g.add_argument("--val-images", type=int, default=0,
+                   help="hold this many training images out of training (a fixed random choice, --val-seed) and "
+                        "record them in the checkpoint, so `siam evaluate --report` can pick sigma and m on images "
+                        "the model never saw (default: 0, train on the whole split)")
+    g.add_argument("--val-seed", type=int, default=2019, help="seed of the held-out choice (default: %(default)s)")
     g.add_argument("--eval-images", type=int, default=1000, help="test images for the per-epoch clean accuracy")
     g.add_argument("--eval-attack-images", type=int, default=200, help="test images for the per-epoch PGD accuracy")
     g = p.add_argument_group("model")
@@ -193,6 +199,12 @@ def evaluate_epoch(args: argparse.Namespace, model: Classifier, spec: ModelSpec,
             "eval_images": len(clean), "eval_attack_images": len(y)}
 
 
+def validation_record(validation: Dataset, seed: int) -> dict[str, Any]:
+    """What the report needs to rebuild the held-out split and to check it got the same images."""
+    return {"images": len(validation), "seed": seed, "split": "train",
+            "images_sha256": hashlib.sha256(validation.images.numpy().tobytes()).hexdigest()}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -217,7 +229,8 @@ def train(args: argparse.Namespace) -> Path:
     out = Path(args.output)
     name = args.name or out.name
 
-    train_set = load_split(args.data, "train", args.cache_dir).subset(args.train_images, seed=args.seed)
+    validation, train_set = load_split(args.data, "train", args.cache_dir).hold_out(args.val_images, args.val_seed)
+    train_set = train_set.subset(args.train_images, seed=args.seed)
     test_set = load_split(args.data, "test", args.cache_dir)
     spec = model_spec(args, train_set.classes)
     model = build_classifier(spec).to(device)
@@ -232,6 +245,9 @@ def train(args: argparse.Namespace) -> Path:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], json.loads(state["history"])
+        if state.get("val_images", 0) != args.val_images:
+            raise SystemExit(f"{state_path} was trained with --val-images {state.get('val_images', 0)}; resuming "
+                             f"with --val-images {args.val_images} would change its training images")
         torch.set_rng_state(state["rng_cpu"])
         if ddp.main:
             print(f"resuming {out} from epoch {start_epoch}")
@@ -249,7 +265,8 @@ def train(args: argparse.Namespace) -> Path:
     record_base = {
         "config": {k: v for k, v in vars(args).items()},
         "data": {"source": train_set.source, "sha256": train_set.checksum, "encoding": train_set.encoding,
-                 "train_images": len(train_set), "test_images": len(test_set)},
+                 "train_images": len(train_set), "test_images": len(test_set),
+                 **({"validation": validation_record(validation, args.val_seed)} if len(validation) else {})},
         "environment": environment(device), "world_size": ddp.world,
     }
     step = start_epoch * steps_per_epoch
@@ -302,7 +319,8 @@ def train(args: argparse.Namespace) -> Path:
             record = {**record_base, "epochs_completed": epoch + 1, "complete": finished, "history": history}
             save_checkpoint(out / "checkpoint", model, spec, name, record)
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                        "history": json.dumps(history), "rng_cpu": torch.get_rng_state()}, state_path)
+                        "history": json.dumps(history), "rng_cpu": torch.get_rng_state(),
+                        "val_images": args.val_images}, state_path)
         if args.max_steps is not None and step >= args.max_steps:
             break
     if ddp.world > 1:

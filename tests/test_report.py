@@ -1,0 +1,209 @@
+"""The robustness report: NAttack, the eps-sweep check, the choice of sigma and m, the held-out validation
+split, and a whole (tiny) ``siam evaluate --report --quick`` run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import Smooth, SmoothingSpec, load_checkpoint
+from models.pni import pni_layers
+from models.resnet import Classifier
+from tests.test_attacks import accuracy, separable_problem
+from training import evaluate, report, train
+from training.attacks import pgd, smoothed_probabilities
+from training.data import load_split
+from training.nattack import margin, nattack, project, to_tanh_space
+from training.robustness import choose_operating_point, correct_by_m, eps_sweep, noise_free, sweep_problems
+
+EPS = 8 / 255
+
+
+@pytest.fixture(scope="module")
+def problem() -> tuple[Classifier, torch.Tensor, torch.Tensor]:
+    model, x, y = separable_problem(n=40)
+    return model, x, y
+
+
+def test_projection_stays_in_the_ball_and_the_box() -> None:
+    x = torch.rand(4, 3, 8, 8)
+    x[0] = 0.0
+    x[1] = 1.0
+    w = to_tanh_space(x) + 5 * torch.randn(4, 3, 8, 8)
+    adv = project(x, w, EPS)
+    assert (adv - x).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert torch.allclose(project(x, to_tanh_space(x), EPS), x, atol=1e-4)
+
+
+def test_margin_is_positive_only_while_the_label_is_right() -> None:
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1]])
+    m = margin(probs, torch.tensor([0, 0]))
+    assert m[0] == pytest.approx(float(torch.log(torch.tensor(0.7 / 0.2))), rel=1e-5) and m[1] == 0
+    assert margin(probs, torch.tensor([0, 0]), kappa=2.0)[1] == pytest.approx(2.0 - float(torch.log(torch.tensor(3.5))))
+
+
+def test_nattack_fools_a_non_robust_model_with_queries_only(
+        problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    model, x, y = problem
+    x, y = x[:20], y[:20]
+    calls = []
+
+    def black_box(images: torch.Tensor) -> torch.Tensor:
+        calls.append(images.shape[0])
+        with torch.no_grad():
+            return model(images).softmax(1)
+
+    assert accuracy(model, x, y) > 0.95
+    result = nattack(black_box, x, y, eps=EPS, population=30, max_queries=1500,
+                     generator=torch.Generator().manual_seed(0))
+    adv = result.adversarial
+    assert (adv - x).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert accuracy(model, adv, y) < 0.2
+    with torch.no_grad():  # a deterministic model: the attack's own success check is the truth
+        assert torch.equal(result.success, model(adv).argmax(1) != y)
+    assert int(result.queries.max()) <= 1500 and sum(calls) == int(result.queries.sum())
+
+
+def test_nattack_spends_the_budget_on_a_model_it_cannot_fool() -> None:
+    x, y = torch.rand(3, 3, 8, 8), torch.tensor([0, 1, 2])
+
+    def always_right(images: torch.Tensor) -> torch.Tensor:
+        # no image is ever fooled, so every query batch holds all three images in order
+        return torch.nn.functional.one_hot(y.repeat_interleave(images.shape[0] // 3), 10).float()
+
+    result = nattack(always_right, x, y, population=30, max_queries=300)
+    assert not result.success.any() and 300 - 31 < int(result.queries.min()) <= int(result.queries.max()) <= 300
+    assert (result.adversarial - x).abs().max() <= EPS + 1e-6
+
+
+def test_nattack_through_the_smoothed_black_box(problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    model, x, y = problem
+    x, y = x[:6], y[:6]
+    torch.manual_seed(0)
+    smooth = Smooth(model, SmoothingSpec(sigma=0.05), 10)
+    before = correct_by_m(smooth, x, y, [16])[16].float().mean()
+    result = nattack(smoothed_probabilities(smooth, 4), x, y, eps=EPS, population=50, max_queries=1000, kappa=0.5,
+                     generator=torch.Generator().manual_seed(0))
+    after = correct_by_m(smooth, result.adversarial, y, [16])[16].float().mean()
+    assert before > 0.9 and after <= 0.5
+    assert (result.adversarial - x).abs().max() <= EPS + 1e-6
+
+
+def test_eps_sweep_is_monotone_and_reaches_zero(problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    model, x, y = problem
+    x, y = x[:20], y[:20]
+    torch.manual_seed(0)
+    smooth = Smooth(model, SmoothingSpec(sigma=0.1), 10)
+
+    def attack(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+        return pgd(smooth.forward_noisy, a, b, eps=eps, step=2.5 * eps / 10, steps=10, eot=2)
+
+    def judge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return correct_by_m(smooth, a, b, [8])[8]
+
+    rows = eps_sweep(attack, judge, x, y, [0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 32 / 255, 64 / 255])
+    accs = [r["accuracy"] for r in rows]
+    assert accs[0] > 0.95 and accs[-1] == 0.0
+    assert all(b <= a + 0.05 for a, b in itertools.pairwise(accs))
+    assert sweep_problems(rows) == []
+    assert all(r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in rows)
+
+
+def test_sweep_check_flags_a_plateau_and_a_rise() -> None:
+    def rows(accs: list[float], eps: list[int]) -> list[dict]:
+        return [{"eps": e / 255, "accuracy": a, "images": 100} for a, e in zip(accs, eps, strict=True)]
+
+    assert sweep_problems(rows([0.8, 0.5, 0.2, 0.01], [0, 8, 16, 64])) == []
+    plateau = sweep_problems(rows([0.8, 0.5, 0.45, 0.45], [0, 8, 16, 64]))
+    assert len(plateau) == 1 and "64/255" in plateau[0]
+    rise = sweep_problems(rows([0.8, 0.4, 0.6, 0.0], [0, 8, 16, 64]))
+    assert len(rise) == 1 and "rises" in rise[0]
+    assert "never reaches" in sweep_problems(rows([0.8, 0.4], [0, 8]))[0]
+
+
+def test_accuracy_at_every_m_from_one_batch_of_copies(problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    model, x, y = problem
+    exact = Smooth(model, SmoothingSpec(sigma=0.0), 10)  # no noise: every m must agree with the model itself
+    by_m = correct_by_m(exact, x, y, [1, 4, 16])
+    with torch.no_grad():
+        truth = (model(x).argmax(1) == y).cpu()
+    assert all(torch.equal(by_m[m], truth) for m in (1, 4, 16))
+
+
+def test_noise_free_surrogate_turns_pni_off_and_back_on() -> None:
+    from tests.conftest import make_model
+
+    model, _ = make_model(pni="channel")
+    layers = pni_layers(model)
+    layers[0].enabled = False  # a layer already off stays off afterwards
+    x = torch.rand(2, 3, 32, 32)
+    with noise_free(model) as surrogate, torch.no_grad():
+        assert not any(layer.enabled for layer in layers)
+        assert torch.equal(surrogate(x), surrogate(x))  # deterministic
+    assert [layer.enabled for layer in layers] == [False] + [True] * (len(layers) - 1)
+
+
+def test_operating_point_is_the_cheapest_m_near_the_best_sigma() -> None:
+    rows = [{"sigma": s, "samples": m, "clean": 0.8, "robust": r}
+            for s, curve in ((0.1, (0.30, 0.40, 0.41)), (0.2, (0.35, 0.44, 0.445)), (0.4, (0.2, 0.3, 0.35)))
+            for m, r in zip((1, 8, 64), curve, strict=True)]
+    choice = choose_operating_point(rows, tolerance=0.01)
+    assert (choice["sigma"], choice["samples"]) == (0.2, 8)
+    assert choose_operating_point(rows, tolerance=0.0)["samples"] == 64
+
+
+def test_val_images_are_held_out_of_training_and_used_by_the_report(tiny_cifar_tar: Path, tmp_path: Path) -> None:
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    train.main(["--data", str(tiny_cifar_tar), "--cache-dir", str(cache), "--output", str(out), "--batch-size", "32",
+                "--eval-images", "8", "--eval-attack-images", "4", "--threads", "1", "--epochs", "1",
+                "--max-steps", "1", "--attack", "fgsm", "--val-images", "40", "--val-seed", "3"])
+    _, manifest = load_checkpoint(out / "checkpoint")
+    record = manifest.training["data"]
+    assert record["train_images"] == 360 and record["validation"]["images"] == 40
+    args = report.resolve(report.build_parser().parse_args(
+        ["--data", str(tiny_cifar_tar), "--cache-dir", str(cache), "--val-images", "10", "--quick"]))
+    val, info = report.validation_set(manifest, args)
+    assert info["seen_in_training"] == "no" and info["seed"] == 3 and len(val) == 10
+    _, rest = load_split(tiny_cifar_tar, "train", cache).hold_out(40, 3)
+    seen = {bytes(img.numpy()) for img in rest.images}
+    assert not any(bytes(img.numpy()) in seen for img in val.images)
+    with pytest.raises(SystemExit, match="val-images"):  # resuming with another holdout would change the data
+        train.main(["--data", str(tiny_cifar_tar), "--cache-dir", str(cache), "--output", str(out),
+                    "--batch-size", "32", "--threads", "1", "--epochs", "2", "--attack", "fgsm"])
+
+
+def test_report_quick_run_writes_markdown_json_and_figures(tiny_checkpoint: Path, tiny_cifar_tar: Path,
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    evaluate.main([
+        "--report", "--quick", str(tiny_checkpoint), "--data", str(tiny_cifar_tar), "--cache-dir", str(tmp_path / "c"),
+        "--output", str(out), "--threads", "1", "--samples", "1,2,4", "--sigmas", "0.1,0.25",
+        "--val-images", "4", "--test-images", "6", "--strong-images", "4", "--nattack-images", "2",
+        "--certify-images", "2", "--certify-n0", "4", "--certify-n", "16", "--steps", "1", "--eot", "2",
+        "--eot-large", "2", "--adaptive-samples", "2", "--strong-steps", "2", "--strong-eot", "1", "--restarts", "1",
+        "--transfer-steps", "1", "--sweep-eps", "0,8,64", "--sweep-steps", "1", "--sweep-eot", "1",
+        "--nattack-population", "4", "--nattack-queries", "20", "--nattack-samples", "1", "--latency-repeats", "1"])
+    folder = out / "tiny" / "quick"
+    r = json.loads((folder / "report.json").read_text())
+    assert r["quick"] and r["data"]["test_images"] == 6 and r["data"]["validation"]["images"] == 4
+    assert r["data"]["validation"]["seen_in_training"] == "possibly"  # the tiny checkpoint records no training data
+    assert len(r["grid"]) == 2 * 5 * 3  # sigmas x (4 attacks + worst case) x m
+    rows = r["grid"] + r["strong"]["rows"] + r["strong"]["eps_sweep"]["rows"] + r["nattack"]["rows"]
+    assert all(x["ci95"][0] <= x["accuracy"] <= x["ci95"][1] for x in rows)
+    assert {x["attack"] for x in r["strong"]["rows"]} == {"eot2-pgd1", "pgd2-eot1-r1", "transfer"}
+    assert r["validation"]["choice"]["sigma"] in (0.1, 0.25) and r["certify"][0]["n"] == 16
+    assert [p["samples"] for p in r["latency_ms"]] == [1, 2, 4]
+    assert r["nattack"]["max_linf"] <= 8 / 255 + 1e-6
+    checks = {c["check"] for c in r["findings"]["checks"]}
+    assert any("eps sweep" in c for c in checks) and any("NAttack" in c for c in checks)
+    md = (folder / "report.md").read_text()
+    for part in ("## Summary", "## 1. Choosing sigma", "## 4. Eps sweep", "## 5. NAttack", "## 7. Discussion",
+                 "60.4%", "(quick subset)", "tradeoff.png"):
+        assert part in md
+    for name in ("tradeoff.png", "eps_sweep.png", "certified.png"):
+        assert (folder / name).read_bytes()[:4] == b"\x89PNG"
+    assert "tiny (quick)" in (out / "README.md").read_text()
