@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import check_integrity
 
 Split = Literal["train", "test"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -123,13 +125,27 @@ def _read_folder(path: Path, split: Split) -> tuple[np.ndarray, np.ndarray, tupl
     return _from_members(members, split)
 
 
+def _official_release(folder: Path) -> type[CIFAR10]:
+    """torchvision's description (file names, MD5s, label key) of the release a folder holds."""
+    return CIFAR100 if folder.name == CIFAR100.base_folder else CIFAR10
+
+
 def _official_folder(path: Path) -> Path | None:
-    for name in ("cifar-10-batches-py", "cifar-100-python"):
-        if path.name == name:
+    for release in (CIFAR10, CIFAR100):
+        if path.name == release.base_folder:
             return path
-        if (path / name).is_dir():
-            return path / name
+        if (path / release.base_folder).is_dir():
+            return path / release.base_folder
     return None
+
+
+def _official_encoding(folder: Path) -> str:
+    """Say whether the files are the published release, by torchvision's own MD5 list."""
+    release = _official_release(folder)
+    files = [*release.train_list, *release.test_list, [release.meta["filename"], release.meta["md5"]]]
+    intact = all(check_integrity(str(folder / name), md5) for name, md5 in files)
+    return f"official {release.__name__} (lossless; " + (
+        "MD5s match the published release)" if intact else "MD5s differ from the published release)")
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -153,19 +169,16 @@ def _unpickle(path: Path) -> dict[str, Any]:
 
 
 def _read_official(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """The python layout torchvision's CIFAR10/CIFAR100 read, parsed with a restricted unpickler
-    (torchvision's own reader insists on the official MD5s and unpickles without restriction)."""
-    if folder.name == "cifar-10-batches-py":
-        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        label_key, classes = "labels", tuple(_unpickle(folder / "batches.meta")["label_names"])
-    else:
-        files, label_key = ["train" if split == "train" else "test"], "fine_labels"
-        classes = tuple(_unpickle(folder / "meta")["fine_label_names"])
+    """The python layout torchvision's CIFAR10/CIFAR100 read (file lists from torchvision), parsed
+    with a restricted unpickler: torchvision's own reader unpickles without restriction."""
+    release = _official_release(folder)
+    files = release.train_list if split == "train" else release.test_list
+    classes = tuple(_unpickle(folder / release.meta["filename"])[release.meta["key"]])
     data, labels = [], []
-    for name in files:
+    for name, _md5 in files:
         batch = _unpickle(folder / name)
         data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.extend(batch[label_key])
+        labels.extend(batch["labels"] if "labels" in batch else batch["fine_labels"])
     return np.concatenate(data), np.asarray(labels, dtype=np.int64), classes
 
 
@@ -190,7 +203,7 @@ def load_split(path: str | Path, split: Split, cache_dir: str | Path | None = "d
     source = _official_folder(path) if layout == "official" else path
     assert source is not None
     checksum = _fingerprint(source)
-    encoding = "official (lossless)" if layout == "official" else _guess_encoding(path)
+    encoding = _official_encoding(source) if layout == "official" else _guess_encoding(path)
     cache = Path(cache_dir) / f"{checksum[:16]}-{split}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():
         tensors = load_file(str(cache))
