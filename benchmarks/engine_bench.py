@@ -1,0 +1,86 @@
+"""The engine alone, no HTTP: what batching, chunking and aggregation cost on top of the model.
+
+The backend is built exactly as the service builds it (``load_backend``, then the start-up warm-up that
+tunes ``chunk_rows`` when it is ``auto``), and ``concurrency`` closed-loop callers await
+``Engine.predict`` on one image each, so the engine always has requests waiting, as under heavy load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.app import warm_up
+from service.backends import Backend, load_backend
+from service.engine import Engine
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+@dataclass
+class EngineResult:
+    samples: int
+    concurrency: int
+    duration_s: float
+    completed: int
+    predictions_per_s: float
+    rows_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+def build_backend(checkpoint: Path, backend: str, device: str, threads: int, onnx_cache: Path,
+                  chunk_rows: str = "auto") -> tuple[Backend, Settings, str, float]:
+    """The service's backend and settings, warmed up and tuned like ``siam serve`` does at start-up."""
+    settings = Settings(checkpoint=checkpoint, backend=backend, device=device, threads=threads,
+                        onnx_cache=onnx_cache, chunk_rows=chunk_rows)  # type: ignore[arg-type]
+    built, manifest = load_backend(settings)
+    warm_up(built, manifest.spec.architecture.input_size, manifest.spec.smoothing.default_samples,
+            settings.chunk_rows == "auto")
+    return built, settings, manifest.name, manifest.spec.smoothing.sigma
+
+
+async def closed_loop(engine: Engine, samples: int, concurrency: int, duration_s: float,
+                      warmup_s: float) -> EngineResult:
+    """``concurrency`` callers, each awaiting its answer before asking again; counts the answers that arrive
+    in the measured window."""
+    image = torch.rand(1, 3, 32, 32)
+    start = time.perf_counter() + warmup_s
+    end = start + duration_s
+    latencies: list[float] = []
+
+    async def caller() -> None:
+        while (sent := time.perf_counter()) < end:
+            await engine.predict(image, samples, "softmax")
+            done = time.perf_counter()
+            if start <= done <= end:
+                latencies.append(done - sent)
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    lat = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
+    n = len(latencies)
+    return EngineResult(samples, concurrency, duration_s, n, n / duration_s, n * samples / duration_s,
+                        float(np.percentile(lat, 50)), float(np.percentile(lat, 99)))
+
+
+async def run_engine(backend: Backend, settings: Settings, name: str, sigma: float,
+                     plan: Sequence[tuple[int, int, float]], duration_s: float) -> list[EngineResult]:
+    engine = Engine(backend, name, sigma, Metrics(), settings.max_batch_rows, settings.max_wait_ms,
+                    settings.max_queue)
+    engine.start()
+    try:
+        return [await closed_loop(engine, m, callers, duration_s, warmup_s) for m, callers, warmup_s in plan]
+    finally:
+        await engine.stop()
+
+
+def measure_engine(backend: Backend, settings: Settings, name: str, sigma: float,
+                   plan: Sequence[tuple[int, int, float]], duration_s: float) -> list[EngineResult]:
+    """Engine throughput for each ``(samples, callers, warm-up seconds)`` of ``plan``."""
+    return asyncio.run(run_engine(backend, settings, name, sigma, plan, duration_s))

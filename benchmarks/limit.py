@@ -1,0 +1,125 @@
+"""The limit: the base model's own forward throughput on noisy rows, per backend and chunk size.
+
+Nothing served can beat it: every smoothed prediction is ``m`` such rows. For PyTorch it is the model
+on pre-made rows with the smoothing noise drawn on the device in the same call (``Smooth.forward_noisy``,
+what the torch backend runs per chunk); for ONNX Runtime it is the exported graph, whose noise is drawn
+inside the graph, fed with pre-made rows. No decoding, queueing, aggregation or copying is counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import Manifest, load_checkpoint
+from models.smooth import Smooth
+from service.backends import onnx_graph
+
+DEFAULT_CHUNKS = (16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass
+class BackendLimit:
+    """One backend's rows/s at each chunk size, and the best of them."""
+
+    backend: str
+    provider: str
+    rates: dict[int, float]  # chunk rows -> noisy rows per second
+    best_chunk: int
+    best_rows_per_s: float
+    error: str | None = None
+
+
+def rows_per_second(run: Callable[[], object], rows: int, budget_s: float, sync: Callable[[], None]) -> float:
+    """Rows/s of ``run`` (``rows`` rows a call) over at least ``budget_s`` seconds, after one warm call."""
+    run()
+    sync()
+    calls, start = 0, time.perf_counter()
+    while True:
+        run()
+        calls += 1
+        if calls % 4 == 0 or rows >= 256:
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= budget_s:
+                return calls * rows / elapsed
+
+
+def torch_limit(model: torch.nn.Module, manifest: Manifest, device: torch.device, chunks: Sequence[int],
+                budget_s: float) -> BackendLimit:
+    """Eager PyTorch: ``Smooth.forward_noisy`` on one chunk of pre-made rows (noise drawn on ``device``)."""
+    model = model.to(device).eval()
+    smooth = Smooth(model, manifest.spec.smoothing, manifest.spec.architecture.num_classes)
+    size = manifest.spec.architecture.input_size
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rates = {}
+    with torch.inference_mode():
+        for chunk in chunks:
+            rows = torch.rand(chunk, 3, size, size, device=device)
+            rates[chunk] = rows_per_second(lambda rows=rows: smooth.forward_noisy(rows), chunk, budget_s, sync)
+    best = max(rates, key=rates.__getitem__)
+    return BackendLimit("torch", str(device), rates, best, rates[best])
+
+
+def onnx_limit(model: torch.nn.Module, manifest: Manifest, checkpoint: Path, cache: Path, device: torch.device,
+               threads: int, chunks: Sequence[int], budget_s: float) -> BackendLimit:
+    """ONNX Runtime: the exported graph (noise inside) on pre-made rows, the session set up like the service's."""
+    import onnxruntime as ort
+
+    path = onnx_graph(model.cpu(), manifest, checkpoint, cache)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers: list[object] = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    provider = session.get_providers()[0]
+    sigma = np.array([manifest.spec.smoothing.sigma], dtype=np.float32)
+    size = manifest.spec.architecture.input_size
+    rates = {}
+    for chunk in chunks:
+        rows = np.random.rand(chunk, 3, size, size).astype(np.float32)
+        feed = {"images": rows, "sigma": sigma}
+        rates[chunk] = rows_per_second(lambda feed=feed: session.run(["logits"], feed), chunk, budget_s,
+                                       lambda: None)
+    best = max(rates, key=rates.__getitem__)
+    return BackendLimit("onnx", provider, rates, best, rates[best])
+
+
+def measure_limits(checkpoint: Path, device: torch.device, threads: int, backends: Sequence[str],
+                   chunks: Sequence[int] = DEFAULT_CHUNKS, budget_s: float = 0.5,
+                   onnx_cache: Path = Path(".siam-cache/onnx")) -> list[BackendLimit]:
+    """Every requested backend's limit; a backend that cannot run here is reported with its error."""
+    torch.set_num_threads(threads)
+    model, manifest = load_checkpoint(checkpoint, "cpu")
+    out = []
+    for name in backends:
+        try:
+            if name == "torch":
+                out.append(torch_limit(model, manifest, device, chunks, budget_s))
+            elif name == "onnx":
+                out.append(onnx_limit(model, manifest, checkpoint, onnx_cache, device, threads, chunks, budget_s))
+            else:
+                raise ValueError(f"unknown backend {name!r}; expected torch or onnx")
+        except (RuntimeError, ValueError, ImportError) as e:
+            out.append(BackendLimit(name, "-", {}, 0, 0.0, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def recheck(limit: BackendLimit, checkpoint: Path, device: torch.device, threads: int, budget_s: float,
+            onnx_cache: Path) -> float:
+    """The best chunk's rows/s measured again (at the end of a run), to see how much the machine drifted."""
+    again = measure_limits(checkpoint, device, threads, [limit.backend], [limit.best_chunk], budget_s, onnx_cache)
+    return again[0].best_rows_per_s
+
+
+def as_dict(limit: BackendLimit) -> dict[str, object]:
+    d = asdict(limit)
+    d["rates"] = {str(k): round(v, 1) for k, v in limit.rates.items()}
+    return d

@@ -1,0 +1,194 @@
+"""Ratios, targets and the printed table, all computed from the measured numbers in a results dict.
+
+Every rate is divided by the limit measured in the same run (``limit.reference_rows_per_s``) and by the
+baselines' rate in the same cell (same samples, same clients, measured back to back), so a slower or
+busier machine moves the numerator and the denominator together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Results = dict[str, Any]
+
+BASELINES = ("fastapi", "fastapi-onnx", "litserve")
+PLAIN = ("fastapi", "fastapi-onnx")  # one request, one forward: the plain classifier services
+SERVICE = "siam"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def cell_index(cells: list[dict[str, Any]]) -> dict[tuple[int, int, str], dict[str, Any]]:
+    return {(c["samples"], c["concurrency"], c["system"]): c for c in cells}
+
+
+def add_ratios(results: Results) -> None:
+    """Fill ``ratio_to_limit`` and ``vs_<baseline>`` into every engine and HTTP row."""
+    limit = results["limit"]["reference_rows_per_s"]
+    for entry in results["limit"]["backends"]:
+        entry["ratio_to_limit"] = ratio(entry["best_rows_per_s"], limit)
+    cells = results["http"]["cells"]
+    index = cell_index(cells)
+    for cell in cells:
+        cell["ratio_to_limit"] = ratio(cell["rows_per_s"], limit)
+        for base in BASELINES:
+            other = index.get((cell["samples"], cell["concurrency"], base))
+            cell[f"vs_{base}"] = ratio(cell["rows_per_s"], other["rows_per_s"] if other else None)
+    engine = results["engine"]
+    for row in engine["results"]:
+        row["ratio_to_limit"] = ratio(row["rows_per_s"], limit)
+        for base in BASELINES:  # the baselines over HTTP at the same m and depth: what the engine has to spare
+            other = index.get((row["samples"], row["concurrency"], base))
+            row[f"vs_{base}"] = ratio(row["rows_per_s"], other["rows_per_s"] if other else None)
+
+
+def target(name: str, value: float | None, threshold: float, higher_is_better: bool, detail: str) -> dict[str, Any]:
+    goal = ">=" if higher_is_better else "<="
+    if value is None:
+        return {"target": name, "value": None, "goal": goal, "threshold": threshold, "met": None,
+                "detail": "not measured in this run: " + detail}
+    met = value >= threshold if higher_is_better else value <= threshold
+    return {"target": name, "value": value, "goal": goal, "threshold": threshold, "met": met, "detail": detail}
+
+
+def evaluate_targets(results: Results, m: int = 16, clients: int = 64) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value, the threshold and whether it is met."""
+    index = cell_index(results["http"]["cells"])
+    limit = results["limit"]["reference_rows_per_s"]
+    engine = {r["samples"]: r for r in results["engine"]["results"]}
+    out = [target(f"engine rows/s at samples={m} / limit", engine[m]["ratio_to_limit"] if m in engine else None,
+                  0.90, True, f"engine alone, {results['engine']['concurrency']} callers")]
+    busy = index.get((m, clients, SERVICE))
+    out.append(target(f"HTTP rows/s, {clients} clients, samples={m} / limit",
+                      busy["ratio_to_limit"] if busy else None, 0.75, True, "load generator in its own process"))
+    out.append(target(f"HTTP rows/s, {clients} clients, samples={m} / LitServe",
+                      busy.get("vs_litserve") if busy else None, 1.5, True, "same cell, measured back to back"))
+    single = index.get((m, 1, SERVICE))
+    p99_ratio = ratio(busy["p99_ms"], single["p50_ms"]) if busy and single else None
+    floor = clients * m / limit * 1000 if limit else None
+    floor_note = (f"p99 / single-request p50 (1 client); any server is bounded below by the time the limit "
+                  f"needs for every client's copies, {clients}x{m}/{limit:.0f} rows/s = {floor:.0f} ms"
+                  if floor else "p99 / single-request p50 (1 client)")
+    out.append(target(f"HTTP p99, {clients} clients, samples={m} / single-request latency", p99_ratio, 4.0, False,
+                      floor_note))
+    out.append(m1_overhead(results))
+    out.append(default_backend(results))
+    return out
+
+
+def m1_overhead(results: Results) -> dict[str, Any]:
+    """Smoothing machinery at m = 1 against the best plain one-forward-per-request service (PyTorch or the
+    same ONNX graph): the worst of the throughput loss at every client count and the latency added at one
+    client."""
+    index = cell_index(results["http"]["cells"])
+    worst, where = None, ""
+    for (m, clients, system), cell in index.items():
+        plains = [index[(m, clients, p)] for p in PLAIN if (m, clients, p) in index]
+        if m != 1 or system != SERVICE or not plains or not cell["predictions_per_s"]:
+            continue
+        fastest = max(plains, key=lambda c: c["predictions_per_s"])
+        overheads = {f"throughput at {clients} clients vs {fastest['system']}":
+                     fastest["predictions_per_s"] / cell["predictions_per_s"] - 1}
+        if clients == 1:
+            quickest = min((p for p in plains if p["p50_ms"]), key=lambda c: c["p50_ms"], default=None)
+            if quickest:
+                overheads[f"p50 latency at 1 client vs {quickest['system']}"] = cell["p50_ms"] / quickest["p50_ms"] - 1
+        for label, value in overheads.items():
+            if worst is None or value > worst:
+                worst, where = value, label
+    return target("samples=1 overhead vs the best plain FastAPI service (worst case)", worst, 0.10, False,
+                  f"worst: {where}" if where else "needs samples=1 cells for siam and fastapi")
+
+
+def default_backend(results: Results) -> dict[str, Any]:
+    """Whether the backend the service picked by default is the fastest one measured here."""
+    chosen = results["http"]["systems"].get(SERVICE, {}).get("runtime", {}).get("backend") \
+        or results["engine"].get("backend")
+    fastest = results["limit"]["best"]["backend"]
+    rates = {b["backend"]: b["best_rows_per_s"] for b in results["limit"]["backends"] if b["best_rows_per_s"]}
+    value = ratio(rates.get(chosen), rates.get(fastest))
+    detail = f"service chose {chosen}; fastest limit here: {fastest} (" + ", ".join(
+        f"{k} {v:.0f} rows/s" for k, v in rates.items()) + ")"
+    return target("default backend's limit / fastest backend's limit", value, 1.0, True, detail)
+
+
+# --- the printed table -------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, spec: str = ".0f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+HEADER = ("what", "samples", "clients", "pred/s", "rows/s", "% limit", "p50 ms", "p99 ms",
+          *(f"vs {b}" for b in BASELINES))
+
+
+def table_rows(results: Results) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for b in results["limit"]["backends"]:
+        what = f"limit {b['backend']} (chunk {b['best_chunk']})" if not b.get("error") else f"limit {b['backend']}"
+        rows.append((what, "-", "-", "-", fmt(b["best_rows_per_s"]), pct(b.get("ratio_to_limit")), "-", "-",
+                     *("-" for _ in BASELINES)))
+    eng = results["engine"]
+    for r in eng["results"]:
+        rows.append((f"engine {eng['backend']}", str(r["samples"]), str(r["concurrency"]), fmt(r["predictions_per_s"]),
+                     fmt(r["rows_per_s"]), pct(r["ratio_to_limit"]), fmt(r["p50_ms"], ".1f"), fmt(r["p99_ms"], ".1f"),
+                     *(times(r.get(f"vs_{b}")) for b in BASELINES)))
+    for c in results["http"]["cells"]:
+        rows.append((f"http {c['system']}", str(c["samples"]), str(c["concurrency"]), fmt(c["predictions_per_s"]),
+                     fmt(c["rows_per_s"]), pct(c["ratio_to_limit"]), fmt(c["p50_ms"], ".1f"), fmt(c["p99_ms"], ".1f"),
+                     *(times(c.get(f"vs_{b}")) for b in BASELINES)))
+    return rows
+
+
+def render_table(rows: list[tuple[str, ...]], header: tuple[str, ...] = HEADER, markdown: bool = False) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+            for r in rows]
+    return "\n".join(out)
+
+
+def render_targets(targets: list[dict[str, Any]], markdown: bool = False) -> str:
+    lines = []
+    for t in targets:
+        mark = {True: "MET", False: "MISSED", None: "n/a"}[t["met"]]
+        value = "-" if t["value"] is None else f"{t['value']:.3g}"
+        line = f"{mark:6} {t['target']}: {value} (target {t['goal']} {t['threshold']:g}); {t['detail']}"
+        lines.append(f"- {line}" if markdown else line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.report RESULTS.json [--markdown]``: the table and targets of a saved run."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    p.add_argument("results", type=Path)
+    p.add_argument("--markdown", action="store_true", help="as a Markdown table (for the README)")
+    args = p.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    print(render_table(table_rows(results), markdown=args.markdown))
+    print()
+    print(render_targets(results["targets"], markdown=args.markdown))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""``siam bench``: the whole pipeline on a tiny run, and the arithmetic that turns measurements into claims."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from benchmarks.bench import main as bench_main
+from benchmarks.bench import rounds_fit, warmup_for
+from benchmarks.load import read_response
+
+HAS_LITSERVE = importlib.util.find_spec("litserve") is not None
+
+
+@pytest.mark.timeout(120)
+def test_quick_bench_writes_every_section_with_measured_ratios(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    systems = "siam,fastapi,fastapi-onnx" + (",litserve" if HAS_LITSERVE else "")
+    output = tmp_path / "bench.json"
+    bench_main(["--quick", "--checkpoint", str(tiny_checkpoint), "--samples", "1,4", "--concurrency", "1,2",
+                "--duration", "0.4", "--warmup", "0.1", "--chunks", "16,32", "--limit-budget", "0.05",
+                "--threads", "1", "--all-cells", "--systems", systems, "--onnx-cache", str(tmp_path / "onnx"),
+                "--output", str(output)])
+    results = json.loads(output.read_text())
+    assert output.with_suffix(".png").stat().st_size > 10_000
+
+    assert {"command", "machine", "settings", "limit", "engine", "http", "targets", "wall_s"} <= results.keys()
+    assert results["machine"]["cores"] and results["machine"]["torch"]
+    limit = results["limit"]["reference_rows_per_s"]
+    best = max(b["best_rows_per_s"] for b in results["limit"]["backends"])
+    assert limit == max(best, results["limit"]["recheck_rows_per_s"]) > 0
+    for b in results["limit"]["backends"]:
+        assert b["best_rows_per_s"] == pytest.approx(max(b["rates"].values()), abs=0.1)
+        assert b["ratio_to_limit"] == pytest.approx(b["best_rows_per_s"] / limit)
+
+    engine = results["engine"]["results"]
+    assert [r["samples"] for r in engine] == [1, 4]
+    for r in engine:
+        assert r["completed"] > 0
+        assert r["rows_per_s"] == pytest.approx(r["predictions_per_s"] * r["samples"])
+        assert r["ratio_to_limit"] == pytest.approx(r["rows_per_s"] / limit)
+
+    cells = results["http"]["cells"]
+    assert {c["system"] for c in cells} == set(systems.split(","))
+    assert len(cells) == 2 * 2 * len(systems.split(","))
+    by_key = {(c["samples"], c["concurrency"], c["system"]): c for c in cells}
+    for c in cells:
+        assert c["errors"] == 0, c["first_error"]
+        assert c["completed"] > 0
+        assert c["rows_per_s"] == pytest.approx(c["completed"] / c["duration_s"] * c["samples"])
+        assert c["ratio_to_limit"] == pytest.approx(c["rows_per_s"] / limit)
+        plain = by_key[(c["samples"], c["concurrency"], "fastapi")]
+        assert c["vs_fastapi"] == pytest.approx(c["rows_per_s"] / plain["rows_per_s"])
+    assert results["http"]["systems"]["siam"]["runtime"]["backend"] in {"torch", "onnx"}
+    overhead = {t["target"]: t for t in results["targets"]}["samples=1 overhead vs the best plain FastAPI service "
+                                                            "(worst case)"]
+    assert overhead["value"] is not None and "vs fastapi" in overhead["detail"]
+
+
+def fake_results(siam_rows: float, litserve_rows: float, limit: float = 1000.0) -> dict:
+    """A results dict shaped like the bench's, with chosen numbers."""
+    def cell(system: str, samples: int, clients: int, rows: float, p50: float, p99: float) -> dict:
+        return {"system": system, "samples": samples, "concurrency": clients, "rows_per_s": rows,
+                "predictions_per_s": rows / samples, "p50_ms": p50, "p99_ms": p99}
+
+    return {
+        "limit": {"reference_rows_per_s": limit, "best": {"backend": "onnx"},
+                  "backends": [{"backend": "onnx", "best_chunk": 256, "best_rows_per_s": limit},
+                               {"backend": "torch", "best_chunk": 512, "best_rows_per_s": limit / 2}]},
+        "engine": {"backend": "onnx", "concurrency": 64,
+                   "results": [{"samples": 16, "concurrency": 64, "rows_per_s": 0.95 * limit,
+                                "predictions_per_s": 0.95 * limit / 16, "p50_ms": 800, "p99_ms": 900}]},
+        "http": {"systems": {"siam": {"runtime": {"backend": "onnx"}}}, "cells": [
+            cell("siam", 16, 64, siam_rows, 900, 1000), cell("litserve", 16, 64, litserve_rows, 1800, 2500),
+            cell("fastapi", 16, 64, 300, 3000, 6000), cell("siam", 16, 1, 100, 10, 12),
+            cell("siam", 1, 1, 400, 2.2, 3), cell("fastapi", 1, 1, 300, 2.5, 3),
+            cell("fastapi-onnx", 1, 1, 420, 2.0, 3),
+        ]},
+    }
+
+
+def test_ratios_follow_the_measurements() -> None:
+    results = fake_results(siam_rows=800, litserve_rows=400)
+    report.add_ratios(results)
+    siam = results["http"]["cells"][0]
+    assert siam["ratio_to_limit"] == pytest.approx(0.8)
+    assert siam["vs_litserve"] == pytest.approx(2.0)
+    assert siam["vs_fastapi"] == pytest.approx(800 / 300)
+    assert results["limit"]["backends"][1]["ratio_to_limit"] == pytest.approx(0.5)
+
+    slower = fake_results(siam_rows=500, litserve_rows=400)
+    report.add_ratios(slower)
+    assert slower["http"]["cells"][0]["vs_litserve"] == pytest.approx(1.25)
+
+
+def test_targets_are_judged_against_their_thresholds() -> None:
+    results = fake_results(siam_rows=800, litserve_rows=400)
+    report.add_ratios(results)
+    targets = {t["target"]: t for t in report.evaluate_targets(results)}
+    assert targets["engine rows/s at samples=16 / limit"]["met"] is True
+    assert targets["HTTP rows/s, 64 clients, samples=16 / limit"]["met"] is True
+    assert targets["HTTP rows/s, 64 clients, samples=16 / LitServe"]["value"] == pytest.approx(2.0)
+    p99 = targets["HTTP p99, 64 clients, samples=16 / single-request latency"]
+    assert p99["value"] == pytest.approx(100.0) and p99["met"] is False
+    overhead = targets["samples=1 overhead vs the best plain FastAPI service (worst case)"]
+    assert overhead["value"] == pytest.approx(0.10) and "p50 latency at 1 client vs fastapi-onnx" in overhead["detail"]
+    assert targets["default backend's limit / fastest backend's limit"]["met"] is True
+
+    missed = fake_results(siam_rows=500, litserve_rows=400)
+    report.add_ratios(missed)
+    targets = {t["target"]: t for t in report.evaluate_targets(missed)}
+    assert targets["HTTP rows/s, 64 clients, samples=16 / limit"]["met"] is False
+    assert targets["HTTP rows/s, 64 clients, samples=16 / LitServe"]["met"] is False
+    table = report.render_table(report.table_rows(missed))
+    assert "50%" in table and "1.25x" in table
+
+
+def test_cells_too_long_for_the_window_are_skipped() -> None:
+    assert rounds_fit(8, 256, limit=3000, duration=4)
+    assert not rounds_fit(64, 256, limit=3000, duration=4)
+    assert warmup_for(64, 64, limit=3000, floor=1.0, duration=4) == pytest.approx(1.5 * 64 * 64 / 3000)
+    assert warmup_for(1, 1, limit=3000, floor=1.0, duration=4) == 1.0
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n",
+])
+def test_load_generator_reads_both_body_framings(raw: bytes) -> None:
+    async def parse() -> tuple[int, bytes]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw + b"HTTP/1.1 200 OK\r\n")  # the next response must be left unread
+        return await read_response(reader)
+
+    assert asyncio.run(parse()) == (200, b"hello")
