@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# Docker smoke test, offline: build the image, bring the compose stack up (CPU override), send a CIFAR-10
+# image through the container, see Prometheus (in its container) scrape the service, scale out to two
+# replicas behind nginx, and take the stack down. It runs the commands docker/README.md gives.
+#
+#   docker/smoke-test.sh            exit 0: passed (or "SKIPPED: no docker engine"), non-zero: failed
+#
+# Settings (environment): SIAM_SMOKE_CHECKPOINT (default checkpoints/resnet20-fast-at), SIAM_SMOKE_DATA
+# (the CIFAR-10 JPEG archive), SIAM_SMOKE_SCALE=0 (skip the two-replica check), SIAM_SMOKE_TIMEOUT
+# (seconds to wait for readiness, default 300), and the images: SIAM_BASE_IMAGE, SIAM_IMAGE,
+# PROMETHEUS_IMAGE, NGINX_IMAGE, GRAFANA_IMAGE. Where no registry is reachable, Prometheus and nginx run
+# from siam-tools:local, a Debian image that docker/build-base.sh makes with Debian's packages.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+export SIAM_BASE_IMAGE="${SIAM_BASE_IMAGE:-siam-base:local}"
+export SIAM_IMAGE="${SIAM_IMAGE:-siam-serve:local}"
+export PROMETHEUS_IMAGE="${PROMETHEUS_IMAGE:-siam-tools:local}"
+export NGINX_IMAGE="${NGINX_IMAGE:-siam-tools:local}"
+export GRAFANA_IMAGE="${GRAFANA_IMAGE:-grafana/grafana:11.1.0}"
+export COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-siam-smoke}"  # never touches a stack of yours
+# Free host ports, so that a stack or a service already on 8000/9090/8080 does not get in the way.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+export SIAM_PUBLISH="${SIAM_PUBLISH:-$(free_port):8000}"
+export PROMETHEUS_PORT="${PROMETHEUS_PORT:-$(free_port)}"
+export LB_PORT="${LB_PORT:-$(free_port)}"
+export GRAFANA_PORT="${GRAFANA_PORT:-$(free_port)}"
+checkpoint="${SIAM_SMOKE_CHECKPOINT:-checkpoints/resnet20-fast-at}"
+data="${SIAM_SMOKE_DATA:-$root/../shared/data/cifar10-jpeg.tar.gz}"
+timeout="${SIAM_SMOKE_TIMEOUT:-300}"
+work="$(mktemp -d)"
+started=$SECONDS
+dockerd_pid=""
+stack_up=0
+
+say() { printf '[smoke %4ds] %s\n' "$((SECONDS - started))" "$*"; }
+fail() { say "FAIL: $*"; exit 1; }
+
+# --- a Docker engine: the running one, or one we start (and stop) ourselves -------------------------
+if ! command -v docker >/dev/null; then
+  echo "SKIPPED: no docker engine (no docker command)"; exit 0
+fi
+if ! docker info >/dev/null 2>&1; then
+  if [[ $EUID -eq 0 ]] && command -v dockerd >/dev/null; then
+    say "starting dockerd"
+    nice -n 10 dockerd >"$work/dockerd.log" 2>&1 &
+    dockerd_pid=$!
+    for _ in $(seq 60); do
+      docker info >/dev/null 2>&1 || ! kill -0 "$dockerd_pid" 2>/dev/null && break
+      sleep 1
+    done
+  fi
+  if ! docker info >/dev/null 2>&1; then
+    echo "SKIPPED: no docker engine (none running, and dockerd could not be started here)"
+    tail -5 "$work/dockerd.log" 2>/dev/null || true
+    [[ -z "$dockerd_pid" ]] || kill "$dockerd_pid" 2>/dev/null || true
+    exit 0
+  fi
+fi
+if command -v docker-compose >/dev/null; then
+  compose=(docker-compose)
+elif docker compose version >/dev/null 2>&1; then
+  compose=(docker compose)
+else
+  fail "neither docker-compose nor the docker compose plugin is installed"
+fi
+compose+=(-f docker-compose.yml -f docker-compose.cpu.yml)
+
+cleanup() {
+  local status=$?
+  if [[ $stack_up == 1 ]]; then
+    [[ $status != 0 ]] && "${compose[@]}" --profile scale logs --tail=60 2>&1 | tail -150
+    say "taking the stack down"
+    "${compose[@]}" --profile scale down --volumes --remove-orphans >"$work/down.log" 2>&1 || cat "$work/down.log"
+  fi
+  if [[ -n "$dockerd_pid" ]]; then
+    kill "$dockerd_pid" 2>/dev/null || true
+    wait "$dockerd_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+  if [[ $status == 0 ]]; then say "SMOKE TEST PASSED"; else say "SMOKE TEST FAILED"; fi
+}
+trap cleanup EXIT
+
+# --- images, built offline --------------------------------------------------------------------------
+[[ -f "$checkpoint/manifest.json" ]] || fail "no checkpoint at $checkpoint (train one, or set SIAM_SMOKE_CHECKPOINT)"
+[[ -f "$data" ]] || fail "no CIFAR-10 archive at $data (set SIAM_SMOKE_DATA)"
+ensure_debian_image() {  # TAG [EXTRA_PACKAGES...]: made with debootstrap when it is missing
+  docker image inspect "$1" >/dev/null 2>&1 || docker/build-base.sh "$@"
+}
+[[ "$SIAM_BASE_IMAGE" == siam-base:local ]] && ensure_debian_image siam-base:local
+for image in "$PROMETHEUS_IMAGE" "$NGINX_IMAGE"; do
+  [[ "$image" == siam-tools:local ]] && ensure_debian_image siam-tools:local prometheus nginx-light
+done
+if [[ ! -f docker/wheels/requirements.txt || pyproject.toml -nt docker/wheels/requirements.txt ]]; then
+  say "downloading wheels"
+  docker/download-wheels.sh
+fi
+say "building $SIAM_IMAGE with $checkpoint"
+docker build -f docker/Dockerfile --build-arg BASE_IMAGE="$SIAM_BASE_IMAGE" --build-arg CHECKPOINT="$checkpoint" \
+  -t "$SIAM_IMAGE" . >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; fail "docker build"; }
+say "built $SIAM_IMAGE ($(docker image inspect --format '{{.Size}}' "$SIAM_IMAGE" | numfmt --to=iec))"
+
+# Grafana has no Debian package: it runs only where its image is here or can be pulled.
+services=()  # all of them
+lb_services=()
+if ! docker image inspect "$GRAFANA_IMAGE" >/dev/null 2>&1 && ! timeout 300 docker pull -q "$GRAFANA_IMAGE" >/dev/null 2>&1
+then
+  say "NOTE: $GRAFANA_IMAGE cannot be had here (no registry): starting siam-cpu and prometheus only"
+  services=(siam-cpu prometheus)
+  lb_services=(siam-cpu prometheus nginx)
+fi
+
+# --- the stack --------------------------------------------------------------------------------------
+say "up: ${compose[*]} up -d ${services[*]}"
+stack_up=1
+"${compose[@]}" up -d "${services[@]}"
+
+wait_healthy() {  # SERVICE: every container of it healthy by the image's HEALTHCHECK (GET /health/ready)
+  local deadline=$((SECONDS + timeout)) cid state
+  for cid in $("${compose[@]}" ps -q "$1"); do
+    while state="$(docker inspect --format '{{.State.Health.Status}}' "$cid")"; [[ "$state" != healthy ]]; do
+      [[ "$state" == unhealthy ]] && fail "container $cid is unhealthy"
+      ((SECONDS < deadline)) || fail "container $cid not healthy after ${timeout}s (state: $state)"
+      sleep 2
+    done
+  done
+}
+host_port() { "${compose[@]}" port "$1" "$2" | head -1 | sed 's/.*://'; }
+
+wait_healthy siam-cpu
+siam="http://127.0.0.1:$(host_port siam-cpu 8000)"
+prometheus="http://127.0.0.1:$(host_port prometheus 9090)"
+say "service healthy at $siam"
+
+# A real CIFAR-10 test image (a cat: label 3) through the container, then its true label as feedback.
+tar -xzf "$data" -C "$work" test/cat/0000.jpg
+answer="$(curl -sf -X POST "$siam/predict?samples=16" -H 'Content-Type: image/jpeg' \
+  --data-binary @"$work/test/cat/0000.jpg")" || fail "POST /predict"
+id="$(echo "$answer" | python3 -c "import json, sys
+a = json.load(sys.stdin)
+assert len(a['probabilities']) == 10 and 0 <= a['label'] < 10, a
+print(a['id'])")" || fail "bad answer: $answer"
+say "prediction: $answer"
+curl -sf -X POST "$siam/feedback" -H 'Content-Type: application/json' -d "{\"id\": \"$id\", \"label\": 3}" \
+  >/dev/null || fail "POST /feedback"
+curl -sf "$siam/v2/health/ready" >/dev/null || fail "GET /v2/health/ready (KServe v2)"
+
+promql() {  # EXPR: the first value of an instant query, or "none"
+  curl -sf --get "$prometheus/api/v1/query" --data-urlencode "query=$1" |
+    python3 -c "import json, sys; r = json.load(sys.stdin)['data']['result']; print(r[0]['value'][1] if r else 'none')"
+}
+wait_promql() {  # EXPR EXPECTED
+  local deadline=$((SECONDS + 90)) value
+  until value="$(promql "$1" 2>/dev/null)" && [[ "$value" == "$2" ]]; do
+    ((SECONDS < deadline)) || fail "Prometheus: $1 = ${value:-error}, expected $2"
+    sleep 2
+  done
+  say "Prometheus: $1 = $value"
+}
+wait_promql 'up{job="siam"}' 1
+wait_promql 'sum(siam_predictions_total)' 1
+wait_promql 'sum(siam_feedback_total)' 1
+wait_promql 'count(siam_model_info{backend!=""})' 1
+wait_promql 'count(ALERTS{alertname=~"SiamDown|SiamAbsent"})' none
+rules="$(curl -sf "$prometheus/api/v1/rules" | python3 -c "import json, sys
+rules = [r for g in json.load(sys.stdin)['data']['groups'] for r in g['rules']]
+print(len(rules), sum(r['health'] == 'ok' for r in rules))")"
+say "Prometheus: alert and recording rules loaded, healthy: $rules"
+[[ "${rules% *}" -ge 8 && "${rules% *}" == "${rules#* }" ]] || fail "rules not all loaded and healthy"
+
+# --- scaling out: two replicas behind nginx (profile scale), each scraped by Prometheus --------------
+if [[ "${SIAM_SMOKE_SCALE:-1}" == 1 ]]; then
+  say "scale: SIAM_PUBLISH=8000 ${compose[*]} --profile scale up -d --scale siam-cpu=2 ${lb_services[*]}"
+  SIAM_PUBLISH=8000 "${compose[@]}" --profile scale up -d --scale siam-cpu=2 "${lb_services[@]}"
+  wait_healthy siam-cpu
+  "${compose[@]}" exec -T nginx nginx -s reload  # nginx resolves the replicas when it (re)loads
+  sleep 1
+  lb="http://127.0.0.1:$(host_port nginx 8080)"
+  for _ in $(seq 8); do
+    curl -sf -X POST "$lb/predict?samples=4" -H 'Content-Type: image/jpeg' \
+      --data-binary @"$work/test/cat/0000.jpg" >/dev/null || fail "POST /predict through nginx"
+  done
+  say "8 predictions through nginx at $lb"
+  wait_promql 'count(up{job="siam"} == 1)' 2
+  wait_promql 'count(sum by (instance) (siam_predictions_total) > 0)' 2
+fi

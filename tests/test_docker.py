@@ -1,0 +1,108 @@
+"""Deployment files checked without a Docker engine: hadolint on the Dockerfile, the compose files as
+docker-compose merges them, shellcheck on the scripts, and the container's health check against a live
+HTTP server. The image itself is built and run by docker/smoke-test.sh."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import yaml
+from service_helpers import ROOT
+
+DOCKER = ROOT / "docker"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = run(tool("hadolint"), "docker/Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    scripts = sorted(str(p.relative_to(ROOT)) for p in DOCKER.glob("*.sh"))
+    assert "docker/smoke-test.sh" in scripts
+    result = run(tool("shellcheck"), *scripts)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def compose_config(*files: str) -> dict[str, Any]:
+    args = [a for f in files for a in ("-f", f)]
+    result = run(tool("docker-compose"), *args, "config")
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["services"]
+
+
+def devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def test_compose_reserves_a_gpu_and_the_cpu_override_runs_without() -> None:
+    gpu = compose_config("docker-compose.yml")
+    assert [d["driver"] for d in devices(gpu["siam"])] == ["nvidia"]
+    assert gpu["siam"]["environment"]["SIAM_DEVICE"] == "cuda"
+    assert "profiles" not in gpu["siam"] and gpu["nginx"]["profiles"] == ["scale"]
+
+    cpu = compose_config("docker-compose.yml", "docker-compose.cpu.yml")
+    assert cpu["siam"]["profiles"] == ["gpu"]  # the GPU service is off by default
+    assert devices(cpu["siam-cpu"]) == []
+    assert cpu["siam-cpu"]["environment"]["SIAM_DEVICE"] == "cpu"
+    assert "siam" in cpu["siam-cpu"]["networks"]["default"]["aliases"]  # what Prometheus and nginx resolve
+    assert cpu["siam-cpu"]["image"] == cpu["siam"]["image"]
+    assert cpu["siam-cpu"]["build"]["dockerfile"] == "docker/Dockerfile"
+    mounts = [v["source"] if isinstance(v, dict) else v.split(":")[0] for v in cpu["prometheus"]["volumes"]]
+    assert str(DOCKER / "prometheus") in mounts
+
+
+class Health(BaseHTTPRequestHandler):
+    status = 503
+
+    def do_GET(self) -> None:
+        self.send_response(self.status if self.path == "/health/ready" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def health_server() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_container_healthcheck_follows_readiness(health_server: ThreadingHTTPServer) -> None:
+    env = {**os.environ, "SIAM_PORT": str(health_server.server_address[1])}
+
+    def check() -> int:
+        return subprocess.run([sys.executable, str(DOCKER / "healthcheck.py")], env=env, capture_output=True,
+                              timeout=30).returncode
+
+    Health.status = 503
+    assert check() == 1
+    Health.status = 200
+    assert check() == 0
+    health_server.shutdown()
+    health_server.server_close()
+    assert check() == 1  # nothing listening
