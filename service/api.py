@@ -92,7 +92,7 @@ async def predict(
     alpha: Annotated[float, Query(gt=0, lt=0.5, description="certify: failure probability")] = 0.001,
     seed: Annotated[int | None, Query(ge=0, lt=2**63, description="fix the noise (only if the server "
                                                                   "allows it)")] = None,
-) -> PredictionOut | PredictionsOut:
+) -> Response:
     """The smoothed prediction for one image (JSON ``image``, or raw PNG/JPEG body) or several
     (JSON ``images``), each over ``samples`` noisy copies batched with every other waiting request."""
     start = time.perf_counter()
@@ -110,7 +110,9 @@ async def predict(
     elapsed_ms = (time.perf_counter() - start) * 1000
     state.metrics.prediction_duration.labels(samples_bucket(m)).observe(elapsed_ms / 1000)
     outs = [to_out(a, state, rule, elapsed_ms) for a in answers]
-    return PredictionsOut(predictions=outs) if as_list else outs[0]
+    body = PredictionsOut(predictions=outs) if as_list else outs[0]
+    # Already validated when built: serialise once here rather than have FastAPI validate it again.
+    return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
 
 
 @router.post("/feedback", response_model=FeedbackOut, responses={404: {"model": ErrorOut}}, tags=["monitoring"])

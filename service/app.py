@@ -56,6 +56,7 @@ async def start(state: ServiceState) -> None:
     state.backend, state.manifest, state.engine = backend, manifest, engine
     state.feedback = FeedbackStore(s.feedback_capacity, s.feedback_ttl_s)
     info = {k: str(v) for k, v in backend.describe().items() if k in ("backend", "device", "precision", "provider")}
+    state.metrics.prepare(manifest.name)
     state.metrics.model.info({"name": manifest.name, "checksum": manifest.weights.sha256, **info})
     state.ready = True
     log.info("ready", extra={"fields": {"model": manifest.name, "chunk_rows": backend.chunk_rows, **info}})

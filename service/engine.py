@@ -1,9 +1,10 @@
 """The batching engine: every waiting request's noisy copies go through the model together.
 
-Requests join one queue. A dispatcher task (on the event loop) takes all that are waiting, up to
-``max_batch_rows`` noisy rows, and hands them to a single worker thread, which expands each image into
-its ``samples`` copies, runs them through the backend in chunks, and aggregates per image. Requests
-with different ``samples``, aggregation rules or certify flags share a batch. The event loop never
+Requests join one queue. Whenever the worker is idle, the dispatch (callbacks on the event loop) takes
+all that are waiting, up to ``max_batch_rows`` noisy rows, and hands them to a single worker thread,
+which expands each image into its ``samples`` copies, runs them through the backend in chunks, and
+aggregates per image. Requests with different ``samples``, aggregation rules or certify flags share a
+batch. The event loop never
 runs the model: while the worker computes, new requests gather for the next batch.
 
 A full queue raises :class:`QueueFullError` at once (the API answers 503); a request still waiting at its
@@ -13,7 +14,6 @@ deadline raises :class:`DeadlineExceededError` (504) and its rows are dropped be
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -87,27 +87,25 @@ class Engine:
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self._pending: deque[Job] = deque()
-        self._wakeup: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="siam-model")
-        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # a batch gathering for max_wait
+        self._gathering_since = 0.0
         self._closing = False
-        self._busy = False
+        self._busy = False  # the worker is computing a batch
 
     # --- life cycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="siam-dispatcher")
+        self._loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
         """Refuse new work, finish what was accepted, then stop the worker."""
         self._closing = True
         while self._pending or self._busy:
             await asyncio.sleep(0.01)
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._timer is not None:
+            self._timer.cancel()
         self._executor.shutdown(wait=True)
 
     @property
@@ -123,7 +121,7 @@ class Engine:
 
         Raises QueueFullError, DeadlineExceededError or ShuttingDownError.
         """
-        if self._closing or self._wakeup is None:
+        if self._closing or self._loop is None:
             raise ShuttingDownError("the server is shutting down")
         if len(self._pending) >= self.max_queue:
             raise QueueFullError(f"{len(self._pending)} requests are waiting (limit {self.max_queue})")
@@ -132,7 +130,7 @@ class Engine:
                   loop.time() + timeout, loop.create_future())
         self._pending.append(job)
         self.metrics.queue_length.set(len(self._pending))
-        self._wakeup.set()
+        self._kick()
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout)
         except TimeoutError:
@@ -144,35 +142,49 @@ class Engine:
 
     # --- the worker side -------------------------------------------------------------------------
 
-    async def _dispatch(self) -> None:
-        assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            formed = time.perf_counter()
-            if self.max_wait > 0 and self._pending_rows() < self.max_batch_rows:
-                await asyncio.sleep(self.max_wait)  # let a burst of requests arrive together
-            batch = self._take_batch(loop.time())
-            self.metrics.queue_length.set(len(self._pending))
-            self.metrics.batch_formation.observe(time.perf_counter() - formed)
-            if not batch:
+    # Dispatch runs in callbacks on the event loop, not in a task of its own: a request that finds the
+    # worker idle starts its batch at once, and a finished batch starts the next from its done-callback,
+    # so no task wake-up sits between a request and the worker (it showed at samples=1).
+
+    def _kick(self) -> None:
+        """Start a batch if the worker is idle and work waits; with ``max_wait``, first let a burst gather."""
+        if self._busy or self._timer is not None or not self._pending:
+            return
+        self._gathering_since = time.perf_counter()
+        if self.max_wait > 0 and self._pending_rows() < self.max_batch_rows:
+            assert self._loop is not None
+            self._timer = self._loop.call_later(self.max_wait, self._launch)
+            return
+        self._launch()
+
+    def _launch(self) -> None:
+        """Hand every waiting request (up to ``max_batch_rows`` rows) to the worker thread."""
+        assert self._loop is not None
+        self._timer = None
+        batch = self._take_batch(self._loop.time())
+        self.metrics.queue_length.set(len(self._pending))
+        self.metrics.batch_formation.observe(time.perf_counter() - self._gathering_since)
+        if not batch:
+            self._kick()
+            return
+        self._busy = True
+        done = self._loop.run_in_executor(self._executor, self._compute, batch)
+        done.add_done_callback(lambda future: self._finish(batch, future))
+
+    def _finish(self, batch: list[Job], done: asyncio.Future[list[list[Answer]]]) -> None:
+        """Answer every request of the batch (a model failure answers each with the error), then go on."""
+        self._busy = False
+        error = done.exception()
+        if error is not None:
+            log.error("batch of %d requests failed", len(batch), exc_info=error)
+        for i, job in enumerate(batch):
+            if job.future.done():
                 continue
-            self._busy = True
-            try:
-                answers = await loop.run_in_executor(self._executor, self._compute, batch)
-            except Exception as e:  # a model failure answers every request of the batch, then carries on
-                log.exception("batch of %d requests failed", len(batch))
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(e)
-                continue
-            finally:
-                self._busy = False
-            for job, answer in zip(batch, answers, strict=True):
-                if not job.future.done():
-                    job.future.set_result(answer)
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(done.result()[i])
+        self._kick()
 
     def _pending_rows(self) -> int:
         return sum(job.rows for job in self._pending)

@@ -14,6 +14,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHARE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# Every value the ``kind`` label of siam_errors_total takes (service/app.py's handlers).
+ERROR_KINDS = ("bad_request", "payload_too_large", "not_found", "feedback_unknown_id", "queue_full", "not_ready",
+               "shutting_down", "deadline", "internal")
 SAMPLE_BUCKETS = ((1, "1"), (4, "2-4"), (16, "5-16"), (64, "17-64"), (256, "65-256"))
 
 
@@ -63,3 +66,20 @@ class Metrics:
         self.canary_last_run = Gauge("siam_canary_last_run_timestamp_seconds", "When the canary last finished",
                                      registry=r)
         self.model = Info("siam_model", "The model being served", registry=r)
+
+    def prepare(self, model: str) -> None:
+        """Create every labelled series at zero, so ``rate()`` and ratios see the first events.
+
+        A counter child that first appears at 1 has no earlier sample, so Prometheus's ``rate`` and
+        ``increase`` miss that first event and live accuracy stays empty until the second.
+        """
+        buckets = [name for _, name in SAMPLE_BUCKETS] + ["257+"]
+        for bucket in buckets:
+            for counter in (self.predictions, self.feedback, self.feedback_correct):
+                counter.labels(model, bucket)
+            self.prediction_duration.labels(bucket)
+        for counter in (self.rows, self.certifications, self.abstentions):
+            counter.labels(model)
+        self.vote_share.labels(model)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind)

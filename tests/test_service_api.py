@@ -213,6 +213,18 @@ def test_feedback_counts_live_accuracy(client: TestClient) -> None:
         before, "siam_feedback_correct_total", **labels) == 1
 
 
+def test_labelled_counters_exist_at_zero_before_the_first_event(checkpoint: Path) -> None:
+    """Prometheus's rate() misses a series' first event unless the series was exported at 0 before it."""
+    with TestClient(create_app(settings(checkpoint))) as fresh:
+        families = {s.name: s for f in text_string_to_metric_families(fresh.get("/metrics").text) for s in f.samples
+                    if s.name in ("siam_feedback_total", "siam_feedback_correct_total", "siam_predictions_total")
+                    and s.labels.get("samples") == "5-16"}
+        assert set(families) == {"siam_feedback_total", "siam_feedback_correct_total", "siam_predictions_total"}
+        assert all(s.value == 0 and s.labels["model"] == "tiny" for s in families.values())
+        assert "siam_errors_total" in {s.name for f in text_string_to_metric_families(fresh.get("/metrics").text)
+                                       for s in f.samples if s.labels.get("kind") == "queue_full"}
+
+
 def test_metrics_cover_latency_batches_and_errors(client: TestClient) -> None:
     client.post("/predict?samples=3", json={"image": b64(PNG)})
     client.post("/predict?samples=0", json={"image": b64(PNG)})
