@@ -130,7 +130,8 @@ class Engine:
                   loop.time() + timeout, loop.create_future())
         self._pending.append(job)
         self.metrics.queue_length.set(len(self._pending))
-        self._kick()
+        # At the end of this loop iteration, so the requests that arrived in the same tick share a batch.
+        loop.call_soon(self._kick)
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout)
         except TimeoutError:
@@ -143,8 +144,8 @@ class Engine:
     # --- the worker side -------------------------------------------------------------------------
 
     # Dispatch runs in callbacks on the event loop, not in a task of its own: a request that finds the
-    # worker idle starts its batch at once, and a finished batch starts the next from its done-callback,
-    # so no task wake-up sits between a request and the worker (it showed at samples=1).
+    # worker idle starts its batch at the end of the loop iteration it arrived in (with every request of
+    # that iteration), and a finished batch starts the next from its done-callback.
 
     def _kick(self) -> None:
         """Start a batch if the worker is idle and work waits; with ``max_wait``, first let a burst gather."""
