@@ -50,7 +50,7 @@ class Answer:
     certificate: Certificate | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field equality: jobs are found in the queue by identity
 class Job:
     """One request: its images and how to answer them."""
 
@@ -63,6 +63,7 @@ class Job:
     deadline: float  # loop.time() after which the answer is useless
     future: asyncio.Future[list[Answer]]
     enqueued: float = field(default_factory=time.perf_counter)
+    taken: bool = False  # out of the queue: handed to the worker, or dropped by it
 
     @property
     def copies(self) -> int:
@@ -139,6 +140,9 @@ class Engine:
             return await job.future  # a client that goes away cancels it: nothing is computed for nobody
         finally:
             expiry.cancel()
+            if not job.taken:  # late or abandoned while queued: free its place in the queue now
+                self._pending.remove(job)
+                self.metrics.queue_length.set(len(self._pending))
 
     @staticmethod
     def _expire(job: Job, timeout: float) -> None:
@@ -203,11 +207,13 @@ class Engine:
             job = self._pending[0]
             if job.future.done() or now > job.deadline:
                 self._pending.popleft()
+                job.taken = True
                 if not job.future.done():
                     job.future.set_exception(DeadlineExceededError("deadline passed while queued"))
                 continue
             if batch and rows + job.rows > self.max_batch_rows:
                 break
+            job.taken = True
             batch.append(self._pending.popleft())
             rows += job.rows
         return batch

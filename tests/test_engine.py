@@ -28,8 +28,9 @@ class GatedBackend:
         return torch.zeros(sum(samples), 10)
 
 
-def engine_with(backend: GatedBackend) -> Engine:
-    engine = Engine(backend, "stub", 0.25, Metrics(), max_batch_rows=4096, max_wait_ms=0, max_queue=16)  # type: ignore[arg-type]
+def engine_with(backend: GatedBackend, max_queue: int = 16) -> Engine:
+    engine = Engine(backend, "stub", 0.25, Metrics(), max_batch_rows=4096, max_wait_ms=0,  # type: ignore[arg-type]
+                    max_queue=max_queue)
     engine.start()
     return engine
 
@@ -95,3 +96,30 @@ def test_a_request_past_its_deadline_fails_at_the_deadline_and_is_dropped() -> N
     calls, waited = asyncio.run(scenario())
     assert 0.2 <= waited < 1.0
     assert calls == [[2], [3]]
+
+
+def test_late_and_abandoned_requests_free_their_queue_place_at_once() -> None:
+    async def scenario() -> list[list[int]]:
+        backend = GatedBackend()
+        engine = engine_with(backend, max_queue=1)
+        first = asyncio.create_task(engine.predict(image(), 2, "softmax"))
+        await wait_started(backend)  # running, so out of the queue
+        with pytest.raises(DeadlineExceededError):
+            await engine.predict(image(), 5, "softmax", timeout=0.05)
+        assert engine.queue_length == 0  # the worker is still busy, yet the late request left the queue
+        gone = asyncio.create_task(engine.predict(image(), 6, "softmax"))
+        await asyncio.sleep(0.01)
+        assert engine.queue_length == 1
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert engine.queue_length == 0
+        queued = asyncio.create_task(engine.predict(image(), 3, "softmax"))  # accepted: the place is free
+        await asyncio.sleep(0.01)
+        backend.gate.set()
+        await first
+        assert (await queued)[0].prediction.samples == 3
+        await engine.stop()
+        return backend.calls
+
+    assert asyncio.run(scenario()) == [[2], [3]]
