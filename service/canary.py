@@ -31,7 +31,7 @@ async def score(state: ServiceState, images_by_set: dict[str, torch.Tensor], lab
             correct = 0
             for i in range(0, images.shape[0], JOB_IMAGES):
                 answers = await engine.predict(images[i:i + JOB_IMAGES], m, manifest.spec.smoothing.aggregation,
-                                               timeout=state.settings.request_timeout_s)
+                                               timeout=state.settings.request_timeout_s, internal=True)
                 correct += sum(int(a.prediction.label == int(y))
                                for a, y in zip(answers, labels[i:i + JOB_IMAGES], strict=True))
             result[(name, m)] = correct / images.shape[0]

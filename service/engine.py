@@ -63,6 +63,7 @@ class Job:
     deadline: float  # loop.time() after which the answer is useless
     future: asyncio.Future[list[Answer]]
     enqueued: float = field(default_factory=time.perf_counter)
+    internal: bool = False  # the service's own traffic (the canary): not counted as answered predictions
     taken: bool = False  # out of the queue: handed to the worker, or dropped by it
 
     @property
@@ -117,8 +118,9 @@ class Engine:
 
     async def predict(self, images: torch.Tensor, samples: int, aggregation: Aggregation,
                       seed: int | None = None, certify_alpha: float | None = None,
-                      selection_samples: int = 64, timeout: float = 30.0) -> list[Answer]:
-        """Queue ``images`` and wait for their answers.
+                      selection_samples: int = 64, timeout: float = 30.0, internal: bool = False) -> list[Answer]:
+        """Queue ``images`` and wait for their answers. ``internal`` (the canary) keeps the answers out of
+        the prediction, vote-share and abstention metrics, which describe client traffic.
 
         Raises QueueFullError, DeadlineExceededError or ShuttingDownError.
         """
@@ -128,7 +130,7 @@ class Engine:
             raise QueueFullError(f"{len(self._pending)} requests are waiting (limit {self.max_queue})")
         loop = asyncio.get_running_loop()
         job = Job(images, samples, aggregation, seed, certify_alpha, selection_samples,
-                  loop.time() + timeout, loop.create_future())
+                  loop.time() + timeout, loop.create_future(), internal=internal)
         self._pending.append(job)
         self.metrics.queue_length.set(len(self._pending))
         # At the end of this loop iteration, so the requests that arrived in the same tick share a batch.
@@ -252,6 +254,9 @@ class Engine:
                                     torch.bincount(est.argmax(1), minlength=classes), job.certify_alpha, self.sigma)
                 for sel, est in zip(selection, estimation, strict=True)
             ]
+        answers = [Answer(p, c) for p, c in zip(predictions, certificates, strict=True)]
+        if job.internal:
+            return answers
         bucket = samples_bucket(job.samples)
         self.metrics.predictions.labels(self.model_name, bucket).inc(n)
         for p, c in zip(predictions, certificates, strict=True):
@@ -260,4 +265,4 @@ class Engine:
                 self.metrics.certifications.labels(self.model_name).inc()
                 if c.abstained:
                     self.metrics.abstentions.labels(self.model_name).inc()
-        return [Answer(p, c) for p, c in zip(predictions, certificates, strict=True)]
+        return answers

@@ -284,6 +284,10 @@ def test_canary_exports_accuracy_gauges(tmp_path: Path) -> None:
                          if s.name == "siam_canary_accuracy" and s.labels == {"model": "canaried", "samples": m,
                                                                                "attack": attack}]
                 assert len(value) == 1 and 0 <= value[0] <= 1
+        # The canary's own answers are compute (rows), not client predictions.
+        assert metric_value(text, "siam_rows_total") > 0
+        assert metric_value(text, "siam_predictions_total") == 0
+        assert metric_value(text, "siam_vote_share_count") == 0
 
 
 def test_not_ready_when_checkpoint_is_broken(tmp_path: Path) -> None:
