@@ -4,8 +4,8 @@ Requests join one queue. Whenever the worker is idle, the dispatch (callbacks on
 all that are waiting, up to ``max_batch_rows`` noisy rows, and hands them to a single worker thread,
 which expands each image into its ``samples`` copies, runs them through the backend in chunks, and
 aggregates per image. Requests with different ``samples``, aggregation rules or certify flags share a
-batch. The event loop never
-runs the model: while the worker computes, new requests gather for the next batch.
+batch. The event loop never runs the model: while the worker computes, new requests gather for the next
+batch.
 
 A full queue raises :class:`QueueFullError` at once (the API answers 503); a request still waiting at its
 deadline raises :class:`DeadlineExceededError` (504) and its rows are dropped before they are computed.
@@ -188,13 +188,13 @@ class Engine:
         error = done.exception()
         if error is not None:
             log.error("batch of %d requests failed", len(batch), exc_info=error)
-        for i, job in enumerate(batch):
-            if job.future.done():
-                continue
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(done.result()[i])
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(error)
+        else:
+            for job, answer in zip(batch, done.result(), strict=True):
+                if not job.future.done():
+                    job.future.set_result(answer)
         self._kick()
 
     def _pending_rows(self) -> int:

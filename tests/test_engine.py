@@ -123,3 +123,25 @@ def test_late_and_abandoned_requests_free_their_queue_place_at_once() -> None:
         return backend.calls
 
     assert asyncio.run(scenario()) == [[2], [3]]
+
+
+def test_a_model_failure_answers_its_batch_with_the_error_and_the_engine_carries_on() -> None:
+    class FailingOnce(GatedBackend):
+        def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+            if not self.calls:
+                self.calls.append(list(samples))
+                raise RuntimeError("out of memory")
+            return super().logits(images, samples, seeds)
+
+    async def scenario() -> list[list[int]]:
+        backend = FailingOnce()
+        backend.gate.set()
+        engine = engine_with(backend)
+        failed = await asyncio.gather(*(engine.predict(image(), m, "softmax") for m in (1, 2)),
+                                      return_exceptions=True)
+        assert [str(e) for e in failed] == ["out of memory", "out of memory"]
+        assert (await engine.predict(image(), 3, "softmax"))[0].prediction.samples == 3
+        await engine.stop()
+        return backend.calls
+
+    assert asyncio.run(scenario()) == [[1, 2], [3]]
