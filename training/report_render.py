@@ -89,7 +89,8 @@ def _summary(r: dict[str, Any]) -> list[str]:
     if "worst_case_with_nattack" in f:
         lines.append(f"- Worst case including NAttack (first {r['nattack']['images']} images): "
                      f"{pct(f['worst_case_with_nattack'])}.")
-    lines.append("- Checks: " + "; ".join(f"{'✅' if ch['ok'] else '⚠️'} {ch['check']}" for ch in f["checks"]) + ".")
+    lines.append("- Checks: " + "; ".join(f"✅ {ch['check']}" if ch["ok"] else f"⚠️ {ch['check']}: no ({ch['detail']})"
+                                         for ch in f["checks"]) + ".")
     return [*lines, ""]
 
 

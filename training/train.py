@@ -149,6 +149,14 @@ def model_spec(args: argparse.Namespace, classes: tuple[str, ...]) -> ModelSpec:
     )
 
 
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on the weights but not on PNI's noise scales: decay would pull ``alpha`` to zero and
+    switch the noise off (PNI's reference code leaves ``alpha`` undecayed too)."""
+    alphas = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "alpha"]
+    others = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] != "alpha"]
+    return [{"params": others, "weight_decay": weight_decay}, {"params": alphas, "weight_decay": 0.0}]
+
+
 def learning_rate(args: argparse.Namespace, progress: float) -> float:
     """LR at ``progress`` epochs into training (fractional, updated every step)."""
     if progress < args.warmup_epochs:
@@ -236,8 +244,8 @@ def train(args: argparse.Namespace) -> Path:
     model = build_classifier(spec).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                          weight_decay=args.weight_decay, nesterov=True)
+    opt = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum,
+                          nesterov=True)
     start_epoch, history = 0, []
     state_path = out / "state.pt"
     if state_path.is_file() and not args.no_resume:
