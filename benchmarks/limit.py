@@ -123,3 +123,39 @@ def as_dict(limit: BackendLimit) -> dict[str, object]:
     d = asdict(limit)
     d["rates"] = {str(k): round(v, 1) for k, v in limit.rates.items()}
     return d
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.limit A B ...``: the limits of several checkpoints side by side, in one run."""
+    import argparse
+    import shlex
+    import sys
+
+    from benchmarks import machine
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.limit", description=main.__doc__)
+    p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint folders; ratios are to the first")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] [%(default)s]")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads [all cores]")
+    p.add_argument("--chunks", default="64,256", help="chunk sizes tried, the best kept [%(default)s]")
+    p.add_argument("--budget", type=float, default=2.0, help="seconds per chunk size [%(default)s]")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    print("command: python -m benchmarks.limit " + shlex.join(sys.argv[1:] if argv is None else argv))
+    print("machine: " + machine.summary_line(machine.describe(device)))
+    chunks = [int(c) for c in args.chunks.split(",")]
+    first = None
+    for checkpoint in args.checkpoints:
+        limit = measure_limits(checkpoint, device, args.threads, [args.backend], chunks, args.budget)[0]
+        if limit.error:
+            print(f"{checkpoint}: {limit.error}")
+            continue
+        first = first or limit.best_rows_per_s
+        rates = ", ".join(f"chunk {k}: {v:.0f}" for k, v in limit.rates.items())
+        ratio = limit.best_rows_per_s / first
+        print(f"{checkpoint}: {limit.best_rows_per_s:.0f} rows/s ({rates}); {ratio:.2f}x the first")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Beside the code (an editable install or the Docker image), so `siam serve` works from any folder.
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "resnet20-fast-at"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "resnet20-pgd7"
 
 
 class Settings(BaseSettings):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, make_model
+from conftest import CLASSES, batch_tolerance, make_model
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import b64, image_bytes
@@ -99,7 +99,7 @@ def test_vote_aggregation_returns_vote_shares(client: TestClient) -> None:
 def test_seed_gives_same_answer_and_is_off_by_default(client: TestClient, checkpoint: Path) -> None:
     a = client.post("/predict?samples=8&seed=5", json={"image": b64(PNG)}).json()
     b = client.post("/predict?samples=8&seed=5", json={"images": [b64(image_bytes(3)), b64(PNG)]}).json()
-    assert a["probabilities"] == pytest.approx(b["predictions"][1]["probabilities"], abs=1e-6)
+    assert a["probabilities"] == pytest.approx(b["predictions"][1]["probabilities"], abs=batch_tolerance(1e-6))
     with TestClient(create_app(settings(checkpoint, allow_seed=False))) as strict:
         r = strict.post("/predict?seed=5", json={"image": b64(PNG)})
         assert r.status_code == 403 and "seed" in r.json()["detail"]
@@ -253,13 +253,13 @@ def test_concurrent_requests_with_mixed_samples_match_unbatched(checkpoint: Path
     assert batches < len(cases)  # some requests really shared a batch
     for i, m in cases:
         assert together[i]["samples"] == m
-        assert together[i]["probabilities"] == pytest.approx(alone[i]["probabilities"], abs=1e-5)
+        assert together[i]["probabilities"] == pytest.approx(alone[i]["probabilities"], abs=batch_tolerance(1e-5))
 
 
 def test_onnx_backend_answers_like_torch(checkpoint: Path) -> None:
     answers = {}
-    for backend in ("torch", "onnx"):
-        with TestClient(create_app(settings(checkpoint, backend=backend))) as c:
+    for backend in ("torch", "onnx"):  # on the CPU: a GPU machine's ONNX Runtime may lack the CUDA provider
+        with TestClient(create_app(settings(checkpoint, backend=backend, device="cpu"))) as c:
             assert c.get("/v1/models").json()["models"][0]["runtime"]["backend"] == backend
             answers[backend] = c.post("/predict?samples=16&seed=4", json={"image": b64(PNG)}).json()
     assert answers["onnx"]["probabilities"] == pytest.approx(answers["torch"]["probabilities"], abs=1e-4)

@@ -59,8 +59,10 @@ def test_queue_full_is_503_at_once_and_deadline_is_504(checkpoint: Path) -> None
     one = batch_seconds(checkpoint, rows)
     # One running and two queued requests of one batch each: the third cannot finish within 1.4 batches.
     timeout = max(1.4 * one, 0.2)
-    flags = ["--backend", "torch", "--chunk-rows", "256", "--max-queue", "2", "--max-batch-rows", str(rows),
-             "--request-timeout-s", f"{timeout:.3f}", "--max-wait-ms", "0", "--no-warmup"]
+    # On the CPU, where batch_seconds timed it (on a GPU no batch would be slow enough to miss a deadline).
+    flags = ["--device", "cpu", "--backend", "torch", "--chunk-rows", "256", "--max-queue", "2",
+             "--max-batch-rows", str(rows), "--request-timeout-s", f"{timeout:.3f}", "--max-wait-ms", "0",
+             "--no-warmup"]
     with Server(checkpoint, *flags) as server:
         with ThreadPoolExecutor(10) as pool:
             results = list(pool.map(lambda _: post(server.url, rows), range(10)))

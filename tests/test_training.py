@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from models import load_checkpoint
+from models import load_checkpoint, save_checkpoint
 from models.onnx import export_onnx
 from tests.conftest import make_model
-from training import evaluate, train
+from training import evaluate, export, train
 from training.export import check_parity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +86,18 @@ def test_onnx_export_refuses_pni(tmp_path: Path) -> None:
     model, spec = make_model(pni="layer")
     with pytest.raises(ValueError, match="PNI"):
         export_onnx(model, spec, tmp_path / "m.onnx")
+
+
+def test_export_cli_on_pni_checkpoint_writes_canary_but_no_onnx(
+        tmp_path: Path, tiny_cifar_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, spec = make_model(pni="layer")
+    save_checkpoint(tmp_path / "pni", model, spec, name="pni")
+    monkeypatch.chdir(tmp_path)  # the canary's decoded-data cache goes under the working directory
+    with pytest.raises(SystemExit, match="PNI-W"):
+        export.main([str(tmp_path / "pni")])
+    export.main([str(tmp_path / "pni"), "--canary", "4", "--data", str(tiny_cifar_folder)])
+    assert (tmp_path / "pni" / "canary.safetensors").is_file()
+    assert not (tmp_path / "pni" / "model.onnx").exists()
 
 
 def test_evaluate_writes_table_json_and_plot(tiny_checkpoint: Path, tiny_cifar_tar: Path, tmp_path: Path) -> None:

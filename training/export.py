@@ -15,6 +15,7 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.onnx import default_providers, export_onnx
+from models.pni import pni_layers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,12 +66,19 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     model, manifest = load_checkpoint(args.checkpoint, "cpu")
     out = Path(args.output) if args.output else Path(args.checkpoint) / "model.onnx"
-    export_onnx(model, manifest.spec, out)
-    result = check_parity(model, out, manifest.spec.smoothing.sigma, args.atol, args.provider)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
-    print(f"parity at sigma=0 on batches {result['batch_sizes']}: max |logit diff| {result['max_abs_diff']:.2e} "
-          f"(<= {args.atol:g}); provider that ran: {result['provider']}; noise drawn in graph: "
-          f"{result['noise_in_graph']}")
+    if any(layer.enabled for layer in pni_layers(model)):
+        # Per-row PNI-W weight noise has no faithful ONNX form; the service runs these on the torch backend.
+        message = f"{args.checkpoint} has PNI-W weight noise: no ONNX export (the service serves it with PyTorch)"
+        if not args.canary:
+            raise SystemExit(message)
+        print(f"skipped ONNX: {message}")
+    else:
+        export_onnx(model, manifest.spec, out)
+        result = check_parity(model, out, manifest.spec.smoothing.sigma, args.atol, args.provider)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+        print(f"parity at sigma=0 on batches {result['batch_sizes']}: max |logit diff| "
+              f"{result['max_abs_diff']:.2e} (<= {args.atol:g}); provider that ran: {result['provider']}; "
+              f"noise drawn in graph: {result['noise_in_graph']}")
     if args.canary:
         from training.canary import make_canary
         from training.train import DEFAULT_DATA

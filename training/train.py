@@ -217,11 +217,14 @@ def environment(device: torch.device) -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=False).stdout.strip() or None
+        # HEAD alone does not say what ran: uncommitted changes to tracked files do too.
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, check=False).stdout.strip()) if commit else None
     except OSError:
-        commit = None
+        commit, dirty = None, None
     return {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-            or platform.machine(), "threads": torch.get_num_threads(), "git_commit": commit}
+            or platform.machine(), "threads": torch.get_num_threads(), "git_commit": commit, "git_dirty": dirty}
 
 
 def train(args: argparse.Namespace) -> Path:
