@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.load import closed_loop_rate
 from service.app import warm_up
 from service.backends import Backend, load_backend
 from service.engine import Engine
@@ -49,23 +50,28 @@ def build_backend(checkpoint: Path, backend: str, device: str, threads: int, onn
 async def closed_loop(engine: Engine, samples: int, concurrency: int, duration_s: float,
                       warmup_s: float) -> EngineResult:
     """``concurrency`` callers, each awaiting its answer before asking again; counts the answers that arrive
-    in the measured window."""
+    in the measured window, at the rate :func:`~benchmarks.load.closed_loop_rate` gives."""
     image = torch.rand(1, 3, 32, 32)
     start = time.perf_counter() + warmup_s
     end = start + duration_s
     latencies: list[float] = []
+    spans: list[tuple[int, float]] = []
 
     async def caller() -> None:
+        count, first_sent, last_done = 0, 0.0, 0.0
         while (sent := time.perf_counter()) < end:
             await engine.predict(image, samples, "softmax")
             done = time.perf_counter()
             if start <= done <= end:
                 latencies.append(done - sent)
+                first_sent = first_sent if count else sent
+                count, last_done = count + 1, done
+        spans.append((count, last_done - first_sent))
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     lat = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
-    n = len(latencies)
-    return EngineResult(samples, concurrency, duration_s, n, n / duration_s, n * samples / duration_s,
+    rate = closed_loop_rate(spans)
+    return EngineResult(samples, concurrency, duration_s, len(latencies), rate, rate * samples,
                         float(np.percentile(lat, 50)), float(np.percentile(lat, 99)))
 
 

@@ -7,6 +7,11 @@ the lighter it is, the more of the machine the server gets. Throughput counts th
 inside the measured window (after the warm-up); latencies are those answers'. Requests still in flight
 at the end are awaited, so the next measurement starts on an idle server, but not counted.
 
+The rate is not "answers in the window / window": when a server answers its clients in rounds (64
+clients x 16 copies is one batch), answers arrive in bursts and that count jumps by a whole round.
+Each client instead reports the span from sending its first counted request to receiving its last,
+which holds exactly its ``k`` counted answers back to back; the rate is the sum of ``k / span``.
+
 ``python -m benchmarks.load URL --samples 16 --concurrency 8 --duration 4`` prints one JSON object.
 """
 
@@ -44,6 +49,13 @@ class LoadResult:
     max_ms: float = 0.0
     first_error: str | None = None
     latencies_ms: list[float] = field(default_factory=list, repr=False)
+    spans: list[tuple[int, float]] = field(default_factory=list, repr=False)  # per client: (answers, seconds)
+
+
+def closed_loop_rate(spans: list[tuple[int, float]]) -> float:
+    """Answers per second of closed-loop callers, each given as (answers counted, seconds from sending the
+    first of them to receiving the last): exact for back-to-back requests, whatever the window's edges."""
+    return sum(count / seconds for count, seconds in spans if count and seconds > 0)
 
 
 def png_image(seed: int = 0, size: int = 32) -> bytes:
@@ -105,6 +117,7 @@ async def client(host: str, port: int, request: bytes, window: tuple[float, floa
                  timeout_s: float) -> None:
     """One closed-loop client: send, wait, record, repeat until the window closes."""
     start, end = window
+    count, first_sent, last_done = 0, 0.0, 0.0
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while (sent := time.perf_counter()) < end:
@@ -116,11 +129,14 @@ async def client(host: str, port: int, request: bytes, window: tuple[float, floa
             if status == 200:
                 result.completed += 1
                 result.latencies_ms.append((done - sent) * 1000)
+                first_sent = first_sent if count else sent
+                count, last_done = count + 1, done
             else:
                 result.errors += 1
                 result.first_error = result.first_error or f"HTTP {status}: {body[:200].decode(errors='replace')}"
     finally:
         writer.close()
+        result.spans.append((count, last_done - first_sent))
 
 
 async def run_load(url: str, samples: int, concurrency: int, duration_s: float, warmup_s: float,
@@ -144,7 +160,7 @@ async def run_load(url: str, samples: int, concurrency: int, duration_s: float, 
 
 def summarize(result: LoadResult) -> None:
     """Rates and latency percentiles from what was recorded."""
-    result.predictions_per_s = result.completed / result.duration_s
+    result.predictions_per_s = closed_loop_rate(result.spans)
     result.rows_per_s = result.predictions_per_s * result.samples
     if result.latencies_ms:
         lat = np.asarray(result.latencies_ms)

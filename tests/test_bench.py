@@ -12,7 +12,7 @@ import pytest
 from benchmarks import report
 from benchmarks.bench import main as bench_main
 from benchmarks.bench import rounds_fit, warmup_for
-from benchmarks.load import read_response
+from benchmarks.load import closed_loop_rate, read_response
 
 HAS_LITSERVE = importlib.util.find_spec("litserve") is not None
 
@@ -51,7 +51,7 @@ def test_quick_bench_writes_every_section_with_measured_ratios(tiny_checkpoint: 
     for c in cells:
         assert c["errors"] == 0, c["first_error"]
         assert c["completed"] > 0
-        assert c["rows_per_s"] == pytest.approx(c["completed"] / c["duration_s"] * c["samples"])
+        assert c["rows_per_s"] == pytest.approx(c["predictions_per_s"] * c["samples"])
         assert c["ratio_to_limit"] == pytest.approx(c["rows_per_s"] / limit)
         plain = by_key[(c["samples"], c["concurrency"], "fastapi")]
         assert c["vs_fastapi"] == pytest.approx(c["rows_per_s"] / plain["rows_per_s"])
@@ -137,3 +137,11 @@ def test_load_generator_reads_both_body_framings(raw: bytes) -> None:
         return await read_response(reader)
 
     assert asyncio.run(parse()) == (200, b"hello")
+
+
+def test_closed_loop_rate_does_not_jump_by_whole_rounds() -> None:
+    # 64 clients answered together every 0.3 s: a 1 s window holds 3 or 4 rounds depending on its phase,
+    # so "answers in the window / window" reads 192 or 256 per second; the spans read 64 / 0.3 either way.
+    assert closed_loop_rate([(3, 0.9)] * 64) == pytest.approx(64 / 0.3)
+    assert closed_loop_rate([(4, 1.2)] * 64) == pytest.approx(64 / 0.3)
+    assert closed_loop_rate([(0, 0.0), (2, 0.5)]) == pytest.approx(4.0)  # a client with no answer adds nothing
