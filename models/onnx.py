@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.pni import pni_layers
+from models.pni import has_weight_noise
 from models.resnet import Classifier
 from models.spec import ModelSpec
 
@@ -43,7 +43,7 @@ class NoisyGraph(nn.Module):
 
 def export_onnx(model: Classifier, spec: ModelSpec, path: str | Path) -> Path:
     """Write the noisy base model to ``path`` (ONNX, dynamic batch axis); returns the path."""
-    if any(layer.enabled for layer in pni_layers(model)):
+    if has_weight_noise(model):
         raise ValueError("ONNX export does not support PNI-W weight noise; serve this model with the torch backend")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,11 @@ def pni_layers(model: nn.Module) -> list[PNIConv2d | PNILinear]:
     return [m for m in model.modules() if isinstance(m, PNIConv2d | PNILinear)]
 
 
+def has_weight_noise(model: nn.Module) -> bool:
+    """Whether ``model`` draws PNI-W weight noise (what decides per-copy weights, ONNX export and backend)."""
+    return any(layer.enabled for layer in pni_layers(model))
+
+
 def set_pni_enabled(model: nn.Module, enabled: bool) -> None:
     """Turn PNI weight noise on or off everywhere in ``model`` (off only for ablations)."""
     for layer in pni_layers(model):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from scipy.stats import beta, binomtest, norm
 
 from models.noise import DeviceNoise, NoiseSource, SeededNoise
-from models.pni import per_row_weight_noise, pni_layers
+from models.pni import has_weight_noise, per_row_weight_noise
 from models.resnet import Classifier
 from models.spec import Aggregation, SmoothingSpec
 
@@ -142,7 +142,7 @@ class Smooth:
         self.sigma = smoothing.sigma
         self.num_classes = num_classes
         self.chunk_rows = chunk_rows
-        self._per_row_pni = per_row_weight_noise and any(layer.enabled for layer in pni_layers(model))
+        self._per_row_pni = per_row_weight_noise and has_weight_noise(model)
 
     @property
     def device(self) -> torch.device:

@@ -24,7 +24,7 @@ import torch
 
 from models.checkpoint import Manifest, load_checkpoint
 from models.noise import SeededNoise
-from models.pni import pni_layers
+from models.pni import has_weight_noise
 from models.resnet import Classifier
 from models.smooth import Smooth
 from service.settings import Settings
@@ -214,7 +214,7 @@ def load_backend(settings: Settings) -> tuple[Backend, Manifest]:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
     model, manifest = load_checkpoint(settings.checkpoint, "cpu")
-    has_pni = any(layer.enabled for layer in pni_layers(model))
+    has_pni = has_weight_noise(model)
     kind = settings.backend
     if kind == "auto":
         kind = "torch" if has_pni or settings.precision != "fp32" else "onnx"

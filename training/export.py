@@ -15,7 +15,7 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.onnx import default_providers, export_onnx
-from models.pni import pni_layers
+from models.pni import has_weight_noise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     model, manifest = load_checkpoint(args.checkpoint, "cpu")
     out = Path(args.output) if args.output else Path(args.checkpoint) / "model.onnx"
-    if any(layer.enabled for layer in pni_layers(model)):
+    if has_weight_noise(model):
         # Per-row PNI-W weight noise has no faithful ONNX form; the service runs these on the torch backend.
         message = f"{args.checkpoint} has PNI-W weight noise: no ONNX export (the service serves it with PyTorch)"
         if not args.canary:
