@@ -68,7 +68,7 @@ def litserve_spec(checkpoint: Path, threads: int, device: str, max_batch_size: i
 class ServerProcess:
     """One running system; ``with ServerProcess(spec) as s:`` waits until it answers its health check."""
 
-    def __init__(self, spec: SystemSpec, ready_timeout_s: float = 180.0):
+    def __init__(self, spec: SystemSpec, ready_timeout_s: float = 180.0, env: dict[str, str] | None = None):
         self.spec = spec
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -80,7 +80,8 @@ class ServerProcess:
         args = [a.replace("{port}", str(self.port)) for a in spec.args]
         self.started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=fd, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                                     start_new_session=True,
+                                     env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
         os.close(fd)  # the child has its own copy
 
     def wait_ready(self) -> None:
