@@ -12,7 +12,6 @@ set -euo pipefail
 tag="${1:-${SIAM_BASE_IMAGE:-siam-base:local}}"
 packages="python3,python3-venv,ca-certificates"
 for extra in "${@:2}"; do packages="$packages,$extra"; done
-mirror="${SIAM_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 python="${PYTHON:-python3}"
 
 minor="$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
@@ -22,6 +21,15 @@ case "$minor" in
   *) echo "build-base: no Debian release ships Python $minor; use a python:$minor-slim base instead" >&2
      exit 2 ;;
 esac
+
+# The Debian mirror: SIAM_DEBIAN_MIRROR, else the one this host's apt uses (its sources files).
+mirror="${SIAM_DEBIAN_MIRROR:-$("$python" "$(dirname "$0")/debian_mirror.py" --suite "$suite" || true)}"
+if [[ -z "$mirror" ]]; then
+  echo "build-base: no Debian mirror: this host's apt sources (/etc/apt/sources.list, sources.list.d/) list" \
+    "none, and SIAM_DEBIAN_MIRROR is unset; set it to your Debian archive mirror's URL," \
+    "e.g. SIAM_DEBIAN_MIRROR=http://<your-mirror>/debian docker/build-base.sh" >&2
+  exit 2
+fi
 
 if docker image inspect "$tag" >/dev/null 2>&1 && [[ "${SIAM_REBUILD_BASE:-0}" != 1 ]]; then
   echo "build-base: $tag already exists (SIAM_REBUILD_BASE=1 rebuilds it)"

@@ -164,11 +164,27 @@ wait_promql 'sum(siam_predictions_total)' 1
 wait_promql 'sum(siam_feedback_total)' 1
 wait_promql 'count(siam_model_info{backend!=""})' 1
 wait_promql 'count(ALERTS{alertname=~"SiamDown|SiamAbsent"})' none
-rules="$(curl -sf "$prometheus/api/v1/rules" | python3 -c "import json, sys
+# Every alert and recording rule loaded and evaluated at least once without error. A rule reports health
+# "unknown" until its group's first evaluation (interval 15 s), so poll with a bound; "err" fails at once.
+rules_health() {  # prints "LOADED OK PENDING" and, per failing rule, "err NAME: LASTERROR"
+  curl -sf "$prometheus/api/v1/rules" | python3 -c "import json, sys
 rules = [r for g in json.load(sys.stdin)['data']['groups'] for r in g['rules']]
-print(len(rules), sum(r['health'] == 'ok' for r in rules))")"
-say "Prometheus: alert and recording rules loaded, healthy: $rules"
-[[ "${rules% *}" -ge 8 && "${rules% *}" == "${rules#* }" ]] || fail "rules not all loaded and healthy"
+health = [r.get('health', 'unknown') for r in rules]
+print(len(rules), health.count('ok'), health.count('unknown'))
+for r in rules:
+    if r.get('health') == 'err':
+        print('err', r['name'] + ':', r.get('lastError', ''))"
+}
+deadline=$((SECONDS + 90))
+while :; do
+  rules="$(rules_health)" || rules="0 0 0"
+  read -r loaded ok pending <<<"$(head -1 <<<"$rules")"
+  grep -q '^err ' <<<"$rules" && fail "Prometheus rules with errors: $(grep '^err ' <<<"$rules" | tr '\n' ';')"
+  ((loaded >= 8 && ok == loaded)) && break
+  ((SECONDS < deadline)) || fail "Prometheus rules: $loaded loaded, $ok healthy, $pending not evaluated after 90 s"
+  sleep 2
+done
+say "Prometheus: $loaded alert and recording rules loaded, all evaluated and healthy"
 
 # --- scaling out: two replicas behind nginx (profile scale), each scraped by Prometheus --------------
 if [[ "${SIAM_SMOKE_SCALE:-1}" == 1 ]]; then
@@ -176,8 +192,12 @@ if [[ "${SIAM_SMOKE_SCALE:-1}" == 1 ]]; then
   SIAM_PUBLISH=8000 "${compose[@]}" --profile scale up -d --scale siam-cpu=2 "${lb_services[@]}"
   wait_healthy siam-cpu
   "${compose[@]}" exec -T nginx nginx -s reload  # nginx resolves the replicas when it (re)loads
-  sleep 1
   lb="http://127.0.0.1:$(host_port nginx 8080)"
+  deadline=$((SECONDS + 60))  # the reload takes effect when nginx's new workers are up: poll for it
+  until curl -sf "$lb/health/ready" >/dev/null; do
+    ((SECONDS < deadline)) || fail "nginx at $lb not answering /health/ready after 60 s"
+    sleep 1
+  done
   for _ in $(seq 8); do
     curl -sf -X POST "$lb/predict?samples=4" -H 'Content-Type: image/jpeg' \
       --data-binary @"$work/test/cat/0000.jpg" >/dev/null || fail "POST /predict through nginx"

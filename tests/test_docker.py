@@ -106,3 +106,58 @@ def test_container_healthcheck_follows_readiness(health_server: ThreadingHTTPSer
     health_server.shutdown()
     health_server.server_close()
     assert check() == 1  # nothing listening
+
+
+def _debian_mirror() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("debian_mirror", DOCKER / "debian_mirror.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_debian_mirror_read_from_one_line_sources(tmp_path: Any) -> None:
+    (tmp_path / "sources.list").write_text(
+        "# deb http://commented.example/debian bookworm main\n"
+        "deb [signed-by=/k.gpg arch=amd64] http://mirror.corp.example/debian-security bookworm-security main\n"
+        "deb-src http://src.corp.example/debian bookworm main\n"
+        "deb http://mirror.corp.example/debian/ bookworm main contrib # trailing comment\n")
+    mirror = _debian_mirror()
+    assert mirror.debian_mirror(tmp_path, "bookworm") == "http://mirror.corp.example/debian"
+
+
+def test_debian_mirror_read_from_deb822_sources_and_prefers_the_wanted_suite(tmp_path: Any) -> None:
+    parts = tmp_path / "sources.list.d"
+    parts.mkdir()
+    (parts / "a-vendor.sources").write_text(
+        "Types: deb\nURIs: https://vendor.example/node\nSuites: nodistro\nComponents: main\n")
+    (parts / "b-debian.sources").write_text(
+        "Types: deb\n# a comment line\nURIs: http://old.corp.example/debian\nSuites: bullseye\nComponents: main\n\n"
+        "Types: deb\nURIs: http://off.corp.example/debian\nSuites: bookworm\nComponents: main\nEnabled: no\n\n"
+        "Types: deb deb-src\nURIs: http://new.corp.example/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n")
+    (parts / "ignored.list.disabled").write_text("deb http://disabled.example/debian bookworm main\n")
+    mirror = _debian_mirror()
+    assert mirror.debian_mirror(tmp_path, "bookworm") == "http://new.corp.example/debian"
+    assert mirror.debian_mirror(tmp_path, "trixie") == "http://old.corp.example/debian"  # any Debian release
+
+
+def test_debian_mirror_none_and_build_base_stops_with_a_message(tmp_path: Any) -> None:
+    (tmp_path / "sources.list").write_text("deb https://packages.vendor.example/apt vendor-stable main\n")
+    mirror = _debian_mirror()
+    assert mirror.debian_mirror(tmp_path, "bookworm") is None
+    assert mirror.main(["--apt-dir", str(tmp_path)]) == 1
+    # build-base.sh with no mirror anywhere stops before debootstrap, naming the variable to set.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    python = fake_bin / "python3"
+    python.write_text(f"#!/bin/sh\ncase \"$1\" in *debian_mirror.py) exec {sys.executable} \"$@\" --apt-dir "
+                      f"{tmp_path};; esac\nexec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "SIAM_DEBIAN_MIRROR"}
+    result = subprocess.run(["bash", "docker/build-base.sh"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={**env, "PYTHON": str(python)})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "SIAM_DEBIAN_MIRROR" in result.stderr

@@ -2,8 +2,13 @@
 
 One step: craft adversarial examples against the *noisy* model (Gaussian input noise at sigma and,
 with PNI-W, weight noise on while the attack runs), then minimise
-``clean_weight * CE(clean) + (1 - clean_weight) * CE(adversarial)``. The attack is PGD-k (Madry et
-al.) or FGSM with random start (Wong et al.'s "fast" adversarial training).
+``clean_weight * CE(clean) + (1 - clean_weight) * CE(adversarial)`` on noisy copies of both. The attack
+is PGD-k (Madry et al.), FGSM with random start (Wong et al.'s "fast" adversarial training), or
+SmoothAdv (Salman et al., 2019): PGD-k on the *smoothed* soft classifier itself, the log of the mean
+softmax over ``--train-samples`` noisy copies, so training sees the attack the served model faces.
+
+``--init CHECKPOINT`` starts from a checkpoint's weights (fine-tuning, e.g. to a larger sigma); the
+architecture and held-out split come from it, and the record names it.
 
 Runs on CPU or CUDA (mixed precision and channels_last there), on one process or many under
 ``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on GPUs). The run folder holds ``state.pt``
@@ -33,14 +38,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from models.checkpoint import save_checkpoint
+from models.checkpoint import Manifest, load_checkpoint, read_manifest, save_checkpoint
 from models.resnet import Classifier, build_classifier
 from models.smooth import Smooth
 from models.spec import ArchitectureSpec, ModelSpec, NoiseLayerSpec, NormalizationSpec, SmoothingSpec
-from training.attacks import fgsm, pgd
+from training.attacks import fgsm, pgd, smoothed_log_probs
 from training.data import Dataset, augment, load_split, to_float
 
-DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
+_SHIPPED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# The JPEG archive beside the checkout when it is there (so the default works from any folder), else
+# the same path relative to where the command runs.
+DEFAULT_DATA = str(_SHIPPED_DATA) if _SHIPPED_DATA.is_file() else "../shared/data/cifar10-jpeg.tar.gz"
+# Settings a resumed run must share with the run it resumes (the others, such as --epochs, may change).
+RESUME_INVARIANTS = ("data", "train_images", "val_images", "val_seed", "arch", "width", "pni", "sigma",
+                     "noise_space", "attack", "train_samples", "eps", "step", "steps", "clean_weight",
+                     "batch_size", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "seed", "init")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,18 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "(or cifar-100-python) folder (default: %(default)s)")
     g.add_argument("--cache-dir", default="data-cache", help="where decoded splits are cached (default: %(default)s)")
     g.add_argument("--train-images", type=int, default=None, help="train on a random subset of this size")
-    g.add_argument("--val-images", type=int, default=0,
+    g.add_argument("--val-images", type=int, default=None,
                    help="hold this many training images out of training (a fixed random choice, --val-seed) and "
                         "record them in the checkpoint, so `siam evaluate --report` can pick sigma and m on images "
-                        "the model never saw (default: 0, train on the whole split)")
-    g.add_argument("--val-seed", type=int, default=2019, help="seed of the held-out choice (default: %(default)s)")
+                        "the model never saw (default: --init's split, else 0: train on the whole split)")
+    g.add_argument("--val-seed", type=int, default=None,
+                   help="seed of the held-out choice (default: --init's, else 2019)")
     g.add_argument("--eval-images", type=int, default=1000, help="test images for the per-epoch clean accuracy")
     g.add_argument("--eval-attack-images", type=int, default=200, help="test images for the per-epoch PGD accuracy")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet20", choices=["resnet20", "resnet32", "resnet44", "resnet56"])
-    g.add_argument("--width", type=int, default=1, help="channel width multiplier (ResNet-20 x4: --width 4)")
-    g.add_argument("--pni", default="none", choices=["none", "layer", "channel", "element"],
-                   help="PNI-W weight noise and its granularity (default: none)")
+    g.add_argument("--arch", default=None, choices=["resnet20", "resnet32", "resnet44", "resnet56"],
+                   help="network (default: --init's, else resnet20)")
+    g.add_argument("--width", type=int, default=None,
+                   help="channel width multiplier, e.g. --width 4 for PNI's ResNet-20 x4 (default: --init's, else 1)")
+    g.add_argument("--pni", default=None, choices=["none", "layer", "channel", "element"],
+                   help="PNI-W weight noise and its granularity (default: --init's, else none)")
+    g.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (fine-tuning); its architecture, noise layers and "
+                        "held-out split are used, and the training record names it")
     g = p.add_argument_group("smoothing (stored in the checkpoint)")
     g.add_argument("--sigma", type=float, default=0.0625,
                    help="std of the Gaussian input noise, in training and in the stored smoothing "
@@ -73,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=int, default=16, help="default number of noisy copies m at inference")
     g.add_argument("--aggregation", default="softmax", choices=["vote", "softmax", "logits"])
     g = p.add_argument_group("adversarial training")
-    g.add_argument("--attack", default="pgd", choices=["pgd", "fgsm", "none"],
-                   help="pgd: PGD-k (Madry); fgsm: FGSM with random start (fast AT); none: standard training")
+    g.add_argument("--attack", default="pgd", choices=["pgd", "fgsm", "smoothadv", "none"],
+                   help="pgd: PGD-k on the noisy model (Madry); fgsm: FGSM with random start (fast AT); "
+                        "smoothadv: PGD-k on the smoothed soft classifier, log of the mean softmax over "
+                        "--train-samples noisy copies (Salman et al.); none: training on noisy copies only")
+    g.add_argument("--train-samples", type=int, default=2,
+                   help="noisy copies in the smoothed classifier that smoothadv attacks (default: %(default)s)")
     g.add_argument("--eps", type=float, default=8 / 255)
     g.add_argument("--step", type=float, default=2 / 255, help="PGD step size (FGSM uses 1.25 * eps)")
     g.add_argument("--steps", type=int, default=7, help="PGD steps (default: %(default)s)")
@@ -175,8 +197,51 @@ def autocast(device: torch.device, amp: str) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def resolve_init(args: argparse.Namespace) -> Manifest | None:
+    """Fill the architecture and held-out split from ``--init``'s manifest (or the plain defaults), and
+    refuse a flag that contradicts the parent: its weights fit one architecture, and its held-out images
+    must stay held out."""
+    parent = read_manifest(args.init) if args.init else None
+    inherited: dict[str, Any] = {"arch": "resnet20", "width": 1, "pni": "none", "val_images": 0, "val_seed": 2019}
+    if parent is not None:
+        arch, layers = parent.spec.architecture, parent.spec.noise_layers
+        validation = (parent.training or {}).get("data", {}).get("validation", {})
+        inherited = {"arch": arch.name, "width": arch.width,
+                     "pni": "none" if layers.type == "none" else layers.mode,
+                     "val_images": validation.get("images", 0), "val_seed": validation.get("seed", 2019)}
+    for key, value in inherited.items():
+        given = getattr(args, key)
+        if given is None:
+            setattr(args, key, value)
+        elif parent is not None and given != value:
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(f"{flag} {given} contradicts --init {args.init}, which has {flag} {value}; "
+                             f"leave {flag} out to use the parent's")
+    return parent
+
+
+def parent_record(path: str, parent: Manifest) -> dict[str, Any]:
+    """What the training record says of the checkpoint a fine-tune started from."""
+    return {"checkpoint": str(path), "name": parent.name, "weights_sha256": parent.weights.sha256,
+            "smoothing": parent.spec.smoothing.model_dump(),
+            "epochs_completed": (parent.training or {}).get("epochs_completed"),
+            "git_commit": (parent.training or {}).get("environment", {}).get("git_commit")}
+
+
+def check_resume(state: dict[str, Any], args: argparse.Namespace, state_path: Path) -> None:
+    """Refuse to resume a run under settings that change what it trains on or how."""
+    saved = json.loads(state.get("config", "{}"))
+    if not saved:  # states written before configs were saved: the held-out split is all they record
+        saved = {"val_images": state.get("val_images", 0)}
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in RESUME_INVARIANTS
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"{state_path} was trained with other settings ({'; '.join(changed)}); resuming would mix "
+                         f"two runs. Give the original settings, another --output, or --no-resume to start over")
+
+
 def craft(args: argparse.Namespace, f: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if args.attack == "pgd":
+    if args.attack in ("pgd", "smoothadv"):  # f is the smoothed soft classifier for smoothadv
         return pgd(f, x, y, eps=args.eps, step=args.step, steps=args.steps)
     if args.attack == "fgsm":
         return fgsm(f, x, y, eps=args.eps, random_start=True)
@@ -229,6 +294,9 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def train(args: argparse.Namespace) -> Path:
     apply_quick(args)
+    parent = resolve_init(args)
+    if args.train_samples < 1:
+        raise SystemExit("--train-samples must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     ddp = setup_distributed(torch.device("cuda" if args.device.startswith("cuda") or
@@ -244,7 +312,10 @@ def train(args: argparse.Namespace) -> Path:
     train_set = train_set.subset(args.train_images, seed=args.seed)
     test_set = load_split(args.data, "test", args.cache_dir)
     spec = model_spec(args, train_set.classes)
-    model = build_classifier(spec).to(device)
+    model = build_classifier(spec)
+    if parent is not None:
+        model.load_state_dict(load_checkpoint(args.init)[0].state_dict())
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum,
@@ -256,15 +327,15 @@ def train(args: argparse.Namespace) -> Path:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], json.loads(state["history"])
-        if state.get("val_images", 0) != args.val_images:
-            raise SystemExit(f"{state_path} was trained with --val-images {state.get('val_images', 0)}; resuming "
-                             f"with --val-images {args.val_images} would change its training images")
+        check_resume(state, args, state_path)
         torch.set_rng_state(state["rng_cpu"])
         if ddp.main:
             print(f"resuming {out} from epoch {start_epoch}")
     net: nn.Module = DistributedDataParallel(model) if ddp.world > 1 else model
     # The attack only needs input gradients: it runs on the bare model, outside DDP's gradient sync.
-    attack_fn = Smooth(model, spec.smoothing, spec.architecture.num_classes, per_row_weight_noise=False).forward_noisy
+    attack_smooth = Smooth(model, spec.smoothing, spec.architecture.num_classes, per_row_weight_noise=False)
+    attack_fn = (smoothed_log_probs(attack_smooth, args.train_samples) if args.attack == "smoothadv"
+                 else attack_smooth.forward_noisy)
     train_fn = Smooth(net, spec.smoothing, spec.architecture.num_classes,  # type: ignore[arg-type]
                       per_row_weight_noise=False).forward_noisy
 
@@ -279,6 +350,7 @@ def train(args: argparse.Namespace) -> Path:
                  "train_images": len(train_set), "test_images": len(test_set),
                  **({"validation": validation_record(validation, args.val_seed)} if len(validation) else {})},
         "environment": environment(device), "world_size": ddp.world,
+        **({"init": parent_record(args.init, parent)} if parent is not None else {}),
     }
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
@@ -331,7 +403,7 @@ def train(args: argparse.Namespace) -> Path:
             save_checkpoint(out / "checkpoint", model, spec, name, record)
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                         "history": json.dumps(history), "rng_cpu": torch.get_rng_state(),
-                        "val_images": args.val_images}, state_path)
+                        "val_images": args.val_images, "config": json.dumps(vars(args))}, state_path)
         if args.max_steps is not None and step >= args.max_steps:
             break
     if ddp.world > 1:
