@@ -89,3 +89,33 @@ def test_adaptive_attack_on_the_smoothed_output(problem: tuple[Classifier, torch
     attacked = [p.label for p in smooth.predict_batch(adv, 16)]
     assert sum(int(a == b) for a, b in zip(clean, y.tolist(), strict=True)) > 0.95 * len(y)
     assert sum(int(a == b) for a, b in zip(attacked, y.tolist(), strict=True)) < 0.05 * len(y)
+
+
+def test_apgd_ce_and_dlr_break_a_non_robust_model_inside_the_eps_ball(
+        problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    from training.attacks import apgd
+
+    model, x, y = problem
+    for loss in ("ce", "dlr"):
+        adv = apgd(model, model, x[:60], y[:60], loss=loss, steps=10, eot=1)
+        assert (adv - x[:60]).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+        assert accuracy(model, adv, y[:60]) < 0.1, loss
+
+
+def test_apgd_averages_gradients_over_eot_draws(problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    """With eot = k, APGD sees k independent forward passes per step, not one (a planted bug that ignores
+    ``eot`` would call the model ``steps`` times)."""
+    from training.attacks import apgd
+
+    model, x, y = problem
+    calls = []
+
+    def f(rows: torch.Tensor) -> torch.Tensor:
+        calls.append(rows.shape[0])
+        return model(rows)
+
+    apgd(f, model, x[:8], y[:8], steps=5, eot=1)
+    assert len(calls) == 6  # the starting point's gradient, then one per step
+    calls.clear()
+    apgd(f, model, x[:8], y[:8], steps=5, eot=3)
+    assert len(calls) == 18 and set(calls) == {8}

@@ -207,3 +207,46 @@ def test_report_quick_run_writes_markdown_json_and_figures(tiny_checkpoint: Path
     for name in ("tradeoff.png", "eps_sweep.png", "certified.png"):
         assert (folder / name).read_bytes()[:4] == b"\x89PNG"
     assert "tiny (quick)" in (out / "README.md").read_text()
+
+
+def test_paired_difference_counts_only_the_images_that_changed() -> None:
+    from training.measure import paired_difference
+
+    before = torch.tensor([True] * 60 + [False] * 40)
+    after = before.clone()
+    after[60:70] = True  # 10 gained
+    after[:2] = False  # 2 lost
+    d = paired_difference(after, before)
+    assert (d["gained"], d["lost"], d["images"]) == (10, 2, 100)
+    assert d["difference"] == pytest.approx(0.08)
+    # Newcombe's Wald interval for paired proportions: se = sqrt(b + c - (b - c)^2 / n) / n
+    se = (12 - 64 / 100) ** 0.5 / 100
+    assert d["ci95"] == pytest.approx([0.08 - 1.959964 * se, 0.08 + 1.959964 * se], abs=1e-6)
+    assert paired_difference(before, before)["ci95"] == [0.0, 0.0]
+
+
+def test_answers_by_m_are_prefixes_of_one_draw_and_certify_uses_both_sets() -> None:
+    from tests.conftest import make_model
+    from training.robustness import answers_by_m, certify_by_m
+
+    model, spec = make_model(sigma=0.25)
+    smooth = Smooth(model, spec.smoothing, 10)
+    x = torch.rand(3, 3, 32, 32)
+    torch.manual_seed(0)
+    answers = answers_by_m(smooth, x, [1, 4, 16])
+    assert all(int(v.sum()) == 3 * m for m, v in answers.votes.items())  # m votes per image
+    torch.manual_seed(0)
+    logits = smooth.noisy_logits(x, [16] * 3).view(3, 16, -1)
+    assert torch.equal(answers.votes[4], torch.nn.functional.one_hot(logits[:, :4].argmax(-1), 10).sum(1))
+    assert torch.equal(answers.labels[16], logits.softmax(-1).mean(1).argmax(1))
+    # selection from the first set, counts (and so the bound) from the second
+    unanimous = answers_by_m(smooth, x, [16])
+    other = type(unanimous)({16: unanimous.labels[16]}, {16: torch.zeros(3, 10, dtype=torch.long)})
+    other.votes[16][:, 3] = 16
+    certs = certify_by_m(unanimous, other, sigma=0.25)[16]
+    for cert, votes in zip(certs, unanimous.votes[16], strict=True):
+        assert cert.counts == [0, 0, 0, 16, 0, 0, 0, 0, 0, 0]
+        if int(votes.argmax()) == 3:  # 16 of 16 at alpha 0.001: p_lower = 0.001 ** (1 / 16)
+            assert cert.label == 3 and cert.p_lower == pytest.approx(0.001 ** (1 / 16))
+        else:  # the selected class got no estimation votes
+            assert cert.abstained

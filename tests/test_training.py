@@ -103,12 +103,26 @@ def test_export_cli_on_pni_checkpoint_writes_canary_but_no_onnx(
 def test_evaluate_writes_table_json_and_plot(tiny_checkpoint: Path, tiny_cifar_tar: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     evaluate.main([str(tiny_checkpoint), "--data", str(tiny_cifar_tar), "--cache-dir", str(tmp_path / "c"),
-                   "--images", "8", "--samples", "1,2", "--sigmas", "0.1,0.25", "--steps", "2", "--eot", "2",
+                   "--images", "8", "--samples", "1,2,16", "--sigmas", "0.1,0.25", "--steps", "2", "--eot", "2",
                    "--adaptive-samples", "2", "--output", str(out), "--threads", "1"])
     report = json.loads((out / "eval.json").read_text())
-    assert len(report["results"]) == 2 * 4 * 2  # sigmas x attacks x m
+    assert len(report["results"]) == 2 * 5 * 3  # sigmas x (4 attacks + worst) x m
     for row in report["results"]:
         assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+        assert ("agreement" in row) == (row["attack"] != "worst")
     assert report["data"]["images"] == 8 and report["attack"]["eot_draws"] == 2
-    assert "| 0.25 | adaptive |" in (out / "eval.md").read_text()
+    rows = {(r["sigma"], r["attack"], r["samples"]): r for r in report["results"]}
+    for sigma in (0.1, 0.25):
+        for m in (1, 2, 16):  # the worst case is never above any attack's accuracy on the same images
+            worst = rows[(sigma, "worst", m)]["correct"]
+            assert worst <= min(rows[(sigma, a, m)]["correct"] for a in ("pgd", "eot", "adaptive"))
+    gains = {(g["sigma"], g["attack"], g["samples"]): g for g in report["gain_over_m1"]}
+    g = gains[(0.25, "eot", 16)]
+    assert g["difference"] == pytest.approx((rows[(0.25, "eot", 16)]["correct"] - rows[(0.25, "eot", 1)]["correct"]) / 8)
+    cert = [c for c in report["certified"] if c["sigma"] == 0.25]
+    assert {c["samples"] for c in cert} == {1, 2, 16} and {c["radius"] for c in cert} == {0, 0.125, 0.25, 0.5}
+    # CERTIFY at alpha 0.001 needs at least 10 unanimous copies: m = 1 and 2 always abstain.
+    assert all(c["correct"] == 0 for c in cert if c["samples"] < 10)
+    text = (out / "eval.md").read_text()
+    assert "| 0.25 | adaptive |" in text and "Repeatability" in text and "Certified accuracy" in text
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"

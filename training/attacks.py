@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from models.smooth import Smooth, aggregate
 from models.spec import Aggregation
@@ -69,6 +70,34 @@ def pgd(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eps: float = EPS, step: fl
         best[better] = adv[better]
         best_loss = torch.where(better, loss, best_loss)
     return best
+
+
+class _LogitModule(nn.Module):
+    """A logit function as the ``nn.Module`` torchattacks expects (it reads the device off ``model``)."""
+
+    def __init__(self, f: LogitFn, model: nn.Module):
+        super().__init__()
+        self.f, self.model = f, model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x).float()
+
+
+def apgd(f: LogitFn, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "ce", eps: float = EPS,
+         steps: int = 100, eot: int = 20) -> torch.Tensor:
+    """APGD (Croce & Hein, 2020; AutoAttack's protocol for randomized defenses: APGD-CE and APGD-DLR,
+    100 steps, EOT over 20 draws), as torchattacks implements it, against the logit function ``f`` of
+    ``model``. Returns the iterate with the highest loss APGD saw for each image, not only the images
+    one noisy draw happened to misclassify (which is all ``torchattacks.APGD.__call__`` returns), so the
+    smoothed classifier is judged on APGD's best point."""
+    try:
+        import torchattacks
+    except ImportError as e:  # metadata pins an old requests it never imports: install without deps
+        raise RuntimeError("APGD needs torchattacks: pip install --no-deps torchattacks==3.5.1") from e
+    attack = torchattacks.APGD(_LogitModule(f, model), norm="Linf", eps=eps, steps=steps, loss=loss, eot_iter=eot)
+    with torch.enable_grad():
+        x_best = attack.attack_single_run(x.detach(), y)[0]
+    return torch.min(torch.max(x_best.detach(), x - eps), x + eps).clamp(0, 1)
 
 
 def noisy_logits_fn(smooth: Smooth) -> LogitFn:

@@ -1,15 +1,26 @@
-"""Accuracy of a smoothed checkpoint, clean and under attack, against m and sigma (``siam evaluate``).
+"""What a smoothed checkpoint's knob buys, clean and under attack, against m (``siam evaluate``).
 
 For each sigma the adversarial examples are crafted once per attack, then the smoothed classifier
-answers them with each m (the aggregation rule stored in the checkpoint). Attacks (all L-inf):
+answers them at each m (the aggregation rule stored in the checkpoint), twice, from two independent
+draws of noise. Attacks (all L-inf, eps 8/255 by default):
 
 * ``pgd``: the paper's PGD-k, gradient from one noise draw per step;
 * ``eot``: PGD-k with the gradient averaged over ``--eot`` noise draws (EOT);
 * ``adaptive``: PGD-k on the smoothed soft output itself, log of the mean softmax over
-  ``--adaptive-samples`` copies (Salman et al., 2019).
+  ``--adaptive-samples`` copies (Salman et al., 2019);
+* ``apgd-ce``, ``apgd-dlr``: AutoAttack's protocol for randomized defenses, APGD with the cross-entropy
+  and the DLR loss, ``--apgd-steps`` steps, gradients averaged over ``--apgd-eot`` draws (torchattacks'
+  implementation; slow on a CPU, so not in the default list).
 
-Every accuracy comes with a 95% Clopper-Pearson interval. Writes ``eval.json``, ``eval.md`` and
-``eval.png`` (accuracy and latency against m) into ``--output``.
+What m buys, in three currencies, each with 95% intervals:
+
+* **robust accuracy**, per attack and per image worst case over every attack run (``worst``), with the
+  paired gain of each m over m = 1 on the same adversarial images;
+* **certified accuracy** (clean images) at L2 radii ``--radii``: Cohen's CERTIFY with n0 = n = m, the class
+  from one set of m copies, its probability bounded on the other (alpha ``--alpha``);
+* **repeatability**: the share of images on which the two independent answers agree, clean and attacked.
+
+Writes ``eval.json``, ``eval.md`` and ``eval.png`` (the three against m, with latency) into ``--output``.
 
 ``siam evaluate --report [--quick]`` writes the full robustness report instead (sigma and m chosen on
 validation images, stronger and black-box attacks, an eps sweep, CERTIFY); see
@@ -23,21 +34,22 @@ import json
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from scipy.stats import beta
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
 from models.smooth import Smooth
-from training.attacks import pgd, smoothed_log_probs
+from training.attacks import apgd, pgd, smoothed_log_probs
 from training.data import load_split, to_float
+from training.measure import clopper_pearson, latency_ms, paired_difference
+from training.robustness import accuracy_entry, answers_by_m, certified_accuracy, certify_by_m
 from training.train import DEFAULT_DATA, resolve_device
 
-ATTACKS = ("clean", "pgd", "eot", "adaptive")
+ATTACKS = ("clean", "pgd", "eot", "adaptive", "apgd-ce", "apgd-dlr")
+WORST = "worst"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,16 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA, help="CIFAR source, as for siam train (default: %(default)s)")
     p.add_argument("--cache-dir", default="data-cache")
     p.add_argument("--images", type=int, default=1000, help="test images (a fixed random subset; default %(default)s)")
-    p.add_argument("--samples", default="1,4,16", help="comma-separated m values (default: %(default)s)")
+    p.add_argument("--samples", default="1,4,16,64", help="comma-separated m values (default: %(default)s)")
     p.add_argument("--sigmas", default=None, help="comma-separated sigmas (default: the checkpoint's)")
-    p.add_argument("--attacks", default="clean,pgd,eot,adaptive", help=f"subset of {','.join(ATTACKS)}")
+    p.add_argument("--attacks", default="clean,pgd,eot,adaptive",
+                   help=f"subset of {','.join(ATTACKS)} (default: %(default)s)")
     p.add_argument("--eps", type=float, default=8 / 255)
     p.add_argument("--step", type=float, default=2 / 255)
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--restarts", type=int, default=1)
     p.add_argument("--eot", type=int, default=8, help="noise draws per gradient for the eot attack")
     p.add_argument("--adaptive-samples", type=int, default=8, help="copies in the adaptive attack's soft output")
-    p.add_argument("--batch-size", type=int, default=200, help="images per attack batch")
+    p.add_argument("--apgd-steps", type=int, default=100, help="APGD iterations (default: %(default)s)")
+    p.add_argument("--apgd-eot", type=int, default=20, help="noise draws per APGD gradient (default: %(default)s)")
+    p.add_argument("--radii", default="0,0.125,0.25,0.5",
+                   help="L2 radii for certified accuracy, in the space sigma is measured in (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.001, help="CERTIFY's failure probability (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per attack batch")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seeds the subset choice, the attacks' and the noise draws")
@@ -66,14 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the robustness report (reports/robustness/) instead; "
                         "`siam evaluate --report --help` lists its options")
     return p
-
-
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Two-sided exact binomial confidence interval for k successes out of n."""
-    a = (1 - level) / 2
-    low = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
-    high = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
-    return low, high
 
 
 def craft(attack: str, smooth: Smooth, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
@@ -87,20 +97,14 @@ def craft(attack: str, smooth: Smooth, x: torch.Tensor, y: torch.Tensor, args: a
         return pgd(smooth.forward_noisy, x, y, eot=args.eot, **kw)
     if attack == "adaptive":
         return pgd(smoothed_log_probs(smooth, args.adaptive_samples), x, y, **kw)
+    if attack in ("apgd-ce", "apgd-dlr"):
+        return apgd(smooth.forward_noisy, smooth.model, x, y, loss=attack.removeprefix("apgd-"), eps=args.eps,
+                    steps=args.apgd_steps, eot=args.apgd_eot)
     raise ValueError(f"unknown attack {attack!r}")
 
 
-def latency_ms(smooth: Smooth, x: torch.Tensor, samples: int, repeats: int = 5) -> float:
-    """Median wall time of one smoothed prediction of one image with ``samples`` copies."""
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        smooth.predict_batch(x[:1], samples)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # first run is a warm-up
-            times.append((time.perf_counter() - t0) * 1000)
-    return sorted(times)[len(times) // 2]
+def _parse_list(text: str, kind: type) -> list[Any]:
+    return [kind(v) for v in text.split(",") if v.strip()]
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,33 +115,58 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device, 0)
     model, manifest = load_checkpoint(args.checkpoint, device)
     spec = manifest.spec
-    samples = [int(m) for m in args.samples.split(",")]
-    sigmas = [float(s) for s in args.sigmas.split(",")] if args.sigmas else [spec.smoothing.sigma]
+    samples = sorted(set(_parse_list(args.samples, int)))
+    sigmas = _parse_list(args.sigmas, float) if args.sigmas else [spec.smoothing.sigma]
+    radii = _parse_list(args.radii, float)
     attacks = [a.strip() for a in args.attacks.split(",")]
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
         raise SystemExit(f"unknown attacks {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
+    if not samples or samples[0] < 1:
+        raise SystemExit("--samples needs m values >= 1")
     test = load_split(args.data, "test", args.cache_dir).subset(args.images, seed=args.seed)
     torch.manual_seed(args.seed)
 
     rows: list[dict[str, Any]] = []
+    certified: list[dict[str, Any]] = []
+    gains: list[dict[str, Any]] = []
     bar = tqdm(total=len(sigmas) * len(attacks) * len(test), desc="evaluate", unit="img", dynamic_ncols=True)
     for sigma in sigmas:
         smooth = Smooth(model, spec.smoothing.model_copy(update={"sigma": sigma}), spec.architecture.num_classes)
-        for attack in attacks:
-            correct = dict.fromkeys(samples, 0)
-            for i in range(0, len(test), args.batch_size):
-                x = to_float(test.images[i:i + args.batch_size].to(device))
-                y = test.labels[i:i + args.batch_size].to(device)
-                adv = craft(attack, smooth, x, y, args)
+        correct: dict[str, dict[int, list[torch.Tensor]]] = {a: {m: [] for m in samples} for a in attacks}
+        agree: dict[str, dict[int, list[torch.Tensor]]] = {a: {m: [] for m in samples} for a in attacks}
+        certificates: dict[int, list[Any]] = {m: [] for m in samples}
+        for i in range(0, len(test), args.batch_size):
+            x = to_float(test.images[i:i + args.batch_size].to(device))
+            y = test.labels[i:i + args.batch_size]
+            for attack in attacks:
+                bar.set_postfix(sigma=sigma, attack=attack)
+                adv = craft(attack, smooth, x, y.to(device), args)
+                first, second = answers_by_m(smooth, adv, samples), answers_by_m(smooth, adv, samples)
                 for m in samples:
-                    preds = smooth.predict_batch(adv, m)
-                    correct[m] += sum(int(p.label == t) for p, t in zip(preds, y.tolist(), strict=True))
+                    correct[attack][m].append(first.labels[m] == y)
+                    agree[attack][m].append(first.labels[m] == second.labels[m])
+                if attack == "clean":
+                    for m, certs in certify_by_m(first, second, sigma, args.alpha).items():
+                        certificates[m].extend(certs)
                 bar.update(len(y))
+        by_m = {a: {m: torch.cat(v) for m, v in per_m.items()} for a, per_m in correct.items()}
+        attacked = [a for a in attacks if a != "clean"]
+        if len(attacked) > 1:  # the per-image worst case: right under every attack that was run
+            by_m[WORST] = {m: torch.stack([by_m[a][m] for a in attacked]).all(0) for m in samples}
+        for attack, per_m in by_m.items():
             for m in samples:
-                low, high = clopper_pearson(correct[m], len(test))
-                rows.append({"sigma": sigma, "attack": attack, "samples": m, "accuracy": correct[m] / len(test),
-                             "ci95": [low, high], "correct": correct[m], "images": len(test)})
+                repeat = torch.cat(agree[attack][m]) if attack in agree else None
+                rows.append({"sigma": sigma, "attack": attack, "samples": m, **accuracy_entry(per_m[m]),
+                             **({"agreement": float(repeat.float().mean()),
+                                 "agreement_ci95": list(clopper_pearson(int(repeat.sum()), int(repeat.numel())))}
+                                if repeat is not None else {})})
+            gains += [{"sigma": sigma, "attack": attack, "samples": m, **paired_difference(per_m[m], per_m[samples[0]])}
+                      for m in samples[1:]]
+        if certificates[samples[0]]:
+            labels = test.labels.tolist()
+            certified += [{"sigma": sigma, "samples": m, **entry}
+                          for m in samples for entry in certified_accuracy(certificates[m], labels, radii)]
     bar.close()
     probe = to_float(test.images[:1].to(device))
     base = Smooth(model, spec.smoothing, spec.architecture.num_classes)
@@ -149,36 +178,75 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "data": {"source": test.source, "sha256": test.checksum, "encoding": test.encoding,
                  "images": len(test), "subset_seed": args.seed},
         "attack": {"norm": "Linf", "eps": args.eps, "step": args.step, "steps": args.steps,
-                   "restarts": args.restarts, "eot_draws": args.eot, "adaptive_samples": args.adaptive_samples},
+                   "restarts": args.restarts, "eot_draws": args.eot, "adaptive_samples": args.adaptive_samples,
+                   "apgd_steps": args.apgd_steps, "apgd_eot": args.apgd_eot, "attacks": attacks},
+        "certify": {"alpha": args.alpha, "n0": "m", "n": "m", "radii": radii, "space": spec.smoothing.space},
         "machine": {"device": str(device), "platform": platform.platform(), "processor": platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "latency_ms_one_image": latency, "results": rows,
+        "latency_ms_one_image": latency, "results": rows, "gain_over_m1": gains, "certified": certified,
     }
 
 
+def _cell(r: dict[str, Any], key: str = "accuracy", ci: str = "ci95") -> str:
+    return f"{100 * r[key]:.1f} [{100 * r[ci][0]:.1f}, {100 * r[ci][1]:.1f}]"
+
+
+def _order(attack: str) -> int:
+    return ATTACKS.index(attack) if attack in ATTACKS else len(ATTACKS)
+
+
 def to_markdown(report: dict[str, Any]) -> str:
-    samples = sorted({r["samples"] for r in report["results"]})
+    results = report["results"]
+    samples = sorted({r["samples"] for r in results})
+    head = "| sigma | attack | " + " | ".join(f"m={m}" for m in samples) + " |"
+    rule = "|---|---|" + "---|" * len(samples)
     a = report["attack"]
+
+    def table(keep: Any, cell: Any) -> list[str]:
+        keys = sorted({(r["sigma"], r["attack"]) for r in results if keep(r)}, key=lambda k: (k[0], _order(k[1])))
+        lines = [head, rule]
+        for sigma, attack in keys:
+            by_m = {r["samples"]: r for r in results if (r["sigma"], r["attack"]) == (sigma, attack)}
+            lines.append(f"| {sigma:g} | {attack} | " + " | ".join(cell(by_m[m]) for m in samples) + " |")
+        return lines
+
     lines = [
-        f"### {report['model']} — accuracy (%) vs m, {report['data']['images']} test images "
-        f"({report['data']['encoding']} encoding), 95% Clopper-Pearson intervals",
+        f"### {report['model']}: what m buys, {report['data']['images']} test images "
+        f"({report['data']['encoding']} encoding), 95% intervals",
         "",
-        f"Attacks: L-inf eps={a['eps'] * 255:.1f}/255, {a['steps']} steps of {a['step'] * 255:.1f}/255, "
-        f"random start, {a['restarts']} restart(s); eot = {a['eot_draws']} noise draws per gradient; "
-        f"adaptive = PGD on the log mean softmax of {a['adaptive_samples']} copies. "
-        f"Aggregation: {report['smoothing']['aggregation']}.",
+        f"Attacks: L-inf eps={a['eps'] * 255:.1f}/255; pgd/eot/adaptive: {a['steps']} steps of "
+        f"{a['step'] * 255:.1f}/255, random start, {a['restarts']} restart(s); eot = {a['eot_draws']} noise draws "
+        f"per gradient; adaptive = PGD on the log mean softmax of {a['adaptive_samples']} copies; apgd = "
+        f"torchattacks' APGD, {a.get('apgd_steps', '-')} steps, EOT {a.get('apgd_eot', '-')}. "
+        f"worst = right under every attack run. Aggregation: {report['smoothing']['aggregation']}.",
         "",
-        "| sigma | attack | " + " | ".join(f"m={m}" for m in samples) + " |",
-        "|---|---|" + "---|" * len(samples),
+        "**Accuracy (%)**",
+        "",
+        *table(lambda r: True, _cell),
     ]
-    keys = sorted({(r["sigma"], r["attack"]) for r in report["results"]},
-                  key=lambda k: (k[0], ATTACKS.index(k[1])))
-    for sigma, attack in keys:
-        cells = []
-        for m in samples:
-            r = next(r for r in report["results"] if (r["sigma"], r["attack"], r["samples"]) == (sigma, attack, m))
-            cells.append(f"{100 * r['accuracy']:.1f} [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]")
-        lines.append(f"| {sigma:g} | {attack} | " + " | ".join(cells) + " |")
+    gains = report.get("gain_over_m1", [])
+    if gains:
+        lines += ["", f"**Gain over m={samples[0]} (points, same adversarial images, paired 95% interval)**", "",
+                  "| sigma | attack | " + " | ".join(f"m={m}" for m in samples[1:]) + " |",
+                  "|---|---|" + "---|" * (len(samples) - 1)]
+        for sigma, attack in sorted({(g["sigma"], g["attack"]) for g in gains}, key=lambda k: (k[0], _order(k[1]))):
+            by_m = {g["samples"]: g for g in gains if (g["sigma"], g["attack"]) == (sigma, attack)}
+            lines.append(f"| {sigma:g} | {attack} | " + " | ".join(
+                f"{100 * by_m[m]['difference']:+.1f} [{100 * by_m[m]['ci95'][0]:+.1f}, {100 * by_m[m]['ci95'][1]:+.1f}]"
+                for m in samples[1:]) + " |")
+    if any("agreement" in r for r in results):
+        lines += ["", "**Repeatability: two independent answers agree (%)**", "",
+                  *table(lambda r: "agreement" in r, lambda r: _cell(r, "agreement", "agreement_ci95"))]
+    cert = report.get("certified", [])
+    if cert:
+        c = report["certify"]
+        radii = sorted({r["radius"] for r in cert})
+        lines += ["", f"**Certified accuracy (%) at L2 radius ({c['space']} space), CERTIFY with n0 = n = m, "
+                      f"alpha = {c['alpha']}**", "",
+                  "| sigma | m | " + " | ".join(f"r={r:g}" for r in radii) + " |", "|---|---|" + "---|" * len(radii)]
+        for sigma, m in sorted({(r["sigma"], r["samples"]) for r in cert}):
+            by_r = {r["radius"]: r for r in cert if (r["sigma"], r["samples"]) == (sigma, m)}
+            lines.append(f"| {sigma:g} | {m} | " + " | ".join(_cell(by_r[r]) for r in radii) + " |")
     lat = report["latency_ms_one_image"]
     lines += ["", f"Latency of one prediction (one image, {report['machine']['device']}, "
                   f"{report['machine']['threads']} threads): "
@@ -188,29 +256,42 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
+    """Three panels against m: accuracy (clean, each attack, worst case), repeatability, certified accuracy;
+    latency dashed on the first."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    samples = sorted({r["samples"] for r in report["results"]})
-    for sigma, attack in sorted({(r["sigma"], r["attack"]) for r in report["results"]}):
-        pts = sorted((r["samples"], r["accuracy"]) for r in report["results"]
-                     if r["sigma"] == sigma and r["attack"] == attack)
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"{attack}, σ={sigma:g}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("m (noisy copies per prediction)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    lat = ax.twinx()
+    results = report["results"]
+    samples = sorted({r["samples"] for r in results})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key, title in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "agreement", "two answers agree (%)")):
+        for sigma, attack in sorted({(r["sigma"], r["attack"]) for r in results if key in r},
+                                    key=lambda k: (k[0], _order(k[1]))):
+            pts = sorted((r["samples"], r[key]) for r in results
+                         if r["sigma"] == sigma and r["attack"] == attack and key in r)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"{attack}, σ={sigma:g}",
+                    linewidth=2.5 if attack == WORST else 1.2)
+        ax.set_ylabel(title)
+    lat = axes[0].twinx()
     lat.plot(samples, [report["latency_ms_one_image"][m] for m in samples], "k--", label="latency")
     lat.set_ylabel("latency of one prediction (ms, dashed)")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"{report['model']}: robustness vs cost ({report['data']['images']} images, "
-                 f"{report['data']['encoding']})", fontsize=10)
+    for sigma, radius in sorted({(r["sigma"], r["radius"]) for r in report.get("certified", [])}):
+        pts = sorted((r["samples"], r["accuracy"]) for r in report["certified"]
+                     if r["sigma"] == sigma and r["radius"] == radius)
+        axes[2].plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"r={radius:g}, σ={sigma:g}")
+    axes[2].set_ylabel("certified accuracy (%)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("m (noisy copies per prediction)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{report['model']}: what m buys ({report['data']['images']} images, "
+                 f"{report['data']['encoding']})", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -49,7 +49,7 @@ from models.resnet import Classifier
 from models.smooth import Smooth
 from training.attacks import pgd, smoothed_log_probs, smoothed_probabilities
 from training.data import Dataset, load_split, to_float
-from training.evaluate import latency_ms
+from training.measure import latency_ms
 from training.nattack import nattack
 from training.report_render import render_markdown, render_plots, write_index
 from training.robustness import (

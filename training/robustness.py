@@ -9,15 +9,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from models.pni import pni_layers
 from models.resnet import Classifier
-from models.smooth import Certificate, Smooth, aggregate
+from models.smooth import Certificate, Smooth, aggregate, certify_from_counts
 from models.spec import Aggregation
-from training.evaluate import clopper_pearson
+from training.measure import clopper_pearson
 
 Attack = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 """``attack(x, y, eps) -> adversarial x``."""
@@ -25,22 +26,46 @@ Judge = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``judge(x, y) -> bool per image``: does the classifier under test get it right?"""
 
 
-def correct_by_m(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, samples: Sequence[int],
-                 aggregation: Aggregation | None = None) -> dict[int, torch.Tensor]:
-    """Per-image correctness of the smoothed classifier at each m in ``samples``.
+@dataclass(frozen=True)
+class Answers:
+    """One independent set of noisy copies per image, read at several m (prefixes of the set)."""
 
-    One batch of ``max(samples)`` noisy copies per image; the answer at m aggregates the first m of
-    them, so every m costs nothing extra (each is still an answer from m independent copies).
-    """
+    labels: dict[int, torch.Tensor]
+    """m -> ``[B]`` the smoothed answer (the aggregation rule) from the first m copies."""
+    votes: dict[int, torch.Tensor]
+    """m -> ``[B, C]`` how many of the first m copies the base model puts in each class."""
+
+
+def answers_by_m(smooth: Smooth, x: torch.Tensor, samples: Sequence[int],
+                 aggregation: Aggregation | None = None) -> Answers:
+    """The smoothed answer of every image at each m in ``samples``, from one draw of ``max(samples)``
+    noisy copies per image; the answer at m aggregates the first m of them, so every m costs nothing
+    extra (each is still an answer from m independent copies). Results are on the CPU."""
     rule = aggregation or smooth.smoothing.aggregation
     top = max(samples)
     logits = smooth.noisy_logits(x, [top] * x.shape[0]).view(x.shape[0], top, -1)
-    out = {}
+    labels, votes = {}, {}
     for m in samples:
         rows = torch.arange(x.shape[0], device=logits.device).repeat_interleave(m)
-        scores, _ = aggregate(logits[:, :m].reshape(-1, logits.shape[-1]), rows, x.shape[0], rule)
-        out[m] = (scores.argmax(1) == y.to(scores.device)).cpu()
-    return out
+        scores, counts = aggregate(logits[:, :m].reshape(-1, logits.shape[-1]), rows, x.shape[0], rule)
+        labels[m], votes[m] = scores.argmax(1).cpu(), counts.round().long().cpu()
+    return Answers(labels, votes)
+
+
+def correct_by_m(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, samples: Sequence[int],
+                 aggregation: Aggregation | None = None) -> dict[int, torch.Tensor]:
+    """Per-image correctness of the smoothed classifier at each m in ``samples`` (see :func:`answers_by_m`)."""
+    labels = answers_by_m(smooth, x, samples, aggregation).labels
+    return {m: labels[m] == y.cpu() for m in samples}
+
+
+def certify_by_m(selection: Answers, estimation: Answers, sigma: float,
+                 alpha: float = 0.001) -> dict[int, list[Certificate]]:
+    """Cohen's CERTIFY at each m with n0 = n = m: the class from the votes of one set of m copies, its
+    probability bounded on an independent set of m copies (a certificate bought with 2m copies)."""
+    return {m: [certify_from_counts(sel, est, alpha, sigma)
+                for sel, est in zip(selection.votes[m], estimation.votes[m], strict=True)]
+            for m in selection.votes}
 
 
 def accuracy_entry(correct: torch.Tensor) -> dict[str, Any]:
