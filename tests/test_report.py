@@ -186,7 +186,8 @@ def test_report_quick_run_writes_markdown_json_and_figures(tiny_checkpoint: Path
         "--certify-images", "2", "--certify-n0", "4", "--certify-n", "16", "--steps", "1", "--eot", "2",
         "--eot-large", "2", "--adaptive-samples", "2", "--strong-steps", "2", "--strong-eot", "1", "--restarts", "1",
         "--transfer-steps", "1", "--sweep-eps", "0,8,64", "--sweep-steps", "1", "--sweep-eot", "1",
-        "--nattack-population", "4", "--nattack-queries", "20", "--nattack-samples", "1", "--latency-repeats", "1"])
+        "--nattack-population", "4", "--nattack-queries", "20", "--nattack-samples", "1", "--latency-repeats", "1",
+        "--apgd-steps", "2", "--apgd-eot", "1"])
     folder = out / "tiny" / "quick"
     r = json.loads((folder / "report.json").read_text())
     assert r["quick"] and r["data"]["test_images"] == 6 and r["data"]["validation"]["images"] == 4
@@ -194,7 +195,8 @@ def test_report_quick_run_writes_markdown_json_and_figures(tiny_checkpoint: Path
     assert len(r["grid"]) == 2 * 5 * 3  # sigmas x (4 attacks + worst case) x m
     rows = r["grid"] + r["strong"]["rows"] + r["strong"]["eps_sweep"]["rows"] + r["nattack"]["rows"]
     assert all(x["ci95"][0] <= x["accuracy"] <= x["ci95"][1] for x in rows)
-    assert {x["attack"] for x in r["strong"]["rows"]} == {"eot2-pgd1", "pgd2-eot1-r1", "transfer"}
+    assert {x["attack"] for x in r["strong"]["rows"]} == {"eot2-pgd1", "pgd2-eot1-r1", "apgd-ce-2-eot1",
+                                                         "apgd-dlr-2-eot1", "transfer"}
     assert r["validation"]["choice"]["sigma"] in (0.1, 0.25) and r["certify"][0]["n"] == 16
     assert [p["samples"] for p in r["latency_ms"]] == [1, 2, 4]
     assert r["nattack"]["max_linf"] <= 8 / 255 + 1e-6

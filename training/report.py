@@ -8,8 +8,9 @@ For each checkpoint it measures, on the CIFAR-10 test split (the JPEG encoding b
 2. the trade-off grid: clean, PGD-k (the paper's attack, gradient from one noise draw), EOT-PGD and the
    adaptive attack on the smoothed soft output (Salman et al.) for every sigma and every m, with the
    latency of one prediction at each m measured by this command on this machine;
-3. stronger attacks at the chosen sigma: EOT with more draws, 50-step EOT-PGD with restarts, a
-   transfer attack from the noise-free base model, and an eps sweep that must fall to ~0%;
+3. stronger attacks at the chosen sigma: EOT with more draws, 50-step EOT-PGD with restarts, APGD-CE
+   and APGD-DLR with EOT (AutoAttack's protocol for randomized defenses, torchattacks' implementation),
+   a transfer attack from the noise-free base model, and an eps sweep that must fall to ~0%;
 4. NAttack (Li et al., 2019), a query-only black-box attack, on a subset;
 5. Cohen et al.'s CERTIFY: certified L2 accuracy at several radii;
 6. a discussion generated from the numbers: strongest attack, signs of gradient masking, and the
@@ -47,7 +48,7 @@ from tqdm import tqdm
 from models.checkpoint import Manifest, load_checkpoint
 from models.resnet import Classifier
 from models.smooth import Smooth
-from training.attacks import pgd, smoothed_log_probs, smoothed_probabilities
+from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_probabilities
 from training.data import Dataset, load_split, to_float
 from training.measure import latency_ms
 from training.nattack import nattack
@@ -68,12 +69,14 @@ FULL: dict[str, Any] = {
     "nattack_images": 50, "certify_images": 300, "restarts": 5, "sweep_eps": "0,1,2,4,8,16,32,64",
     "sweep_steps": 20, "sweep_eot": 8, "nattack_population": 200, "nattack_queries": 10_000,
     "nattack_samples": 0, "certify_n": 2000, "certify_sigmas": "all", "latency_repeats": 10,
+    "apgd_steps": 100, "apgd_eot": 20,
 }
 QUICK: dict[str, Any] = {
     "samples": "1,2,4,8,16,32,64", "val_images": 50, "test_images": 100, "strong_images": 25,
     "nattack_images": 8, "certify_images": 20, "restarts": 2, "sweep_eps": "0,2,4,8,16,32,64",
     "sweep_steps": 10, "sweep_eot": 4, "nattack_population": 100, "nattack_queries": 1500,
     "nattack_samples": 4, "certify_n": 1000, "certify_sigmas": "checkpoint", "latency_repeats": 5,
+    "apgd_steps": 20, "apgd_eot": 2,
 }
 SECTION_SEEDS = {"validation": 1, "grid": 2, "strong": 3, "nattack": 4, "certify": 5}
 
@@ -119,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strong-eot", type=int, default=8, help="noise draws per gradient of the 50-step attack")
     g.add_argument("--restarts", type=int, default=None, help=f"restarts of the 50-step attack "
                                                               f"({FULL['restarts']} / {QUICK['restarts']})")
+    g.add_argument("--apgd-steps", type=int, default=None,
+                   help=f"APGD-CE and APGD-DLR iterations ({FULL['apgd_steps']} / {QUICK['apgd_steps']}; 0: no APGD)")
+    g.add_argument("--apgd-eot", type=int, default=None,
+                   help=f"noise draws per APGD gradient ({FULL['apgd_eot']} / {QUICK['apgd_eot']})")
     g.add_argument("--transfer-steps", type=int, default=50, help="PGD steps on the noise-free surrogate")
     g.add_argument("--sweep-eps", default=None, help=f"eps sweep in 1/255 units ({FULL['sweep_eps']} / "
                                                      f"{QUICK['sweep_eps']})")
@@ -276,6 +283,9 @@ def run_strong(model: Classifier, manifest: Manifest, x: torch.Tensor, y: torch.
                                                    steps=args.strong_steps, restarts=args.restarts,
                                                    eot=args.strong_eot)),
     }
+    for loss in ("ce", "dlr") if args.apgd_steps > 0 else ():  # AutoAttack's protocol for randomized models
+        attacks[f"apgd-{loss}-{args.apgd_steps}-eot{args.apgd_eot}"] = (1, lambda a, b, loss=loss: apgd(
+            f, model, a, b, loss=loss, eps=args.eps, steps=args.apgd_steps, eot=args.apgd_eot))
     sweep_eps = [e / 255 for e in floats(args.sweep_eps)]
     total = len(y) * (len(attacks) + 1 + sum(1 for e in sweep_eps if e > 0))
     bar = tqdm(total=total, desc=f"strong attacks (sigma={sigma:g})", unit="img", dynamic_ncols=True)
