@@ -12,6 +12,7 @@ weight draw per batch would make an image's answer depend on its batch mates.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from models.spec import ModelSpec
 INPUT_NAMES = ["images", "sigma"]
 OUTPUT_NAMES = ["logits"]
 OPSET = 17
+WEIGHTS_KEY = "siam_weights_sha256"
+"""Metadata key naming the checksum of the weights a graph was exported from."""
 
 
 class NoisyGraph(nn.Module):
@@ -41,8 +44,11 @@ class NoisyGraph(nn.Module):
         return self.model(images, normalized_noise=noise)
 
 
-def export_onnx(model: Classifier, spec: ModelSpec, path: str | Path) -> Path:
-    """Write the noisy base model to ``path`` (ONNX, dynamic batch axis); returns the path."""
+def export_onnx(model: Classifier, spec: ModelSpec, path: str | Path, weights_sha256: str | None = None) -> Path:
+    """Write the noisy base model to ``path`` (ONNX, dynamic batch axis); returns the path.
+
+    ``weights_sha256`` is stored in the graph's metadata, so the service can tell a checkpoint's own
+    ``model.onnx`` from a stale one and use it instead of exporting again."""
     if has_weight_noise(model):
         raise ValueError("ONNX export does not support PNI-W weight noise; serve this model with the torch backend")
     path = Path(path)
@@ -51,11 +57,30 @@ def export_onnx(model: Classifier, spec: ModelSpec, path: str | Path) -> Path:
     # A copy: export must neither move the caller's model nor change its train/eval mode.
     graph = NoisyGraph(copy.deepcopy(model).cpu(), spec.smoothing.space).eval()
     example = (torch.rand(2, 3, size, size), torch.tensor([spec.smoothing.sigma], dtype=torch.float32))
-    torch.onnx.export(
-        graph, example, str(path), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET, dynamo=False,
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices say nothing about this graph
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph, example, str(path), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET, dynamo=False,
+        )
+    if weights_sha256:
+        import onnx
+
+        proto = onnx.load(str(path))
+        onnx.helper.set_model_props(proto, {WEIGHTS_KEY: weights_sha256})
+        onnx.save(proto, str(path))
     return path
+
+
+def exported_weights(path: str | Path) -> str | None:
+    """The weights checksum a graph says it was exported from (None for graphs that do not say)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a corrupt or foreign file is simply not the checkpoint's graph
+        return None
+    return next((p.value for p in proto.metadata_props if p.key == WEIGHTS_KEY), None)
 
 
 def default_providers() -> list[str]:

@@ -172,14 +172,18 @@ class OnnxBackend:
 
 
 def onnx_graph(model: Classifier, manifest: Manifest, checkpoint: Path, cache: Path) -> Path:
-    """The checkpoint's ONNX graph, exported once per weights checksum into ``cache``."""
-    from models.onnx import export_onnx
+    """The checkpoint's ONNX graph: its own ``model.onnx`` when that was exported from these very weights
+    (``siam export`` records their checksum in the graph), else one exported once per checksum into ``cache``."""
+    from models.onnx import export_onnx, exported_weights
 
+    shipped = Path(checkpoint) / "model.onnx"
+    if shipped.is_file() and exported_weights(shipped) == manifest.weights.sha256:
+        return shipped
     path = cache / f"{manifest.name}-{manifest.weights.sha256[:16]}.onnx"
     if not path.is_file():
         log.info("exporting %s to ONNX at %s", checkpoint, path)
         tmp = path.with_suffix(".tmp.onnx")
-        export_onnx(model, manifest.spec, tmp)
+        export_onnx(model, manifest.spec, tmp, manifest.weights.sha256)
         tmp.replace(path)
     return path
 

@@ -46,6 +46,13 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.siam_app = app
 
+    async def startup(self, sockets: Any = None) -> None:
+        """A checkpoint that cannot load ends the process (unless told to stay up, not ready)."""
+        await super().startup(sockets)
+        state = self.siam_app.state.siam
+        if state.load_error and state.settings.exit_on_load_error:
+            self.should_exit = True
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.siam_app.state.siam.draining = True
         log.info("signal %d: draining", sig)
@@ -63,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False, log_config=None,
                             timeout_graceful_shutdown=int(settings.graceful_timeout_s), lifespan="on")
-    GracefulServer(config, app).run()
+    server = GracefulServer(config, app)
+    server.run()
+    if app.state.siam.load_error and settings.exit_on_load_error:
+        sys.exit(f"siam serve: could not load {settings.checkpoint}: {app.state.siam.load_error}")
 
 
 if __name__ == "__main__":

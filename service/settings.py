@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     warmup: bool = Field(True, description="run the model once before reporting ready")
+    exit_on_load_error: bool = Field(True, description="exit (status 1) when the checkpoint cannot be loaded, as "
+                                     "Triton does; off: keep running, not ready, and say why on /health/ready")
     graceful_timeout_s: float = Field(30.0, gt=0, description="on SIGTERM, how long to finish accepted requests")
 
     def canary_sample_list(self) -> list[int]:

@@ -296,3 +296,14 @@ def test_not_ready_when_checkpoint_is_broken(tmp_path: Path) -> None:
         assert r.status_code == 503 and "not a checkpoint folder" in r.json()["detail"]
         r = c.post("/predict", json={"image": b64(PNG)})
         assert r.status_code == 503 and r.headers["retry-after"]
+
+
+def test_serve_exits_with_a_message_when_the_checkpoint_cannot_load(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "service.cli", str(tmp_path / "nonexistent"), "--port", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "siam serve: could not load" in done.stderr and "not a checkpoint folder" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -126,3 +126,24 @@ def test_evaluate_writes_table_json_and_plot(tiny_checkpoint: Path, tiny_cifar_t
     text = (out / "eval.md").read_text()
     assert "| 0.25 | adaptive |" in text and "Repeatability" in text and "Certified accuracy" in text
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_service_uses_the_checkpoints_own_graph_only_when_it_matches_the_weights(tiny_checkpoint: Path,
+                                                                                 tmp_path: Path) -> None:
+    from models.onnx import exported_weights
+    from service.backends import onnx_graph
+
+    model, manifest = load_checkpoint(tiny_checkpoint)
+    cache = tmp_path / "cache"
+    # no model.onnx beside the weights: exported once into the cache, checksum recorded
+    cached = onnx_graph(model, manifest, tiny_checkpoint, cache)
+    assert cached.parent == cache and exported_weights(cached) == manifest.weights.sha256
+    export.main([str(tiny_checkpoint)])  # siam export writes model.onnx with the checksum
+    shipped = tiny_checkpoint / "model.onnx"
+    assert exported_weights(shipped) == manifest.weights.sha256
+    assert onnx_graph(model, manifest, tiny_checkpoint, cache) == shipped
+    # a stale graph (other weights) beside the checkpoint is not used
+    stale = manifest.model_copy(update={"weights": manifest.weights.model_copy(update={"sha256": "0" * 64})})
+    assert onnx_graph(model, stale, tiny_checkpoint, cache).parent == cache
+    shipped.write_bytes(b"not an onnx file")
+    assert exported_weights(shipped) is None

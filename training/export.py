@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(message)
         print(f"skipped ONNX: {message}")
     else:
-        export_onnx(model, manifest.spec, out)
+        export_onnx(model, manifest.spec, out, manifest.weights.sha256)
         result = check_parity(model, out, manifest.spec.smoothing.sigma, args.atol, args.provider)
         print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
         print(f"parity at sigma=0 on batches {result['batch_sizes']}: max |logit diff| "
