@@ -200,13 +200,19 @@ def test_prometheus_reads_live_accuracy_from_feedback(stack: tuple[Server, Prome
 def test_shipped_rules_evaluate_on_real_series(stack: tuple[Server, Prometheus], traffic: dict[str, Any]) -> None:
     _, prometheus = stack
     prometheus.wait_for("sum(siam_feedback_total)", traffic["feedback"])
-    time.sleep(2.5)  # rules are evaluated every second
-    status, body = http("GET", f"{prometheus.url}/api/v1/rules")
-    assert status == 200
-    rules = [rule for group in body["data"]["groups"] for rule in group["rules"]]
-    assert len(rules) >= 8
-    broken = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
-    assert not broken, broken
+    # A rule is "unknown" until its group's first evaluation after the data arrived: poll, with a bound,
+    # until every rule has been evaluated; an "err" fails at once, naming the rule and its error.
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = http("GET", f"{prometheus.url}/api/v1/rules")
+        assert status == 200
+        rules = [rule for group in body["data"]["groups"] for rule in group["rules"]]
+        broken = [(r["name"], r.get("lastError")) for r in rules if r["health"] == "err"]
+        assert not broken, broken
+        if len(rules) >= 8 and all(r["health"] == "ok" for r in rules) and prometheus.query("siam:live_accuracy:1h"):
+            break
+        assert time.monotonic() < deadline, [(r["name"], r["health"]) for r in rules]
+        time.sleep(0.5)
     assert prometheus.value("siam:live_accuracy:1h") == pytest.approx(traffic["accuracy"], abs=0.1)
     firing = {r["name"] for r in rules if r.get("state") == "firing"}
     assert not firing & {"SiamDown", "SiamAbsent"}, firing

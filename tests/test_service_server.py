@@ -3,7 +3,6 @@ graceful shutdown and the official Triton/KServe HTTP client."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -81,16 +80,45 @@ def test_queue_full_is_503_at_once_and_deadline_is_504(checkpoint: Path) -> None
         assert 'siam_errors_total{kind="queue_full"}' in metrics and 'siam_errors_total{kind="deadline"}' in metrics
 
 
+def in_flight(url: str, at_least: int, timeout: float = 30) -> None:
+    """Poll /metrics until the server handles ``at_least`` requests at once (a bound, not a sleep). The
+    /metrics request itself counts as one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        value = next(float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith("siam_in_flight_requests "))
+        if value >= at_least + 1:
+            return
+        assert time.monotonic() < deadline, f"only {value - 1:g} requests in flight after {timeout} s"
+        time.sleep(0.02)
+
+
+def test_draining_server_refuses_new_predictions_with_503(checkpoint: Path) -> None:
+    """Between SIGTERM and the listening socket closing, a new request must get 503 with Retry-After. That
+    window is too short to hit from outside on purpose, so the draining state itself is checked in-process."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(checkpoint=checkpoint, backend="torch", chunk_rows=64, threads=1))
+    with TestClient(app) as client:
+        assert client.get("/health/ready").status_code == 200
+        app.state.siam.draining = True
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503 and "shutting down" in ready.json()["detail"]
+        r = client.post("/predict", json=BODY)
+        assert r.status_code == 503 and r.headers.get("retry-after")
+
+
 def test_sigterm_finishes_accepted_requests_then_exits(checkpoint: Path) -> None:
     server = Server(checkpoint, "--backend", "torch", "--chunk-rows", "256", "--max-wait-ms", "0")
     with server:
         with ThreadPoolExecutor(3) as pool:
             pending = [pool.submit(post, server.url, 512) for _ in range(3)]
-            time.sleep(0.5)  # accepted and queued or running
+            in_flight(server.url, at_least=3)  # all three accepted (and queued or running)
             server.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
-            with contextlib.suppress(httpx.TransportError):  # refused: not listening, or not ready
-                assert post(server.url, 1, timeout=5)[0] == 503
             answers = [f.result() for f in pending]
         assert [a[0] for a in answers] == [200, 200, 200], answers
         assert all(a[1]["samples"] == 512 for a in answers)
