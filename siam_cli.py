@@ -11,9 +11,10 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "adversarially train a CIFAR ResNet and write a checkpoint"),
-    "evaluate": ("training.evaluate", "clean / PGD / adaptive-attack accuracy of a checkpoint vs m and sigma"),
+    "evaluate": ("training.evaluate", "what m buys: robust, certified accuracy and repeatability vs m and sigma"),
     "export": ("training.export", "export a checkpoint to ONNX (noise in the graph) and check parity"),
     "serve": ("service.cli", "serve a checkpoint over HTTP (POST /predict?samples=N)"),
+    "predict": ("service.client", "send image files or folders to a running service and print the answers"),
     "bench": ("benchmarks.bench", "measure throughput: model limit, engine, HTTP, baselines"),
     "info": ("models.info", "print a checkpoint's manifest and verify its weights"),
 }

@@ -1,0 +1,148 @@
+"""``siam predict``: send images (files or folders) to a running ``siam serve`` and print the answers.
+
+Each image goes as its own request (raw PNG/JPEG bytes), several at a time, so the service batches
+their noisy copies together. A 503 (queue full, loading, draining) is retried after the server's
+``Retry-After``, up to ``--retries`` times; any other error is reported for that image and the rest go
+on. Output: one line per image (path, class, vote share, top probability), or JSON lines with
+``--json``; the exit status is 1 when any image got no answer.
+
+    siam predict photos/ --samples 64
+    siam predict test/cat/0000.jpg --url http://gpu-host:8000 --certify --json > answers.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The service's answer for one file, or why there is none."""
+
+    path: Path
+    body: dict[str, Any] | None
+    error: str | None = None
+
+
+def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """The PNG/JPEG files named, and those under the folders named (sorted), in order."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+        elif path.is_file():
+            yield path
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+
+
+class Client:
+    """A small client for ``POST /predict`` that honours ``Retry-After``."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0, retries: int = 5):
+        self.url = url.rstrip("/")
+        self.retries = retries
+        self.http = httpx.Client(timeout=timeout)
+
+    def predict_bytes(self, data: bytes, content_type: str, samples: int | None = None,
+                      certify: bool = False) -> dict[str, Any]:
+        """The answer to one image; raises ``httpx.HTTPStatusError`` once retries are spent."""
+        params: dict[str, Any] = {"certify": "true"} if certify else {}
+        if samples is not None:
+            params["samples"] = samples
+        for attempt in range(self.retries + 1):
+            r = self.http.post(f"{self.url}/predict", params=params, content=data,
+                               headers={"content-type": content_type})
+            if r.status_code != 503 or attempt == self.retries:
+                break
+            time.sleep(min(float(r.headers.get("retry-after", "1") or 1), 30.0))
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise httpx.HTTPStatusError(f"{r.status_code}: {detail}", request=r.request, response=r)
+        return r.json()
+
+    def predict_file(self, path: Path, samples: int | None = None, certify: bool = False) -> Answer:
+        try:
+            body = self.predict_bytes(path.read_bytes(), SUFFIXES.get(path.suffix.lower(), "image/png"),
+                                      samples, certify)
+            return Answer(path, body)
+        except (httpx.HTTPError, OSError) as e:
+            return Answer(path, None, str(e))
+
+    def predict_files(self, paths: Iterable[Path], samples: int | None = None, certify: bool = False,
+                      concurrency: int = 8) -> Iterator[Answer]:
+        """Answers in the order of ``paths``, ``concurrency`` requests in flight."""
+        with ThreadPoolExecutor(max(concurrency, 1)) as pool:
+            yield from pool.map(lambda p: self.predict_file(p, samples, certify), paths)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def line(answer: Answer) -> str:
+    if answer.body is None:
+        return f"{answer.path}\tERROR\t{answer.error}"
+    b = answer.body
+    top = max(b["probabilities"]) if b.get("probabilities") else float("nan")
+    text = f"{answer.path}\t{b.get('class_name') or b['label']}\tvote_share={b['vote_share']:.3f}\tp={top:.3f}"
+    if b.get("radius") is not None:
+        text += f"\tradius={b['radius']:.4f}" + ("\tabstained" if b.get("abstained") else "")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="siam predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="PNG/JPEG files, or folders searched for them")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=None, help="noisy copies m (default: the model's)")
+    p.add_argument("--certify", action="store_true", help="Cohen's CERTIFY: certified L2 radius, or abstain")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=5, help="retries of a 503, after Retry-After (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON lines: {path, answer or error}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        files = list(image_files(args.paths))
+    except FileNotFoundError as e:
+        raise SystemExit(f"siam predict: {e}") from e
+    if not files:
+        raise SystemExit("siam predict: no .png, .jpg or .jpeg files found")
+    client = Client(args.url, args.timeout, args.retries)
+    failed = 0
+    try:
+        for answer in client.predict_files(files, args.samples, args.certify, args.concurrency):
+            failed += answer.body is None
+            if args.json:
+                print(json.dumps({"path": str(answer.path), "answer": answer.body, "error": answer.error}))
+            else:
+                print(line(answer))
+            sys.stdout.flush()
+    finally:
+        client.close()
+    if failed:
+        print(f"siam predict: {failed} of {len(files)} images got no answer", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""``siam predict``: files and folders to a real ``siam serve``, errors per image, 503 retried after Retry-After."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import make_model
+from service_helpers import Server, image_bytes
+
+from models import save_checkpoint
+from service import client
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, spec = make_model()
+    folder = tmp_path_factory.mktemp("client") / "tiny"
+    save_checkpoint(folder, model, spec, name="tiny")
+    return folder
+
+
+def test_predict_folder_and_file_against_a_real_server(checkpoint: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "a.png").write_bytes(image_bytes(1))
+    (images / "sub" / "b.jpg").write_bytes(image_bytes(2, fmt="JPEG"))
+    (images / "notes.txt").write_text("not an image")  # skipped: not a PNG/JPEG name
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG broken")
+    with Server(checkpoint, "--backend", "torch", "--chunk-rows", "64") as server, \
+            pytest.raises(SystemExit) as failed:
+        client.main([str(images), str(broken), "--url", server.url, "--samples", "4", "--json"])
+    assert failed.value.code == 1  # one image got no answer
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.jpg", "broken.png"]
+    for r in rows[:2]:
+        assert r["answer"]["samples"] == 4 and len(r["answer"]["probabilities"]) == 10 and r["error"] is None
+    assert rows[2]["answer"] is None and rows[2]["error"].startswith("4")  # the service's 4xx, with its detail
+    assert "1 of 3 images got no answer" in out.err
+
+
+def test_503_is_retried_after_retry_after_then_answered() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) < 3:
+            return httpx.Response(503, headers={"retry-after": "0"}, json={"detail": "busy"})
+        return httpx.Response(200, json={"label": 3, "class_name": "cat", "probabilities": [0.1] * 10,
+                                         "vote_share": 1.0})
+
+    c = client.Client("http://siam.test", retries=5)
+    c.http = httpx.Client(transport=httpx.MockTransport(handler))
+    assert c.predict_bytes(b"img", "image/png", samples=16)["class_name"] == "cat"
+    assert len(calls) == 3 and calls[0].url.params["samples"] == "16"
+    calls.clear()
+    c.retries = 1  # retries spent: the 503 is reported, not hidden
+    with pytest.raises(httpx.HTTPStatusError, match="503: busy"):
+        c.predict_bytes(b"img", "image/png")
+    assert len(calls) == 2
+
+
+def test_missing_path_is_a_clear_error() -> None:
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        client.main(["/nonexistent/images"])
