@@ -14,6 +14,21 @@ from models.resnet import Classifier
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def require_tool(name: str, hint: str) -> str:
+    """The path of a system tool a test needs. Missing: a skip on a developer's machine, but a failure
+    under CI (``CI=true``), where .ci/run installs it, so a broken install step cannot pass as green."""
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed ({hint})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{message}; .ci/run should have installed it")
+        pytest.skip(message)
+    return path
+
+
 def make_model(pni: str = "none", seed: int = 0, sigma: float = 0.25, samples: int = 8,
                aggregation: str = "softmax", space: str = "pixel") -> tuple[Classifier, ModelSpec]:
     """A randomly initialised ResNet-20 (eval mode) and its spec."""

@@ -5,7 +5,6 @@ HTTP server. The image itself is built and run by docker/smoke-test.sh."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -15,16 +14,14 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import require_tool
 from service_helpers import ROOT
 
 DOCKER = ROOT / "docker"
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed")
-    return path
+    return require_tool(name, ".ci/run installs it: see its package list")
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_model, synthetic_images
+from conftest import make_model, require_tool, synthetic_images
 from service_helpers import ROOT, Server, free_port
 
 from models import save_checkpoint
@@ -27,7 +27,6 @@ from service.metrics import LATENCY_BUCKETS, samples_bucket
 PROMETHEUS_DIR = ROOT / "docker" / "prometheus"
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "siam-serve.json"
 PROMETHEUS = shutil.which("prometheus")
-PROMTOOL = shutil.which("promtool")
 SAMPLES = (1, 4, 16)  # three samples buckets: "1", "2-4", "5-16"
 PREDICTIONS = 24
 ROUND = 6  # predictions between two scrapes
@@ -120,8 +119,7 @@ def png(image: Any) -> bytes:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Prometheus]]:
-    if PROMETHEUS is None:
-        pytest.skip("no prometheus binary (apt-get install prometheus)")
+    require_tool("prometheus", "apt-get install prometheus")
     folder = tmp_path_factory.mktemp("monitoring")
     model, spec = make_model()
     save_checkpoint(folder / "tiny", model, spec, name="tiny")
@@ -231,9 +229,9 @@ def test_dashboard_queries_run_and_show_the_traffic(stack: tuple[Server, Prometh
     assert empty == ["Canary accuracy"], empty
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="no promtool binary (apt-get install prometheus)")
 @pytest.mark.parametrize("args", [["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],
                                   ["test", "rules", "alerts.test.yml"]], ids=" ".join)
 def test_promtool_accepts_shipped_files(args: list[str]) -> None:
-    result = subprocess.run([str(PROMTOOL), *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=60)
+    promtool = require_tool("promtool", "apt-get install prometheus")
+    result = subprocess.run([promtool, *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
