@@ -121,7 +121,7 @@ def test_evaluate_writes_table_json_and_plot(tiny_checkpoint: Path, tiny_cifar_t
     gained = rows[(0.25, "eot", 16)]["correct"] - rows[(0.25, "eot", 1)]["correct"]
     assert g["difference"] == pytest.approx(gained / 8)
     cert = [c for c in report["certified"] if c["sigma"] == 0.25]
-    assert {c["samples"] for c in cert} == {1, 2, 16} and {c["radius"] for c in cert} == {0, 0.125, 0.25, 0.5}
+    assert {c["samples"] for c in cert} == {1, 2, 16} and {c["radius"] for c in cert} == {0, 0.0625, 0.125, 0.25, 0.5}
     # CERTIFY at alpha 0.001 needs at least 10 unanimous copies: m = 1 and 2 always abstain.
     assert all(c["correct"] == 0 for c in cert if c["samples"] < 10)
     text = (out / "eval.md").read_text()

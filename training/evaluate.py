@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive-samples", type=int, default=8, help="copies in the adaptive attack's soft output")
     p.add_argument("--apgd-steps", type=int, default=100, help="APGD iterations (default: %(default)s)")
     p.add_argument("--apgd-eot", type=int, default=20, help="noise draws per APGD gradient (default: %(default)s)")
-    p.add_argument("--radii", default="0,0.125,0.25,0.5",
+    p.add_argument("--radii", default="0,0.0625,0.125,0.25,0.5",
                    help="L2 radii for certified accuracy, in the space sigma is measured in (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.001, help="CERTIFY's failure probability (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=100, help="images per attack batch")
