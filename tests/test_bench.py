@@ -13,6 +13,7 @@ from benchmarks import report
 from benchmarks.bench import main as bench_main
 from benchmarks.bench import rounds_fit, warmup_for
 from benchmarks.load import closed_loop_rate, read_response
+from models import save_checkpoint
 
 HAS_LITSERVE = importlib.util.find_spec("litserve") is not None
 
@@ -145,3 +146,19 @@ def test_closed_loop_rate_does_not_jump_by_whole_rounds() -> None:
     assert closed_loop_rate([(3, 0.9)] * 64) == pytest.approx(64 / 0.3)
     assert closed_loop_rate([(4, 1.2)] * 64) == pytest.approx(64 / 0.3)
     assert closed_loop_rate([(0, 0.0), (2, 0.5)]) == pytest.approx(4.0)  # a client with no answer adds nothing
+
+
+def test_latency_of_one_prediction_per_m_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import latency
+    from tests.conftest import make_model
+
+    model, spec = make_model()
+    save_checkpoint(tmp_path / "tiny", model, spec, name="tiny")
+    out = tmp_path / "latency.json"
+    latency.main([str(tmp_path / "tiny"), "--samples", "1,8", "--repeats", "3", "--threads", "1",
+                  "--onnx-cache", str(tmp_path / "onnx"), "--output", str(out)])
+    result = json.loads(out.read_text())
+    row = result["results"][0]
+    assert row["model"] == "tiny" and row["backend"] == "onnx" and set(row["ms"]) == {"1", "8"}
+    assert row["ms"]["1"] > 0 and row["ms"]["8"] > 0
+    assert "| `tiny` | onnx |" in capsys.readouterr().out and result["command"].startswith("python -m benchmarks")
