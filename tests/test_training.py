@@ -101,9 +101,9 @@ def test_export_cli_on_pni_checkpoint_writes_canary_but_no_onnx(
 
 
 def test_evaluate_writes_table_json_and_plot(tiny_checkpoint: Path, tiny_cifar_tar: Path, tmp_path: Path) -> None:
-    out = tmp_path / "eval"
+    out = tiny_checkpoint / "eval" / "knob"  # where the README's model table reads it
     evaluate.main([str(tiny_checkpoint), "--data", str(tiny_cifar_tar), "--cache-dir", str(tmp_path / "c"),
-                   "--images", "8", "--samples", "1,2,16", "--sigmas", "0.1,0.25", "--steps", "2", "--eot", "2",
+                   "--images", "8", "--samples", "1,2,16", "--sigmas", "0.5,0.25", "--steps", "2", "--eot", "2",
                    "--adaptive-samples", "2", "--output", str(out), "--threads", "1"])
     report = json.loads((out / "eval.json").read_text())
     assert len(report["results"]) == 2 * 5 * 3  # sigmas x (4 attacks + worst) x m
@@ -112,7 +112,7 @@ def test_evaluate_writes_table_json_and_plot(tiny_checkpoint: Path, tiny_cifar_t
         assert ("agreement" in row) == (row["attack"] != "worst")
     assert report["data"]["images"] == 8 and report["attack"]["eot_draws"] == 2
     rows = {(r["sigma"], r["attack"], r["samples"]): r for r in report["results"]}
-    for sigma in (0.1, 0.25):
+    for sigma in (0.5, 0.25):
         for m in (1, 2, 16):  # the worst case is never above any attack's accuracy on the same images
             worst = rows[(sigma, "worst", m)]["correct"]
             assert worst <= min(rows[(sigma, a, m)]["correct"] for a in ("pgd", "eot", "adaptive"))
@@ -127,6 +127,13 @@ def test_evaluate_writes_table_json_and_plot(tiny_checkpoint: Path, tiny_cifar_t
     text = (out / "eval.md").read_text()
     assert "| 0.25 | adaptive |" in text and "Repeatability" in text and "Certified accuracy" in text
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    # the README's model table is made from this file: the checkpoint's sigma (0.25) row, at m = 16
+    from training.model_table import table
+
+    text = table([tiny_checkpoint], None)
+    clean16 = 100 * rows[(0.25, "clean", 16)]["accuracy"]
+    worst = [100 * rows[(0.25, "worst", m)]["accuracy"] for m in (1, 2, 16)]
+    assert f"| `tiny` | 0.25 | {clean16:.1f} | {worst[0]:.1f} / {worst[1]:.1f} / {worst[2]:.1f} |" in text
 
 
 def test_service_uses_the_checkpoints_own_graph_only_when_it_matches_the_weights(tiny_checkpoint: Path,

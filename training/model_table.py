@@ -1,0 +1,91 @@
+"""The model table of the README, made from the committed evaluation files (never typed by hand).
+
+For each checkpoint it reads ``<checkpoint>/eval/knob/eval.json`` (``siam evaluate``: clean, PGD, EOT,
+adaptive at each m, two independent answers, CERTIFY with n = m) and, where present,
+``<checkpoint>/eval/apgd/eval.json`` (APGD-CE and APGD-DLR with EOT) and a ``benchmarks.latency`` JSON
+file, and prints one markdown row per model: accuracy, per-image worst case over every attack run,
+what m = 64 buys over m = 1 (paired), repeatability on attacked images, certified accuracy, latency.
+
+    python -m training.model_table checkpoints/* --latency benchmarks/results/latency-cpu-2cores.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+WORST = "worst"
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def pick(results: list[dict[str, Any]], attack: str, m: int) -> dict[str, Any] | None:
+    return next((r for r in results if r["attack"] == attack and r["samples"] == m), None)
+
+
+def pct(row: dict[str, Any] | None, key: str = "accuracy") -> str:
+    return "-" if row is None else f"{100 * row[key]:.1f}"
+
+
+def strongest(results: list[dict[str, Any]], m: int) -> dict[str, Any] | None:
+    """The per-image worst case if several attacks ran, else the lowest single attack."""
+    rows = [r for r in results if r["samples"] == m and r["attack"] != "clean"]
+    return pick(results, WORST, m) or (min(rows, key=lambda r: r["accuracy"]) if rows else None)
+
+
+def row(checkpoint: Path, latency: dict[str, dict[str, float]]) -> list[str] | None:
+    knob = load(checkpoint / "eval" / "knob" / "eval.json")
+    if knob is None:
+        return None
+    sigma = knob["smoothing"]["sigma"]  # an evaluation may cover other sigmas too: the table is the model's own
+    results, gains = [[r for r in knob.get(key, []) if r["sigma"] == sigma] for key in ("results", "gain_over_m1")]
+    samples = sorted({r["samples"] for r in results})
+    lo, hi, mid = samples[0], samples[-1], 16 if 16 in samples else samples[len(samples) // 2]
+    gain = next((g for g in gains if g["attack"] == WORST and g["samples"] == hi), None)
+    attacked = [r for r in results if r["attack"] not in ("clean", WORST) and "agreement" in r]
+    weakest_repeat = {m: min((r["agreement"] for r in attacked if r["samples"] == m), default=None) for m in samples}
+    cert = {(c["samples"], c["radius"]): c for c in knob.get("certified", []) if c["sigma"] == sigma}
+    apgd = load(checkpoint / "eval" / "apgd" / "eval.json")
+    apgd_worst = strongest([r for r in apgd["results"] if r["sigma"] == sigma], mid) if apgd else None
+    lat = latency.get(knob["model"], {})
+    return [
+        f"`{knob['model']}`", f"{sigma:g}", pct(pick(results, "clean", mid)),
+        " / ".join(pct(strongest(results, m)) for m in (lo, mid, hi)),
+        "-" if gain is None else f"{100 * gain['difference']:+.1f} [{100 * gain['ci95'][0]:+.1f}, "
+                                 f"{100 * gain['ci95'][1]:+.1f}]",
+        "-" if apgd_worst is None else f"{pct(apgd_worst)} ({apgd['data']['images']} img)",
+        " / ".join("-" if weakest_repeat[m] is None else f"{100 * weakest_repeat[m]:.0f}" for m in (lo, mid, hi)),
+        pct(cert.get((hi, 0.125))), " / ".join(f"{lat[str(m)]:.0f}" if str(m) in lat else "-" for m in (1, mid, hi)),
+    ]
+
+
+def table(checkpoints: list[Path], latency_file: Path | None) -> str:
+    latency: dict[str, dict[str, float]] = {}
+    if latency_file is not None and latency_file.is_file():
+        latency = {r["model"]: r["ms"] for r in json.loads(latency_file.read_text())["results"]}
+    head = ["model", "sigma", "clean, m=16", "worst case, m=1 / 16 / 64", "m=64 over m=1 (paired)",
+            "APGD worst, m=16", "attacked answers agree, m=1 / 16 / 64", "certified r=0.125, m=64",
+            "ms, m=1 / 16 / 64"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for checkpoint in checkpoints:
+        cells = row(checkpoint, latency)
+        if cells is not None:
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m training.model_table", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("--latency", type=Path, default=None, help="a benchmarks.latency JSON file")
+    args = p.parse_args(argv)
+    print(table(args.checkpoints, args.latency))
+
+
+if __name__ == "__main__":
+    main()
