@@ -50,6 +50,16 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random ResNet-20 checkpoint named ``tiny`` (sigma 0.25, m=8), shared by the tests of one module
+    (the service tests serve it)."""
+    model, spec = make_model()
+    folder = tmp_path_factory.mktemp("served") / "tiny"
+    save_checkpoint(folder, model, spec, name="tiny")
+    return folder
+
+
 def batch_tolerance(cpu: float) -> float:
     """How far one image's answer may move when it shares a batch. Its noise is the same either way; on CUDA
     cuDNN picks kernels by batch size (TF32 included), so the rounding differs (seen up to 7e-5 on an H100)."""

@@ -7,19 +7,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import make_model
 from service_helpers import Server, image_bytes
 
-from models import save_checkpoint
 from service import client
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, spec = make_model()
-    folder = tmp_path_factory.mktemp("client") / "tiny"
-    save_checkpoint(folder, model, spec, name="tiny")
-    return folder
 
 
 def test_predict_folder_and_file_against_a_real_server(checkpoint: Path, tmp_path: Path,

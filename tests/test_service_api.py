@@ -25,14 +25,6 @@ from service.settings import Settings
 PNG = image_bytes(0)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, spec = make_model()
-    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(folder, model, spec, name="tiny")
-    return folder
-
-
 def settings(checkpoint: Path, **kw: object) -> Settings:
     base: dict[str, object] = {"checkpoint": checkpoint, "backend": "torch", "chunk_rows": 64, "threads": 1,
                                "max_samples": 256, "max_images": 4, "max_body_bytes": 262144, "allow_seed": True,

@@ -12,20 +12,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
 from service_helpers import Server, b64, image_bytes
 
-from models import save_checkpoint
-
 BODY = {"image": b64(image_bytes(0))}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, spec = make_model()
-    folder = tmp_path_factory.mktemp("served") / "tiny"
-    save_checkpoint(folder, model, spec, name="tiny")
-    return folder
 
 
 def post(url: str, samples: int, timeout: float = 60) -> tuple[int, dict, float, dict]:
