@@ -3,7 +3,7 @@
 What a single client waits for the model: one image, ``m`` noisy copies, on the backend the service
 would pick for that checkpoint (``SIAM_BACKEND=auto``: ONNX Runtime, or PyTorch for PNI-W), noise drawn
 on the device, copies aggregated. No HTTP, no queueing: ``siam bench`` measures those. The median of
-``--repeats`` calls after one warm-up, per (checkpoint, m).
+``--repeats`` calls after one warm-up, per (checkpoint, m), interleaved across m.
 
     python -m benchmarks.latency checkpoints/resnet20-pgd7 checkpoints/resnet20-smoothadv-s025 --threads 2
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,34 +27,32 @@ from service.backends import load_backend, resolve_device
 from service.settings import Settings
 
 
-def median_ms(run: Any, repeats: int, sync: Any) -> float:
-    run()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append((time.perf_counter() - start) * 1000)
-    return sorted(times)[len(times) // 2]
+def load(checkpoint: str, device: str, threads: int | None, cache: Path) -> tuple[Any, Any]:
+    """The backend the service would choose for ``checkpoint`` (``SIAM_BACKEND=auto``), and its manifest."""
+    return load_backend(Settings(checkpoint=Path(checkpoint), device=device, threads=threads, chunk_rows=256,
+                                 onnx_cache=cache))
 
 
 def measure(checkpoint: str, samples: list[int], device: str, threads: int | None, repeats: int,
             cache: Path) -> dict[str, Any]:
-    """Median milliseconds per m for one checkpoint on the backend the service would choose."""
-    backend, manifest = load_backend(Settings(checkpoint=Path(checkpoint), device=device, threads=threads,
-                                              chunk_rows=256, onnx_cache=cache))
-    size = manifest.spec.architecture.input_size
-    image = torch.rand(1, 3, size, size)
+    """Median milliseconds per m for one checkpoint, its calls interleaved across m (each round times
+    every m once). One checkpoint's backend at a time: ONNX Runtime's idle threads spin for a while
+    after each call, so two live sessions would slow each other down and distort the comparison."""
+    backend, manifest = load(checkpoint, device, threads, cache)
     target = resolve_device(device)
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
-    rule = manifest.spec.smoothing.aggregation
-
-    def one(m: int) -> None:
-        summarize(backend.logits(image, [m], [None]), [m], rule)
-
+    size = manifest.spec.architecture.input_size
+    image = torch.rand(1, 3, size, size)
+    times: dict[int, list[float]] = {m: [] for m in samples}
+    for round_ in range(repeats + 1):  # round 0 warms every shape up
+        for m in samples:
+            start = time.perf_counter()
+            summarize(backend.logits(image, [m], [None]), [m], manifest.spec.smoothing.aggregation)
+            sync()
+            if round_:
+                times[m].append((time.perf_counter() - start) * 1000)
     return {"checkpoint": checkpoint, "model": manifest.name, **backend.describe(),
-            "ms": {m: median_ms(lambda m=m: one(m), repeats, sync) for m in samples}}
+            "ms": {m: statistics.median(times[m]) for m in samples}}
 
 
 def to_markdown(rows: list[dict[str, Any]], samples: list[int]) -> str:

@@ -31,6 +31,10 @@ def pct(row: dict[str, Any] | None, key: str = "accuracy") -> str:
     return "-" if row is None else f"{100 * row[key]:.1f}"
 
 
+def milliseconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
 def strongest(results: list[dict[str, Any]], m: int) -> dict[str, Any] | None:
     """The per-image worst case if several attacks ran, else the lowest single attack."""
     rows = [r for r in results if r["samples"] == m and r["attack"] != "clean"]
@@ -59,7 +63,7 @@ def row(checkpoint: Path, latency: dict[str, dict[str, float]]) -> list[str] | N
                                  f"{100 * gain['ci95'][1]:+.1f}]",
         "-" if apgd_worst is None else f"{pct(apgd_worst)} ({apgd['data']['images']} img)",
         " / ".join("-" if weakest_repeat[m] is None else f"{100 * weakest_repeat[m]:.0f}" for m in (lo, mid, hi)),
-        pct(cert.get((hi, 0.125))), " / ".join(f"{lat[str(m)]:.0f}" if str(m) in lat else "-" for m in (1, mid, hi)),
+        pct(cert.get((hi, 0.125))), " / ".join(milliseconds(lat.get(str(m))) for m in (1, mid, hi)),
     ]
 
 
@@ -78,13 +82,57 @@ def table(checkpoints: list[Path], latency_file: Path | None) -> str:
     return "\n".join(lines)
 
 
+def plot(checkpoints: list[Path], path: Path) -> None:
+    """The family side by side against m: per-image worst case, repeatability on attacked images (the
+    least repeatable attack), certified accuracy at r = 0.125."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for checkpoint in checkpoints:
+        knob = load(checkpoint / "eval" / "knob" / "eval.json")
+        if knob is None:
+            continue
+        sigma = knob["smoothing"]["sigma"]
+        results = [r for r in knob["results"] if r["sigma"] == sigma]
+        samples = sorted({r["samples"] for r in results})
+        label = f"{knob['model']} (σ={sigma:g})"
+        worst = [strongest(results, m) for m in samples]
+        axes[0].errorbar(samples, [100 * w["accuracy"] for w in worst], marker="o", capsize=3, label=label,
+                         yerr=[[100 * (w["accuracy"] - w["ci95"][0]) for w in worst],
+                               [100 * (w["ci95"][1] - w["accuracy"]) for w in worst]])
+        agree = [min(r["agreement"] for r in results if r["samples"] == m and "agreement" in r
+                     and r["attack"] != "clean") for m in samples]
+        axes[1].plot(samples, [100 * a for a in agree], marker="o", label=label)
+        cert = {c["samples"]: c["accuracy"] for c in knob.get("certified", [])
+                if c["sigma"] == sigma and c["radius"] == 0.125}
+        axes[2].plot(samples, [100 * cert.get(m, 0.0) for m in samples], marker="o", label=label)
+    titles = ("worst case over attacks (%), 95% CI", "two answers to an attacked image agree (%)",
+              "certified accuracy at L2 radius 0.125 (%)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("m (noisy copies per prediction)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training.model_table", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", type=Path)
     p.add_argument("--latency", type=Path, default=None, help="a benchmarks.latency JSON file")
+    p.add_argument("--plot", type=Path, default=None, help="also draw the family against m into this PNG")
     args = p.parse_args(argv)
     print(table(args.checkpoints, args.latency))
+    if args.plot:
+        plot(args.checkpoints, args.plot)
 
 
 if __name__ == "__main__":
