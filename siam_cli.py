@@ -39,7 +39,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"siam: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(COMMANDS[name][0])
-    module.main(rest)
+    from models.checkpoint import CheckpointError
+
+    try:
+        module.main(rest)
+    except (FileNotFoundError, CheckpointError) as e:  # a wrong path is the user's to fix: say so, no traceback
+        print(f"siam {name}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

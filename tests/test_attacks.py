@@ -119,3 +119,17 @@ def test_apgd_averages_gradients_over_eot_draws(problem: tuple[Classifier, torch
     calls.clear()
     apgd(f, model, x[:8], y[:8], steps=5, eot=3)
     assert len(calls) == 18 and set(calls) == {8}
+
+
+def test_pgd_eot_averages_each_step_over_that_many_draws(
+        problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    """``pgd(eot=k)`` runs every gradient (and the final pick) on k copies of each image, as one batch."""
+    model, x, y = problem
+    rows: list[int] = []
+
+    def f(batch: torch.Tensor) -> torch.Tensor:
+        rows.append(batch.shape[0])
+        return model(batch)
+
+    pgd(f, x[:5], y[:5], steps=4, eot=6)
+    assert rows == [30] * 5  # 4 steps + the restart's final loss, each on 6 draws of the 5 images

@@ -97,3 +97,30 @@ def test_wide_model_resumes_and_refuses_changed_settings(tiny_cifar_tar: Path, t
     assert model.state_dict()["net.conv1.weight"].shape[0] == 64  # 16 channels x 4
     assert [h["epoch"] for h in manifest.training["history"]] == [1, 2]
     assert manifest.training["history"][1]["steps"] == 8
+
+
+@pytest.mark.parametrize("attack", ["pgd", "fgsm", "smoothadv"])
+def test_every_training_attack_moves_the_images_inside_the_ball_and_raises_the_loss(attack: str) -> None:
+    """A stubbed training attack (``x_adv = x``) or one that leaves the eps ball fails here."""
+    from tests.test_attacks import separable_problem
+
+    model, x, y = separable_problem()
+    smooth = Smooth(model, make_model()[1].smoothing.model_copy(update={"sigma": 0.01}), 10,
+                    per_row_weight_noise=False)
+    f = smoothed_log_probs(smooth, 2) if attack == "smoothadv" else smooth.forward_noisy
+    args = argparse.Namespace(attack=attack, eps=8 / 255, step=2 / 255, steps=3)
+    adv = train.craft(args, f, x, y)
+    assert (adv - x).abs().max() <= 8 / 255 + 1e-6 and (adv - x).abs().max() > 4 / 255
+    with torch.no_grad():
+        assert F.cross_entropy(model(adv), y) > F.cross_entropy(model(x), y) + 0.5
+
+
+def test_cli_says_what_path_is_wrong_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import siam_cli
+
+    with pytest.raises(SystemExit) as done:
+        siam_cli.main(["evaluate", str(tmp_path / "no-checkpoint")])
+    assert done.value.code == 2 and "not a checkpoint folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        siam_cli.main(["train", "--quick", "--data", str(tmp_path / "no-data.tar.gz"), "--output", str(tmp_path)])
+    assert done.value.code == 2 and "no such file or folder (--data takes" in capsys.readouterr().err

@@ -198,7 +198,8 @@ def load_split(path: str | Path, split: Split, cache_dir: str | Path | None = "d
     """Load one split of the CIFAR data at ``path``, decoding it only the first time."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise FileNotFoundError(f"{path}: no such file or folder (--data takes the CIFAR JPEG archive, an "
+                                f"ImageFolder tree, or the official cifar-10-batches-py / cifar-100-python folder)")
     layout = describe_layout(path)
     source = _official_folder(path) if layout == "official" else path
     assert source is not None
