@@ -48,6 +48,14 @@ def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             raise FileNotFoundError(f"{path}: no such file or folder")
 
 
+def retry_after_s(header: str | None, default: float = 1.0, cap: float = 30.0) -> float:
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds; an HTTP date or junk waits ``default``)."""
+    try:
+        return min(max(float(header), 0.0), cap) if header else default
+    except ValueError:
+        return default
+
+
 class Client:
     """A small client for ``POST /predict`` that honours ``Retry-After``."""
 
@@ -67,7 +75,7 @@ class Client:
                                headers={"content-type": content_type})
             if r.status_code != 503 or attempt == self.retries:
                 break
-            time.sleep(min(float(r.headers.get("retry-after", "1") or 1), 30.0))
+            time.sleep(retry_after_s(r.headers.get("retry-after")))
         if r.status_code >= 400:
             try:
                 detail = r.json().get("detail", r.text)

@@ -58,3 +58,9 @@ def test_503_is_retried_after_retry_after_then_answered() -> None:
 def test_missing_path_is_a_clear_error() -> None:
     with pytest.raises(SystemExit, match="no such file or folder"):
         client.main(["/nonexistent/images"])
+
+
+def test_retry_after_header_forms() -> None:
+    assert client.retry_after_s("2") == 2.0 and client.retry_after_s("0") == 0.0
+    assert client.retry_after_s("3600") == 30.0  # capped
+    assert client.retry_after_s("Wed, 21 Oct 2026 07:28:00 GMT") == 1.0 and client.retry_after_s(None) == 1.0

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-WORST = "worst"
+from training.evaluate import WORST
 
 
 def load(path: Path) -> dict[str, Any] | None:
