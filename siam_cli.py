@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("training.export", "export a checkpoint to ONNX (noise in the graph) and check parity"),
     "serve": ("service.cli", "serve a checkpoint over HTTP (POST /predict?samples=N)"),
     "predict": ("service.client", "send image files or folders to a running service and print the answers"),
+    "api-key": ("service.auth", "make an API key and the hash line for the file SIAM_API_KEYS names"),
     "bench": ("benchmarks.bench", "measure throughput: model limit, engine, HTTP, baselines"),
     "info": ("models.info", "print a checkpoint's manifest and verify its weights"),
 }

@@ -2,31 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from models.spec import Aggregation
+from service.auth import require_access
 from service.engine import Answer
 from service.images import InputError, check_count, decode_base64, decode_image
 from service.metrics import samples_bucket
 from service.schemas import ErrorOut, FeedbackIn, FeedbackOut, PredictionOut, PredictionsOut, PredictRequest
-from service.state import ServiceState, read_body, serving, state_of
+from service.state import ServiceState, read_body, serving, state_of, unless_client_leaves
 
 router = APIRouter()
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text} for code, text in {
-        400: "undecodable body or image", 403: "seed not allowed", 413: "body or image count over the limit",
-        415: "unsupported content type", 422: "invalid parameter or image", 503: "queue full or not ready "
-        "(Retry-After)", 504: "deadline passed"}.items()
+        400: "undecodable body or image", 401: "missing or unknown API key (when the server has keys)",
+        403: "seed not allowed", 413: "body, image or image count over the limit",
+        415: "unsupported content type", 422: "invalid parameter or image",
+        429: "rate limit exceeded (Retry-After)",
+        503: "queue full, deadline cannot be met, shutting down or not ready (Retry-After)",
+        504: "deadline passed"}.items()
 }
+# Bodies at least this large are parsed and decoded on a worker thread, so that the event loop keeps
+# answering (health checks included) while a big request is decoded. A single 32x32 image is decoded
+# on the loop: tens of microseconds, less than the hand-off to a thread would cost.
+OFF_LOOP_BYTES = 16 * 1024
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": PredictRequest.model_json_schema()},
@@ -50,11 +59,11 @@ def decode_request(body: bytes, content_type: str, state: ServiceState) -> tuple
             raise InputError(f"invalid JSON body: {problems}", 422 if body.strip().startswith(b"{") else 400) from e
         encoded = request.encoded()
         check_count(len(encoded), settings.max_images)
-        images = [decode_image(decode_base64(text, i), size, settings.allow_resize, i)
+        images = [decode_image(decode_base64(text, i), size, settings.allow_resize, i, settings.max_image_pixels)
                   for i, text in enumerate(encoded)]
         return torch.stack(images), request.images is not None
     if media.startswith("image/"):
-        return decode_image(body, size, settings.allow_resize).unsqueeze(0), False
+        return decode_image(body, size, settings.allow_resize, 0, settings.max_image_pixels).unsqueeze(0), False
     raise InputError(f"content type {media or '(none)'!r} is not supported; send application/json or image/png, "
                      "image/jpeg", 415, "unsupported_media_type")
 
@@ -68,7 +77,7 @@ def check_samples(samples: int | None, default: int, limit: int) -> int:
 
 def to_out(answer: Answer, state: ServiceState, aggregation: str, elapsed_ms: float) -> PredictionOut:
     p, c = answer.prediction, answer.certificate
-    label = p.label if c is None else c.label
+    label = p.label if c is None else c.label  # the engine makes a certificate abstain or agree with p.label
     names = state.manifest.spec.class_names  # type: ignore[union-attr]
     out = PredictionOut(
         id=uuid.uuid4().hex, label=label, class_name=names[label] if label >= 0 else None,
@@ -82,7 +91,7 @@ def to_out(answer: Answer, state: ServiceState, aggregation: str, elapsed_ms: fl
 
 
 @router.post("/predict", response_model=PredictionOut | PredictionsOut, response_model_exclude_none=True,
-             responses=ERRORS, openapi_extra=PREDICT_BODY, tags=["predict"])
+             responses=ERRORS, openapi_extra=PREDICT_BODY, tags=["predict"], dependencies=[Depends(require_access)])
 async def predict(
     request: Request,
     samples: Annotated[int | None, Query(description="noisy copies m (default: the checkpoint's)")] = None,
@@ -93,8 +102,12 @@ async def predict(
     seed: Annotated[int | None, Query(ge=0, lt=2**63, description="fix the noise (only if the server "
                                                                   "allows it)")] = None,
 ) -> Response:
-    """The smoothed prediction for one image (JSON ``image``, or raw PNG/JPEG body) or several
-    (JSON ``images``), each over ``samples`` noisy copies batched with every other waiting request."""
+    """The smoothed prediction for one image or several, each over ``samples`` noisy copies batched with
+    every other waiting request.
+
+    The body is either raw PNG/JPEG bytes (`Content-Type: image/png` or `image/jpeg`) or JSON with exactly
+    one of `image` (one base64 image: one answer) or `images` (a list: a list of answers, in order).
+    Images must be 8-bit RGB at the model's input size (unless the server resizes)."""
     start = time.perf_counter()
     state, engine, manifest = serving(request)
     settings, smoothing = state.settings, manifest.spec.smoothing
@@ -102,11 +115,16 @@ async def predict(
     if seed is not None and not settings.allow_seed:
         raise InputError("seed is disabled on this server: fixed noise makes the model deterministic, and so "
                          "attackable (SIAM_ALLOW_SEED=true enables it)", 403)
-    images, as_list = decode_request(await read_body(request, settings.max_body_bytes),
-                            request.headers.get("content-type", ""), state)
+    body = await read_body(request, settings.max_body_bytes)
+    content_type = request.headers.get("content-type", "")
+    if len(body) >= OFF_LOOP_BYTES:
+        images, as_list = await asyncio.to_thread(decode_request, body, content_type, state)
+    else:
+        images, as_list = decode_request(body, content_type, state)
     rule = aggregation or smoothing.aggregation
-    answers = await engine.predict(images, m, rule, seed, alpha if certify else None,
-                                   settings.certify_selection_samples, settings.request_timeout_s)
+    answers = await unless_client_leaves(request, engine.predict(
+        images, m, rule, seed, alpha if certify else None, settings.certify_selection_samples,
+        settings.request_timeout_s))
     elapsed_ms = (time.perf_counter() - start) * 1000
     state.metrics.prediction_duration.labels(samples_bucket(m)).observe(elapsed_ms / 1000)
     outs = [to_out(a, state, rule, elapsed_ms) for a in answers]
@@ -115,10 +133,15 @@ async def predict(
     return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
 
 
-@router.post("/feedback", response_model=FeedbackOut, responses={404: {"model": ErrorOut}}, tags=["monitoring"])
+@router.post("/feedback", response_model=FeedbackOut, tags=["monitoring"], dependencies=[Depends(require_access)],
+             responses={code: ERRORS[code] for code in (400, 401, 422, 429)} | {
+                 404: {"model": ErrorOut, "description": "unknown, expired or already answered prediction id"}})
 async def feedback(body: FeedbackIn, request: Request) -> FeedbackOut | JSONResponse:
     """Report the true label of an earlier prediction; feeds the live-accuracy counters."""
     state = state_of(request)
+    classes = len(state.manifest.spec.class_names) if state.manifest else None
+    if classes is not None and body.label >= classes:
+        raise InputError(f"label must be a class index in [0, {classes}), got {body.label}")
     issued = state.feedback.take(body.id) if state.feedback else None
     if issued is None:
         state.metrics.errors.labels("feedback_unknown_id").inc()
@@ -132,7 +155,8 @@ async def feedback(body: FeedbackIn, request: Request) -> FeedbackOut | JSONResp
     return FeedbackOut(id=body.id, correct=correct)
 
 
-@router.get("/v1/models", tags=["models"])
+@router.get("/v1/models", tags=["models"], dependencies=[Depends(require_access)],
+            responses={code: ERRORS[code] for code in (401, 429)})
 async def models(request: Request) -> dict[str, Any]:
     """What is loaded: the checkpoint's manifest (smoothing settings included) and how it runs."""
     state = state_of(request)
@@ -140,7 +164,7 @@ async def models(request: Request) -> dict[str, Any]:
         return {"models": [], "load_error": state.load_error}
     s = state.settings
     return {"models": [{
-        "name": state.manifest.name, "checkpoint": str(s.checkpoint), "sha256": state.manifest.weights.sha256,
+        "name": state.manifest.name, "sha256": state.manifest.weights.sha256,
         "spec": state.manifest.spec.model_dump(mode="json"), "runtime": state.backend.describe(),
         "chunk_rows": state.backend.chunk_rows, "ready": state.ready,
         "limits": {"max_samples": s.max_samples, "max_images": s.max_images, "max_body_bytes": s.max_body_bytes,

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -18,40 +22,68 @@ from fastapi.responses import JSONResponse
 
 from models.checkpoint import CheckpointError
 from service import api, kserve
+from service.auth import Access, read_key_hashes
 from service.backends import Backend, load_backend, tune_chunk_rows
 from service.canary import run_canary_forever
-from service.engine import DeadlineExceededError, Engine, QueueFullError, ShuttingDownError
+from service.engine import DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
 from service.feedback import FeedbackStore
 from service.images import InputError
 from service.observe import ObserveMiddleware
 from service.settings import Settings
-from service.state import ServiceState, ServiceUnavailableError
+from service.state import ClientGoneError, ServiceState, ServiceUnavailableError
 
 log = logging.getLogger("siam.app")
 
 
-def warm_up(backend: Backend, size: int, samples: int, tune: bool) -> None:
-    """Run the model before reporting ready, so the first request does not pay for lazy start-up."""
+def warm_up(backend: Backend, size: int, samples: int, tune: bool) -> float:
+    """Run the model before reporting ready, so the first request does not pay for lazy start-up.
+
+    Returns the seconds per noisy row, timed on two chunks: it prices the queue for deadline-aware
+    admission until the engine's own batches refine it."""
     if tune:
         chosen = tune_chunk_rows(backend, size)
         log.info("chunk_rows tuned to %d", chosen)
     backend.logits(torch.rand(2, 3, size, size), [samples, 1], [None, None])
+    rows = 2 * backend.chunk_rows
+    start = time.perf_counter()
+    backend.logits(torch.rand(1, 3, size, size), [rows], [None])
+    return (time.perf_counter() - start) / rows
+
+
+def without_paths(message: str, checkpoint: Path) -> str:
+    """A load error as clients may see it: the checkpoint by its folder name, no file-system paths
+    (the log keeps the full message for the operator)."""
+    for form in sorted({str(checkpoint.resolve()), str(checkpoint.absolute()), str(checkpoint)}, key=len,
+                       reverse=True):
+        message = message.replace(form, checkpoint.name)
+    return re.sub(r"(?<![\w.])/(?:[\w.-]+/)+", "", message)  # any other absolute path: keep the file name
+
+
+def build_access(settings: Settings) -> Access | None:
+    """API keys and rate limit, when either is configured (a bad keys file fails the start)."""
+    hashes = read_key_hashes(settings.api_keys) if settings.api_keys is not None else None
+    if hashes is None and settings.rate_limit_per_s == 0:
+        return None
+    return Access(hashes, settings.rate_limit_per_s, settings.rate_limit_burst)
 
 
 async def start(state: ServiceState) -> None:
     """Load, warm up and start the engine (and the canary); failures leave the service not ready."""
     s = state.settings
     try:
+        state.access = build_access(s)
         backend, manifest = await asyncio.to_thread(load_backend, s)
+        row_cost = None
         if s.warmup:
-            await asyncio.to_thread(warm_up, backend, manifest.spec.architecture.input_size,
-                                    manifest.spec.smoothing.default_samples, s.chunk_rows == "auto")
-    except (CheckpointError, RuntimeError, OSError) as e:
-        state.load_error = f"{type(e).__name__}: {e}"
-        log.error("could not load %s: %s", s.checkpoint, state.load_error)
+            row_cost = await asyncio.to_thread(warm_up, backend, manifest.spec.architecture.input_size,
+                                               manifest.spec.smoothing.default_samples, s.chunk_rows == "auto")
+    except (CheckpointError, RuntimeError, OSError, ValueError) as e:
+        log.error("could not load %s: %s: %s", s.checkpoint, type(e).__name__, e)
+        state.load_error = without_paths(f"{type(e).__name__}: {e}", s.checkpoint)
         return
     engine = Engine(backend, manifest.name, manifest.spec.smoothing.sigma, state.metrics,
                     s.max_batch_rows, s.max_wait_ms, s.max_queue)
+    engine.row_cost_s = row_cost
     engine.start()
     state.backend, state.manifest, state.engine = backend, manifest, engine
     state.feedback = FeedbackStore(s.feedback_capacity, s.feedback_ttl_s)
@@ -86,6 +118,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(kserve.router)
     app.add_middleware(ObserveMiddleware, metrics=state.metrics)
     install_error_handlers(app, state)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, plus the KServe request models (those routes read the raw body)."""
+        if app.openapi_schema is None:
+            generate().setdefault("components", {}).setdefault("schemas", {}).update(kserve.openapi_schemas())
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
@@ -102,7 +143,11 @@ def install_error_handlers(app: FastAPI, state: ServiceState) -> None:
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, e: InputError) -> JSONResponse:
-        return answer(request, e.status, e.kind, str(e))
+        return answer(request, e.status, e.kind, str(e), getattr(e, "headers", None))
+
+    @app.exception_handler(ClientGoneError)
+    async def client_gone(request: Request, e: ClientGoneError) -> JSONResponse:
+        return answer(request, 499, "client_disconnected", str(e))  # nobody reads it: for the log and metrics
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -114,6 +159,11 @@ def install_error_handlers(app: FastAPI, state: ServiceState) -> None:
     @app.exception_handler(QueueFullError)
     async def queue_full(request: Request, e: QueueFullError) -> JSONResponse:
         return answer(request, 503, "queue_full", f"server busy: {e}; retry later", {"Retry-After": "1"})
+
+    @app.exception_handler(OverloadedError)
+    async def overloaded(request: Request, e: OverloadedError) -> JSONResponse:
+        return answer(request, 503, "overloaded", f"server busy: {e}; retry later",
+                      {"Retry-After": str(e.retry_after_s)})
 
     @app.exception_handler(ServiceUnavailableError)
     async def unavailable(request: Request, e: ServiceUnavailableError) -> JSONResponse:
@@ -130,4 +180,5 @@ def install_error_handlers(app: FastAPI, state: ServiceState) -> None:
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return answer(request, 500, "internal", f"internal error: {type(e).__name__}")
+        # uvicorn closes the connection after an unhandled error: say so, so pooled clients do not reuse it
+        return answer(request, 500, "internal", f"internal error: {type(e).__name__}", {"Connection": "close"})

@@ -7,6 +7,7 @@ a flag given on the command line wins over the environment.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from typing import Any
@@ -58,6 +59,25 @@ class GracefulServer(uvicorn.Server):
         log.info("signal %d: draining", sig)
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets: Any = None) -> None:
+        """uvicorn cancels the requests still running when the grace period ends, and a cancelled request
+        answers 500. Shortly before that, the engine answers every unfinished one 503 with Retry-After."""
+        state = self.siam_app.state.siam
+        grace = float(self.config.timeout_graceful_shutdown or state.settings.graceful_timeout_s)
+        margin = min(max(0.5, 0.1 * grace), grace / 2)
+
+        async def shed_late() -> None:
+            await asyncio.sleep(grace - margin)
+            if state.engine is not None:
+                shed = state.engine.shed()
+                log.warning("grace period ending: %d unfinished requests answered 503", shed)
+
+        shedder = asyncio.create_task(shed_late())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            shedder.cancel()
+
 
 def main(argv: list[str] | None = None) -> None:
     args = vars(build_parser().parse_args(argv))
@@ -68,8 +88,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"siam serve: invalid settings: {e}")
     setup_logging(settings.log_level)
     app = create_app(settings)
+    if (settings.ssl_certfile is None) != (settings.ssl_keyfile is None):
+        sys.exit("siam serve: HTTPS needs both --ssl-certfile and --ssl-keyfile")
     config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False, log_config=None,
-                            timeout_graceful_shutdown=int(settings.graceful_timeout_s), lifespan="on")
+                            timeout_graceful_shutdown=max(1, round(settings.graceful_timeout_s)), lifespan="on",
+                            ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile)
     server = GracefulServer(config, app)
     server.run()
     if app.state.siam.load_error and settings.exit_on_load_error:

@@ -7,14 +7,20 @@ aggregates per image. Requests with different ``samples``, aggregation rules or 
 batch. The event loop never runs the model: while the worker computes, new requests gather for the next
 batch.
 
-A full queue raises :class:`QueueFullError` at once (the API answers 503); a request still waiting at its
-deadline raises :class:`DeadlineExceededError` (504) and its rows are dropped before they are computed.
+Admission is deadline-aware, as Triton's queue policy is: a request that cannot be answered before its
+deadline given the rows queued ahead of it (at the measured cost per row) is refused at once with
+:class:`OverloadedError` (503), so under overload the service spends its time on answers that arrive in
+time. A full queue raises :class:`QueueFullError` (503). A request past its deadline raises
+:class:`DeadlineExceededError` (504); the worker runs a batch in groups of about ``chunk_rows`` rows and,
+before each group, drops the images of requests that expired, were abandoned by their client, or were
+shed by a shutdown, so no work is done for nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.smooth import Certificate, Prediction, certify_from_counts, summarize
+from models.smooth import ABSTAIN, Certificate, Prediction, certify_from_counts, summarize
 from models.spec import Aggregation
 from service.backends import Backend
 from service.metrics import Metrics, samples_bucket
@@ -40,6 +46,14 @@ class DeadlineExceededError(TimeoutError):
 
 class ShuttingDownError(RuntimeError):
     """The engine no longer takes requests."""
+
+
+class OverloadedError(RuntimeError):
+    """The rows queued ahead would not be computed before this request's deadline."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -60,11 +74,16 @@ class Job:
     seed: int | None
     certify_alpha: float | None  # None: no certificate
     selection_samples: int
-    deadline: float  # loop.time() after which the answer is useless
+    deadline: float  # time.monotonic() after which the answer is useless
     future: asyncio.Future[list[Answer]]
     enqueued: float = field(default_factory=time.perf_counter)
     internal: bool = False  # the service's own traffic (the canary): not counted as answered predictions
     taken: bool = False  # out of the queue: handed to the worker, or dropped by it
+    abandoned: bool = False  # answered already (expired, shed) or its client went away: compute no more of it
+
+    def alive(self) -> bool:
+        """Still worth computing; read by the worker thread (plain attribute reads, no loop state)."""
+        return not self.abandoned and time.monotonic() <= self.deadline
 
     @property
     def copies(self) -> int:
@@ -74,6 +93,15 @@ class Job:
     @property
     def rows(self) -> int:
         return self.images.shape[0] * self.copies
+
+
+def consistent(certificate: Certificate, label: int) -> Certificate:
+    """A certificate for a class other than the answer's own (the selection copies picked one class, the
+    aggregate of the estimation copies another: possible with softmax or logit aggregation) abstains,
+    so that an answer never certifies a label its probabilities do not name."""
+    if certificate.abstained or certificate.label == label:
+        return certificate
+    return Certificate(ABSTAIN, 0.0, certificate.p_lower, certificate.counts)
 
 
 class Engine:
@@ -95,6 +123,13 @@ class Engine:
         self._gathering_since = 0.0
         self._closing = False
         self._busy = False  # the worker is computing a batch
+        self._queued_rows = 0  # rows of the jobs in _pending
+        self._busy_rows = 0  # rows of the batch being computed
+        self._busy_since = 0.0
+        self._running: list[Job] = []
+        # Seconds per noisy row, measured on batches of at least a chunk (None until the first such batch
+        # or a start-up measurement): prices the queue for deadline-aware admission.
+        self.row_cost_s: float | None = None
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -109,6 +144,32 @@ class Engine:
         if self._timer is not None:
             self._timer.cancel()
         self._executor.shutdown(wait=True)
+
+    def shed(self) -> int:
+        """Answer every accepted request not finished yet with :class:`ShuttingDownError` (503) and stop
+        computing them: called when the shutdown grace period is about to run out, so that no request is
+        cut off with a 500 or a reset. Returns how many were shed."""
+        self._closing = True
+        shed = 0
+        for job in [*self._pending, *self._running]:
+            job.abandoned = job.taken = True
+            if not job.future.done():
+                job.future.set_exception(ShuttingDownError("the server is shutting down; this request was not "
+                                                           "finished within the grace period"))
+                shed += 1
+        self._pending.clear()
+        self._queued_rows = 0
+        self.metrics.queue_length.set(0)
+        return shed
+
+    def estimated_wait_s(self, extra_rows: int = 0) -> float | None:
+        """Seconds until ``extra_rows`` more rows would be computed behind the current backlog."""
+        if self.row_cost_s is None:
+            return None
+        running_left = 0.0
+        if self._busy:
+            running_left = max(0.0, self._busy_rows * self.row_cost_s - (time.perf_counter() - self._busy_since))
+        return running_left + (self._queued_rows + extra_rows) * self.row_cost_s
 
     @property
     def queue_length(self) -> int:
@@ -130,8 +191,15 @@ class Engine:
             raise QueueFullError(f"{len(self._pending)} requests are waiting (limit {self.max_queue})")
         loop = asyncio.get_running_loop()
         job = Job(images, samples, aggregation, seed, certify_alpha, selection_samples,
-                  loop.time() + timeout, loop.create_future(), internal=internal)
+                  time.monotonic() + timeout, loop.create_future(), internal=internal)
+        if self._pending or self._busy:  # alone on an idle worker a request always gets its chance
+            wait = self.estimated_wait_s(job.rows)
+            if wait is not None and wait > timeout:
+                raise OverloadedError(f"the {self._queued_rows + self._busy_rows} noisy rows ahead of this request "
+                                      f"would take about {wait:.2f} s, past its {timeout:g} s deadline",
+                                      max(1, math.ceil(wait - timeout)))
         self._pending.append(job)
+        self._queued_rows += job.rows
         self.metrics.queue_length.set(len(self._pending))
         # At the end of this loop iteration, so the requests that arrived in the same tick share a batch.
         loop.call_soon(self._kick)
@@ -139,15 +207,19 @@ class Engine:
         # skips the job) and costs no extra task per request.
         expiry = loop.call_later(timeout, self._expire, job, timeout)
         try:
-            return await job.future  # a client that goes away cancels it: nothing is computed for nobody
+            return await job.future  # cancelled when the client goes away (see service/api.py)
         finally:
             expiry.cancel()
+            job.abandoned = True  # answered, late or cancelled: the worker computes no more of it
             if not job.taken:  # late or abandoned while queued: free its place in the queue now
+                job.taken = True
                 self._pending.remove(job)
+                self._queued_rows -= job.rows
                 self.metrics.queue_length.set(len(self._pending))
 
     @staticmethod
     def _expire(job: Job, timeout: float) -> None:
+        job.abandoned = True
         if not job.future.done():
             job.future.set_exception(DeadlineExceededError(f"no answer within {timeout:g} s"))
 
@@ -172,19 +244,20 @@ class Engine:
         """Hand every waiting request (up to ``max_batch_rows`` rows) to the worker thread."""
         assert self._loop is not None
         self._timer = None
-        batch = self._take_batch(self._loop.time())
+        batch = self._take_batch()
         self.metrics.queue_length.set(len(self._pending))
         self.metrics.batch_formation.observe(time.perf_counter() - self._gathering_since)
         if not batch:
             self._kick()
             return
-        self._busy = True
+        self._busy, self._running = True, batch
+        self._busy_rows, self._busy_since = sum(job.rows for job in batch), time.perf_counter()
         done = self._loop.run_in_executor(self._executor, self._compute, batch)
         done.add_done_callback(lambda future: self._finish(batch, future))
 
-    def _finish(self, batch: list[Job], done: asyncio.Future[list[list[Answer]]]) -> None:
+    def _finish(self, batch: list[Job], done: asyncio.Future[list[list[Answer] | None]]) -> None:
         """Answer every request of the batch (a model failure answers each with the error), then go on."""
-        self._busy = False
+        self._busy, self._running, self._busy_rows = False, [], 0
         error = done.exception()
         if error is not None:
             log.error("batch of %d requests failed", len(batch), exc_info=error)
@@ -193,23 +266,28 @@ class Engine:
                     job.future.set_exception(error)
         else:
             for job, answer in zip(batch, done.result(), strict=True):
-                if not job.future.done():
+                if job.future.done():
+                    continue
+                if answer is None:  # dropped by the worker: its deadline passed while the batch ran
+                    job.future.set_exception(DeadlineExceededError("deadline passed while its batch ran"))
+                else:
                     job.future.set_result(answer)
         self._kick()
 
     def _pending_rows(self) -> int:
-        return sum(job.rows for job in self._pending)
+        return self._queued_rows
 
-    def _take_batch(self, now: float) -> list[Job]:
+    def _take_batch(self) -> list[Job]:
         """Waiting jobs, oldest first, up to ``max_batch_rows`` rows (always at least one job);
         jobs past their deadline or abandoned by their client are dropped here, uncomputed."""
         batch: list[Job] = []
         rows = 0
         while self._pending:
             job = self._pending[0]
-            if job.future.done() or now > job.deadline:
+            if job.future.done() or not job.alive():
                 self._pending.popleft()
-                job.taken = True
+                self._queued_rows -= job.rows
+                job.taken = job.abandoned = True
                 if not job.future.done():
                     job.future.set_exception(DeadlineExceededError("deadline passed while queued"))
                 continue
@@ -217,24 +295,46 @@ class Engine:
                 break
             job.taken = True
             batch.append(self._pending.popleft())
+            self._queued_rows -= job.rows
             rows += job.rows
         return batch
 
-    def _compute(self, batch: list[Job]) -> list[list[Answer]]:
-        """Runs on the worker thread: one pass of the backend over every copy of every image."""
+    def _compute(self, batch: list[Job]) -> list[list[Answer] | None]:
+        """Runs on the worker thread: the backend over every copy of every image, in groups of about
+        ``chunk_rows`` rows; before each group the images of jobs no longer alive are dropped. A job
+        dropped part-way answers None (its future was, or will be, failed on the loop)."""
         start = time.perf_counter()
         for job in batch:
             self.metrics.queue_wait.observe(start - job.enqueued)
-        images = torch.cat([job.images for job in batch])
-        copies = [job.copies for job in batch for _ in range(job.images.shape[0])]
-        seeds = [job.seed for job in batch for _ in range(job.images.shape[0])]
-        logits = self.backend.logits(images, copies, seeds)
-        answers = [self._answer(job, part) for job, part in
-                   zip(batch, logits.split([job.rows for job in batch]), strict=True)]
-        self.metrics.model_compute.observe(time.perf_counter() - start)
-        self.metrics.batch_images.observe(images.shape[0])
-        self.metrics.batch_rows.observe(logits.shape[0])
-        self.metrics.rows.labels(self.model_name).inc(logits.shape[0])
+        units = [(j, i) for j, job in enumerate(batch) for i in range(job.images.shape[0])]
+        parts: list[list[torch.Tensor]] = [[] for _ in batch]
+        target, pos, computed, images = max(1, self.backend.chunk_rows), 0, 0, 0
+        while pos < len(units):
+            group: list[tuple[int, int]] = []
+            rows = 0
+            while pos < len(units) and rows < target:
+                j, i = units[pos]
+                pos += 1
+                if batch[j].alive():
+                    group.append((j, i))
+                    rows += batch[j].copies
+            if not group:
+                break
+            logits = self.backend.logits(torch.stack([batch[j].images[i] for j, i in group]),
+                                         [batch[j].copies for j, _ in group], [batch[j].seed for j, _ in group])
+            for (j, _), part in zip(group, logits.split([batch[j].copies for j, _ in group]), strict=True):
+                parts[j].append(part)
+            computed, images = computed + rows, images + len(group)
+        answers = [self._answer(job, torch.cat(p)) if len(p) == job.images.shape[0] else None
+                   for job, p in zip(batch, parts, strict=True)]
+        elapsed = time.perf_counter() - start
+        if computed >= target:  # small batches are dominated by fixed costs: they would overprice a row
+            cost = elapsed / computed
+            self.row_cost_s = cost if self.row_cost_s is None else 0.8 * self.row_cost_s + 0.2 * cost
+        self.metrics.model_compute.observe(elapsed)
+        self.metrics.batch_images.observe(images)
+        self.metrics.batch_rows.observe(computed)
+        self.metrics.rows.labels(self.model_name).inc(computed)
         return answers
 
     def _answer(self, job: Job, logits: torch.Tensor) -> list[Answer]:
@@ -250,9 +350,10 @@ class Engine:
             predictions = summarize(estimation.reshape(-1, logits.shape[1]), [job.samples] * n, job.aggregation)
             classes = logits.shape[1]
             certificates = [
-                certify_from_counts(torch.bincount(sel.argmax(1), minlength=classes),
-                                    torch.bincount(est.argmax(1), minlength=classes), job.certify_alpha, self.sigma)
-                for sel, est in zip(selection, estimation, strict=True)
+                consistent(certify_from_counts(torch.bincount(sel.argmax(1), minlength=classes),
+                                               torch.bincount(est.argmax(1), minlength=classes),
+                                               job.certify_alpha, self.sigma), p.label)
+                for sel, est, p in zip(selection, estimation, predictions, strict=True)
             ]
         answers = [Answer(p, c) for p, c in zip(predictions, certificates, strict=True)]
         if job.internal:

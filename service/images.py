@@ -38,8 +38,19 @@ def decode_base64(text: str, index: int) -> bytes:
     return data
 
 
-def decode_image(data: bytes, size: int, allow_resize: bool, index: int = 0) -> torch.Tensor:
-    """PNG/JPEG bytes to a ``[3, size, size]`` float tensor; 8-bit RGB (or palette) only."""
+# Pillow refuses (DecompressionBombError) images over twice this many pixels at open, before decoding;
+# decode_image refuses anything over ``max_pixels`` from the header, so this is only the backstop.
+Image.MAX_IMAGE_PIXELS = 4096 * 4096
+ACCEPTED_MODES = {"RGB", "P"}  # 8-bit RGB, or a palette that converts to it
+
+
+def decode_image(data: bytes, size: int, allow_resize: bool, index: int = 0,
+                 max_pixels: int = 1024 * 1024) -> torch.Tensor:
+    """PNG/JPEG bytes to a ``[3, size, size]`` float tensor; 8-bit RGB (or palette) only.
+
+    Format, mode and size are checked from the header before any pixel is decoded, so a small file that
+    claims a huge image (a decompression bomb) costs microseconds and no memory.
+    """
     if not data:
         raise InputError(f"image {index}: empty image", 400)
     try:
@@ -47,21 +58,30 @@ def decode_image(data: bytes, size: int, allow_resize: bool, index: int = 0) -> 
             if img.format not in {"PNG", "JPEG"}:
                 raise InputError(f"image {index}: {img.format} is not supported; send PNG or JPEG", 415,
                                  "unsupported_media_type")
+            width, height = img.size
+            if img.mode not in ACCEPTED_MODES:
+                channels = len(img.getbands())
+                raise InputError(f"image {index}: expected 3 channels (8-bit RGB), got {channels} (mode {img.mode})")
+            if (width, height) != (size, size):
+                if not allow_resize:
+                    raise InputError(f"image {index}: expected {size}x{size} pixels, got {width}x{height} "
+                                     "(this server does not resize; SIAM_ALLOW_RESIZE=true enables it)")
+                if width * height > max_pixels:
+                    raise InputError(f"image {index}: {width}x{height} pixels is over this server's limit of "
+                                     f"{max_pixels} pixels", 413, "payload_too_large")
+                if img.format == "JPEG":
+                    img.draft("RGB", (size, size))  # let libjpeg decode at a reduced scale
             img.load()  # raises on truncated data
             if img.mode == "P":
                 img = img.convert("RGB")
-            if img.mode != "RGB":
-                channels = len(img.getbands())
-                raise InputError(f"image {index}: expected 3 channels (8-bit RGB), got {channels} (mode {img.mode})")
             if img.size != (size, size):
-                if not allow_resize:
-                    raise InputError(f"image {index}: expected {size}x{size} pixels, got {img.size[0]}x{img.size[1]} "
-                                     "(this server does not resize; SIAM_ALLOW_RESIZE=true enables it)")
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
     except InputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise InputError(f"image {index}: too many pixels ({e})", 413, "payload_too_large") from e
+    except UnidentifiedImageError as e:
         raise InputError(f"image {index}: not a PNG or JPEG image", 400) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"image {index}: corrupt or truncated image ({e})", 400) from e

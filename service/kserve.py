@@ -10,27 +10,93 @@ Errors answer ``{"error": "..."}`` with a 4xx status, as the protocol says.
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
+from service.auth import require_access
 from service.images import InputError, check_count, from_tensor
 from service.metrics import samples_bucket
-from service.state import ServiceState, read_body, serving, state_of
+from service.state import ServiceState, read_body, serving, state_of, unless_client_leaves
+
+
+class ErrorV2(BaseModel):
+    error: str
+
+
+class TensorIn(BaseModel):
+    """One input tensor; ``data`` (row-major, flat or nested) or, with the binary extension,
+    ``parameters.binary_data_size`` bytes after the JSON header."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    datatype: str = Field(description="FP32 ([N,3,H,W] in [0, 1]) or UINT8 ([N,H,W,3])")
+    shape: list[Annotated[StrictInt, Field(ge=0)]]
+    parameters: dict[str, Any] | None = None
+    data: Any = None
+
+
+class OutputIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="probabilities, label or vote_share")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data: true for a binary tensor")
+
+
+class InferRequestIn(BaseModel):
+    """A KServe v2 inference request. ``parameters``: samples, aggregation, seed (if allowed),
+    binary_data_output."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[TensorIn] = Field(min_length=1, max_length=1, description="exactly one input tensor")
+    outputs: list[OutputIn] | None = None
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorV2, "description": text} for code, text in {
+        400: "malformed request", 401: "missing or unknown API key (when the server has keys)",
+        403: "seed not allowed", 404: "model or version not served here", 413: "body or image count over the limit",
+        422: "invalid tensor or parameter", 429: "rate limit exceeded (Retry-After)",
+        503: "queue full, deadline cannot be met, shutting down or not ready (Retry-After)",
+        504: "deadline passed"}.items()
+}
+NOT_FOUND = {404: ERRORS[404]}
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequestIn"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "description": "the JSON request, then the binary tensors "
+                                 "(Inference-Header-Content-Length says where the JSON ends)"},
+}}}
+
+
+def openapi_schemas() -> dict[str, Any]:
+    """The request models for the OpenAPI document's components (the routes read the raw body, for the
+    binary extension, so FastAPI does not see them)."""
+    schema = InferRequestIn.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    return {"InferRequestIn": schema, **defs}
+
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+VERSION = "1"
 
 HEADER_LENGTH = "inference-header-content-length"
 NUMPY = {"FP32": np.float32, "UINT8": np.uint8, "INT64": np.int64}
 AGGREGATIONS = ("vote", "softmax", "logits")
 
 
-def _model_or_404(state: ServiceState, name: str) -> None:
+def _model_or_404(state: ServiceState, name: str, version: str = VERSION) -> None:
     if state.manifest is None or name != state.manifest.name:
         raise InputError(f"model {name!r} is not served here (serving {state.model_name!r})", 404, "not_found")
+    if version != VERSION:
+        raise InputError(f"model {name!r} has no version {version!r} (versions: {VERSION})", 404, "not_found")
 
 
 @router.get("")
@@ -50,24 +116,34 @@ async def server_ready(request: Request) -> JSONResponse:
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/ready", responses=NOT_FOUND)
 async def model_ready(name: str, request: Request) -> JSONResponse:
+    return await model_version_ready(name, VERSION, request)
+
+
+@router.get("/models/{name}/versions/{version}/ready", responses=NOT_FOUND)
+async def model_version_ready(name: str, version: str, request: Request) -> JSONResponse:
     state = state_of(request)
-    _model_or_404(state, name)
+    _model_or_404(state, name, version)
     ok = state.ready and not state.draining
     return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
 
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}", responses={k: ERRORS[k] for k in (401, 404, 429)},
+            dependencies=[Depends(require_access)])
 async def model_metadata(name: str, request: Request) -> dict[str, Any]:
+    return await model_version_metadata(name, VERSION, request)
+
+
+@router.get("/models/{name}/versions/{version}", responses={k: ERRORS[k] for k in (401, 404, 429)},
+            dependencies=[Depends(require_access)])
+async def model_version_metadata(name: str, version: str, request: Request) -> dict[str, Any]:
     state = state_of(request)
-    _model_or_404(state, name)
+    _model_or_404(state, name, version)
     spec = state.manifest.spec  # type: ignore[union-attr]
     size, classes = spec.architecture.input_size, spec.architecture.num_classes
     return {
-        "name": name, "versions": ["1"], "platform": f"siam-{state.backend.name if state.backend else 'none'}",
+        "name": name, "versions": [VERSION], "platform": f"siam-{state.backend.name if state.backend else 'none'}",
         "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 3, size, size]},
                    {"name": "images", "datatype": "UINT8", "shape": [-1, size, size, 3]}],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
@@ -79,47 +155,47 @@ async def model_metadata(name: str, request: Request) -> dict[str, Any]:
     }
 
 
-def parse_infer(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
-    """The JSON part of an infer request and the binary tail (empty without the extension)."""
+def parse_infer(body: bytes, header_length: str | None) -> tuple[InferRequestIn, bytes]:
+    """The JSON part of an infer request, validated, and the binary tail (empty without the extension)."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not re.fullmatch(r"[0-9]{1,12}", header_length) or int(header_length) > len(body):
             raise InputError(f"{HEADER_LENGTH} {header_length!r} does not fit a body of {len(body)} bytes", 400)
         head, tail = body[: int(header_length)], body[int(header_length):]
     else:
         head, tail = body, b""
     if not head:
         raise InputError("empty body: send an inference request", 400)
-    try:
-        request = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"request is not valid JSON ({e})", 400) from e
-    if not isinstance(request, dict):
-        raise InputError("request must be a JSON object", 400)
-    return request, tail
+    try:  # pydantic's JSON parser refuses absurd nesting itself (recursion limit), with a ValidationError
+        return InferRequestIn.model_validate_json(head), tail
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'request'}: {err['msg']}" for err in e.errors())
+        raise InputError(f"invalid inference request: {problems}", 400) from e
 
 
-def input_array(request: dict[str, Any], tail: bytes) -> tuple[np.ndarray, str]:
-    """The single input tensor, from JSON ``data`` or the binary tail."""
-    inputs = request.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise InputError("send exactly one input tensor in \"inputs\"", 400)
-    spec = inputs[0]
-    datatype, shape = spec.get("datatype"), spec.get("shape")
+def input_array(request: InferRequestIn, tail: bytes, max_images: int, size: int) -> tuple[np.ndarray, str]:
+    """The single input tensor, from JSON ``data`` or the binary tail; its size is checked from the
+    shape (in Python integers, which do not overflow) before anything is allocated."""
+    spec = request.inputs[0]
+    datatype, shape = spec.datatype, spec.shape
     if datatype not in ("FP32", "UINT8"):
         raise InputError(f"datatype {datatype!r} is not supported; send FP32 [N,3,H,W] or UINT8 [N,H,W,3]")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise InputError(f"shape must be a list of non-negative integers, got {shape!r}", 400)
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
+    if len(shape) != 4 or count > max_images * 3 * size * size:
+        expected = f"[N, 3, {size}, {size}]" if datatype == "FP32" else f"[N, {size}, {size}, 3]"
+        raise InputError(f"{datatype} input must have shape {expected} with N <= {max_images}, got {shape}",
+                         413 if len(shape) == 4 and shape[0] > max_images else 422,
+                         "payload_too_large" if len(shape) == 4 and shape[0] > max_images else "bad_request")
     dtype = NUMPY[datatype]
-    size = (spec.get("parameters") or {}).get("binary_data_size")
-    if size is not None:
-        if not isinstance(size, int) or size != len(tail) or size != count * np.dtype(dtype).itemsize:
-            raise InputError(f"binary_data_size {size!r} does not match shape {shape} ({datatype}) and the "
+    size_param = (spec.parameters or {}).get("binary_data_size")
+    if size_param is not None:
+        if (isinstance(size_param, bool) or not isinstance(size_param, int) or size_param != len(tail)
+                or size_param != count * np.dtype(dtype).itemsize):
+            raise InputError(f"binary_data_size {size_param!r} does not match shape {shape} ({datatype}) and the "
                              f"{len(tail)} bytes sent", 400)
         array = np.frombuffer(tail, dtype=dtype)
     else:
         try:
-            array = np.asarray(spec.get("data"), dtype=dtype)
+            array = np.asarray(spec.data, dtype=dtype)
         except (TypeError, ValueError, OverflowError) as e:
             raise InputError(f"input data is not a list of {datatype} numbers ({e})", 400) from e
         if array.size != count:
@@ -127,8 +203,8 @@ def input_array(request: dict[str, Any], tail: bytes) -> tuple[np.ndarray, str]:
     return array.reshape(shape), datatype
 
 
-def infer_parameters(request: dict[str, Any], state: ServiceState) -> tuple[int, str, int | None]:
-    params = request.get("parameters") or {}
+def infer_parameters(request: InferRequestIn, state: ServiceState) -> tuple[int, str, int | None]:
+    params = request.parameters or {}
     smoothing, s = state.manifest.spec.smoothing, state.settings  # type: ignore[union-attr]
     samples = params.get("samples", smoothing.default_samples)
     if isinstance(samples, bool) or not isinstance(samples, int):
@@ -147,45 +223,51 @@ def infer_parameters(request: dict[str, Any], state: ServiceState) -> tuple[int,
     return samples, aggregation, seed
 
 
-def wants_binary(request: dict[str, Any]) -> dict[str, bool]:
+def wants_binary(request: InferRequestIn) -> dict[str, bool]:
     """Which outputs to return, and whether each is binary."""
-    default = bool((request.get("parameters") or {}).get("binary_data_output", False))
+    default = bool((request.parameters or {}).get("binary_data_output", False))
     names = ("probabilities", "label", "vote_share")
-    asked = request.get("outputs")
-    if not asked:
+    if not request.outputs:
         return dict.fromkeys(names, default)
     chosen: dict[str, bool] = {}
-    for out in asked:
-        name = out.get("name") if isinstance(out, dict) else None
-        if name not in names:
-            raise InputError(f"unknown output {name!r}; outputs are {', '.join(names)}", 400)
-        chosen[name] = bool((out.get("parameters") or {}).get("binary_data", default))
+    for out in request.outputs:
+        if out.name not in names:
+            raise InputError(f"unknown output {out.name!r}; outputs are {', '.join(names)}", 400)
+        chosen[out.name] = bool((out.parameters or {}).get("binary_data", default))
     return chosen
 
 
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
+@router.post("/models/{name}/infer", openapi_extra=INFER_BODY, responses=ERRORS,
+             dependencies=[Depends(require_access)])
 async def infer(name: str, request: Request) -> Response:
+    """Smoothed inference on a tensor batch; ``samples`` is a request parameter."""
+    return await infer_version(name, VERSION, request)
+
+
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY, responses=ERRORS,
+             dependencies=[Depends(require_access)])
+async def infer_version(name: str, version: str, request: Request) -> Response:
     """Smoothed inference on a tensor batch; ``samples`` is a request parameter."""
     start = time.perf_counter()
     state, engine, manifest = serving(request)
-    _model_or_404(state, name)
-    body = await read_body(request, state.settings.max_body_bytes)
+    _model_or_404(state, name, version)
+    settings, size = state.settings, manifest.spec.architecture.input_size
+    body = await read_body(request, settings.max_body_bytes)
     payload, tail = parse_infer(body, request.headers.get(HEADER_LENGTH))
     samples, aggregation, seed = infer_parameters(payload, state)
     outputs = wants_binary(payload)
-    array, datatype = input_array(payload, tail)
-    check_count(array.shape[0] if array.ndim else 0, state.settings.max_images)
-    images = from_tensor(array, datatype, manifest.spec.architecture.input_size)
-    answers = await engine.predict(images, samples, aggregation, seed,  # type: ignore[arg-type]
-                                   timeout=state.settings.request_timeout_s)
+    array, datatype = input_array(payload, tail, settings.max_images, size)
+    check_count(array.shape[0], settings.max_images)
+    images = from_tensor(array, datatype, size)
+    answers = await unless_client_leaves(request, engine.predict(
+        images, samples, aggregation, seed, timeout=settings.request_timeout_s))  # type: ignore[arg-type]
     state.metrics.prediction_duration.labels(samples_bucket(samples)).observe(time.perf_counter() - start)
     tensors = {
         "probabilities": np.array([a.prediction.probabilities for a in answers], dtype=np.float32),
         "label": np.array([a.prediction.label for a in answers], dtype=np.int64),
         "vote_share": np.array([a.prediction.vote_share for a in answers], dtype=np.float32),
     }
-    return encode_response(name, payload.get("id"), tensors, outputs, samples)
+    return encode_response(name, payload.id, tensors, outputs, samples)
 
 
 def encode_response(name: str, request_id: Any, tensors: dict[str, np.ndarray], outputs: dict[str, bool],

@@ -15,8 +15,9 @@ ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHARE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # Every value the ``kind`` label of siam_errors_total takes (service/app.py's handlers).
-ERROR_KINDS = ("bad_request", "payload_too_large", "not_found", "feedback_unknown_id", "queue_full", "not_ready",
-               "shutting_down", "deadline", "internal")
+ERROR_KINDS = ("bad_request", "payload_too_large", "unsupported_media_type", "not_found", "feedback_unknown_id",
+               "unauthorized", "rate_limited", "queue_full", "overloaded", "not_ready", "shutting_down", "deadline",
+               "client_disconnected", "internal")
 SAMPLE_BUCKETS = ((1, "1"), (4, "2-4"), (16, "5-16"), (64, "17-64"), (256, "65-256"))
 
 

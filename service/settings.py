@@ -47,8 +47,20 @@ class Settings(BaseSettings):
     allow_seed: bool = Field(False, description="let clients fix the noise with ?seed= (makes the model "
                                                 "deterministic to them, so attackable: off by default)")
     allow_resize: bool = Field(False, description="resize images of another size instead of answering 422")
+    max_image_pixels: int = Field(1024 * 1024, ge=1, description="with allow_resize: larger images (read from "
+                                  "the header, before decoding) get 413")
     certify_selection_samples: int = Field(
         64, ge=1, description="extra copies Cohen's CERTIFY uses to pick the class (n0) when ?certify=true")
+
+    # access
+    api_keys: Path | None = Field(None, description="file of SHA-256 hashes of API keys, one per line (`siam "
+                                  "api-key` makes one): predictions then need `Authorization: Bearer <key>` or "
+                                  "`X-API-Key`, else 401; health and metrics stay open")
+    rate_limit_per_s: float = Field(0.0, ge=0, description="requests per second per API key (or per client "
+                                    "address without keys), token bucket; over it: 429 with Retry-After; 0 = off")
+    rate_limit_burst: int = Field(20, ge=1, description="token bucket size: requests a client may send at once")
+    ssl_certfile: Path | None = Field(None, description="serve HTTPS with this certificate (PEM)")
+    ssl_keyfile: Path | None = Field(None, description="the certificate's private key (PEM)")
 
     # monitoring
     feedback_capacity: int = Field(100_000, ge=1, description="prediction ids kept for POST /feedback")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
 from models.checkpoint import Manifest
+from service.auth import Access
 from service.backends import Backend
 from service.engine import Engine
 from service.feedback import FeedbackStore
@@ -24,6 +28,7 @@ class ServiceState:
     backend: Backend | None = None
     engine: Engine | None = None
     feedback: FeedbackStore | None = None
+    access: Access | None = None
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
@@ -72,3 +77,32 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect as e:
         raise InputError("client disconnected while sending the body", 400) from e
     return b"".join(chunks)
+
+
+T = TypeVar("T")
+
+
+class ClientGoneError(ConnectionError):
+    """The client closed the connection before its answer was ready."""
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it as soon as the client disconnects, so that the engine drops the
+    request's rows instead of computing them for nobody. Call after the body has been read: the next
+    ASGI message is then the disconnect."""
+    answer = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((answer, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled
+        watcher.cancel()
+        if not answer.done():
+            answer.cancel()
+    if not answer.done() or answer.cancelled():
+        raise ClientGoneError("client disconnected before the answer was ready")
+    return answer.result()

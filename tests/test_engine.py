@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 
-from service.engine import DeadlineExceededError, Engine
+from models.smooth import ABSTAIN, Certificate
+from service.engine import DeadlineExceededError, Engine, OverloadedError, ShuttingDownError, consistent
 from service.metrics import Metrics
 
 
 class GatedBackend:
     """Records every batch; each call waits until the test opens the gate."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_rows: int = 4096) -> None:
+        self.chunk_rows = chunk_rows  # rows per group the engine hands over between liveness checks
         self.calls: list[list[int]] = []
         self.gate = threading.Event()
         self.started = threading.Event()
@@ -145,3 +147,79 @@ def test_a_model_failure_answers_its_batch_with_the_error_and_the_engine_carries
         return backend.calls
 
     assert asyncio.run(scenario()) == [[1, 2], [3]]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` on the loop, with a bound."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
+
+
+def test_a_request_that_expires_while_its_batch_runs_is_dropped_at_the_next_group() -> None:
+    async def scenario() -> list[list[int]]:
+        backend = GatedBackend(chunk_rows=4)  # groups of one 4-copy image
+        engine = engine_with(backend)
+        first, late, last = (asyncio.create_task(engine.predict(image(), 4, "softmax", timeout=t))
+                             for t in (10.0, 0.2, 10.0))
+        await wait_started(backend)  # one batch of three jobs; the worker is inside the first group
+        await until(late.done)
+        with pytest.raises(DeadlineExceededError):
+            await late
+        backend.gate.set()
+        assert [(await t)[0].prediction.samples for t in (first, last)] == [4, 4]
+        await engine.stop()
+        return backend.calls
+
+    assert asyncio.run(scenario()) == [[4], [4]]  # the late request's group was never computed
+
+
+def test_a_request_that_cannot_meet_its_deadline_behind_the_queue_is_refused_at_once() -> None:
+    async def scenario() -> None:
+        backend = GatedBackend()
+        engine = engine_with(backend)
+        engine.row_cost_s = 0.01  # as if measured: 100 rows/s
+        first = asyncio.create_task(engine.predict(image(), 50, "softmax"))  # 0.5 s of work
+        await wait_started(backend)
+        with pytest.raises(OverloadedError) as refused:
+            await engine.predict(image(), 60, "softmax", timeout=1.0)  # 0.5 + 0.6 s > 1 s
+        assert refused.value.retry_after_s >= 1
+        fits = asyncio.create_task(engine.predict(image(), 20, "softmax", timeout=1.0))  # 0.5 + 0.2 s
+        await until(lambda: engine.queue_length == 1)
+        backend.gate.set()
+        assert (await fits)[0].prediction.samples == 20
+        await first
+        await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_shed_answers_every_unfinished_request_503_and_stops_computing_them() -> None:
+    async def scenario() -> list[list[int]]:
+        backend = GatedBackend(chunk_rows=2)
+        engine = engine_with(backend)
+        running = asyncio.create_task(engine.predict(torch.rand(3, 3, 8, 8), 2, "softmax"))  # three groups
+        await wait_started(backend)
+        queued = asyncio.create_task(engine.predict(image(), 5, "softmax"))
+        await until(lambda: engine.queue_length == 1)
+        assert engine.shed() == 2
+        for task in (running, queued):
+            with pytest.raises(ShuttingDownError):
+                await task
+        with pytest.raises(ShuttingDownError):
+            await engine.predict(image(), 1, "softmax")
+        backend.gate.set()
+        await engine.stop()
+        return backend.calls
+
+    assert asyncio.run(scenario()) == [[2]]  # the running request's other two groups were dropped
+
+
+def test_a_certificate_for_a_class_the_answer_does_not_name_abstains() -> None:
+    agreeing = Certificate(3, 0.2, 0.8, [0, 0, 0, 80, 20])
+    assert consistent(agreeing, 3) is agreeing
+    other = consistent(agreeing, 4)
+    assert other.abstained and other.radius == 0.0 and other.counts == agreeing.counts
+    abstained = Certificate(ABSTAIN, 0.0, 0.3, [50, 50])
+    assert consistent(abstained, 1) is abstained

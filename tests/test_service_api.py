@@ -177,7 +177,24 @@ BAD_TENSORS = [
     ("data count", {"inputs": [{"name": "x", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.5]}]}, 400,
      "needs 3072"),
     ("samples param", v2_request(np.zeros((1, 3, 32, 32), np.float32), "FP32", samples="many"), 422, "integer"),
-    ("two inputs", {"inputs": [{}, {}]}, 400, "exactly one"),
+    ("two inputs", {"inputs": [{}, {}]}, 400, "at most 1 item"),
+    # Each of these answered 500 once (int64 overflow in the size check, parameters of the wrong type).
+    ("overflowing shape", {"inputs": [{"name": "x", "shape": [2**33, 2**31, 3, 32, 32], "datatype": "FP32",
+                                       "data": []}]}, 422, "shape"),
+    ("overflowing binary shape", {"inputs": [{"name": "x", "shape": [2**62, 3, 32, 32], "datatype": "UINT8",
+                                              "parameters": {"binary_data_size": 0}}]}, 413, "N <= 4"),
+    ("parameters a list", {**v2_request(np.zeros((1, 3, 32, 32), np.float32), "FP32"), "parameters": [1]}, 400,
+     "parameters"),
+    ("parameters a string", {**v2_request(np.zeros((1, 3, 32, 32), np.float32), "FP32"), "parameters": "x"}, 400,
+     "parameters"),
+    ("input parameters a list", {"inputs": [{"name": "x", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                             "parameters": [], "data": [0.5] * 3072}]}, 400, "parameters"),
+    ("outputs not a list", {**v2_request(np.zeros((1, 3, 32, 32), np.float32), "FP32"), "outputs": {"a": 1}},
+     400, "outputs"),
+    ("output parameters a list", {**v2_request(np.zeros((1, 3, 32, 32), np.float32), "FP32"),
+                                  "outputs": [{"name": "label", "parameters": []}]}, 400, "outputs"),
+    ("shape as strings", {"inputs": [{"name": "x", "shape": ["1", "3", "32", "32"], "datatype": "FP32",
+                                      "data": [0.5] * 3072}]}, 400, "shape"),
 ]
 
 
@@ -186,6 +203,22 @@ def test_kserve_bad_tensors(client: TestClient, body: dict, status: int, message
     r = client.post("/v2/models/tiny/infer", content=json.dumps(body), headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
+
+
+def test_kserve_refuses_absurd_json_and_headers_with_4xx(client: TestClient) -> None:
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = client.post("/v2/models/tiny/infer", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "recursion" in r.json()["error"]
+    body = json.dumps(v2_request(np.zeros((1, 3, 32, 32), np.float32), "FP32")).encode()
+    # A superscript two (latin-1 on the wire) is isdigit() in Python, yet int() refuses it.
+    for header in ("\u00b2".encode("latin-1"), b"-1", b"1e3", b" 12", str(len(body) + 1).encode()):
+        r = client.post("/v2/models/tiny/infer", content=body,
+                        headers={"content-type": "application/json", "Inference-Header-Content-Length": header})
+        assert r.status_code == 400, (header, r.text)
+    r = client.post("/v2/models/tiny/versions/2/infer", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 404 and "version" in r.json()["error"]
+    r = client.post("/v2/models/tiny/versions/1/infer", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
 
 
 def test_feedback_counts_live_accuracy(client: TestClient) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from models import load_checkpoint, save_checkpoint
 from models.onnx import export_onnx
@@ -155,3 +156,24 @@ def test_service_uses_the_checkpoints_own_graph_only_when_it_matches_the_weights
     assert onnx_graph(model, stale, tiny_checkpoint, cache).parent == cache
     shipped.write_bytes(b"not an onnx file")
     assert exported_weights(shipped) is None
+
+
+def test_a_run_stopped_mid_epoch_resumes_where_it_stopped_and_matches_an_uninterrupted_one(
+        tiny_cifar_tar: Path, tmp_path: Path) -> None:
+    """--max-steps inside an epoch leaves the epoch incomplete (not marked done); the resumed run skips the
+    steps already taken and, with the random state restored, ends with the very weights of a run that was
+    never interrupted."""
+    common = ["--attack", "fgsm", "--batch-size", "100", "--epochs", "1"]
+    straight, pieces = tmp_path / "straight", tmp_path / "pieces"
+    train.main(train_args(tiny_cifar_tar, straight, tmp_path / "cache", *common))
+    train.main(train_args(tiny_cifar_tar, pieces, tmp_path / "cache", *common, "--max-steps", "2"))
+    stopped = load_checkpoint(pieces / "checkpoint")[1].training
+    assert not stopped["complete"] and stopped["epochs_completed"] == 0 and stopped["stopped_at_step"] == 2
+    train.main(train_args(tiny_cifar_tar, pieces, tmp_path / "cache", *common))
+    resumed_model, resumed = load_checkpoint(pieces / "checkpoint")
+    assert resumed.training["complete"] and resumed.training["epochs_completed"] == 1
+    history = resumed.training["history"]
+    assert [h["epoch"] for h in history] == [1] and history[0]["steps"] == 4
+    straight_model, _ = load_checkpoint(straight / "checkpoint")
+    for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

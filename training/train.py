@@ -189,9 +189,35 @@ def learning_rate(args: argparse.Namespace, progress: float) -> float:
     return 0.5 * args.lr * (1 + math.cos(math.pi * (progress - args.warmup_epochs) / span))
 
 
+def resolve_amp(device: torch.device, amp: str) -> str:
+    return ("bf16" if device.type == "cuda" else "none") if amp == "auto" else amp
+
+
+def rng_states(device: torch.device, ddp: Dist) -> list[dict[str, torch.Tensor]]:
+    """Every rank's random state (CPU, and CUDA where it runs), gathered on rank 0: a resumed run then
+    draws the same noise and attack starts it would have drawn without the interruption."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if ddp.world == 1:
+        return [state]
+    gathered: list[Any] = [None] * ddp.world
+    dist.all_gather_object(gathered, {k: v.cpu() for k, v in state.items()})
+    return gathered
+
+
+def restore_rng(saved: list[dict[str, torch.Tensor]] | None, device: torch.device, ddp: Dist) -> None:
+    if saved is None or len(saved) != ddp.world:
+        if ddp.main:
+            print("random state not restored (saved by an older version or another world size): fresh streams")
+        return
+    torch.set_rng_state(saved[ddp.rank]["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in saved[ddp.rank]:
+        torch.cuda.set_rng_state(saved[ddp.rank]["cuda"].cpu(), device)
+
+
 def autocast(device: torch.device, amp: str) -> Any:
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
+    amp = resolve_amp(device, amp)
     if amp == "none":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -267,8 +293,9 @@ def evaluate_epoch(args: argparse.Namespace, model: Classifier, spec: ModelSpec,
     attacked = test.subset(args.eval_attack_images, seed=2)
     x, y = to_float(attacked.images.to(device)), attacked.labels.to(device)
     adv = pgd(f, x, y) if len(y) else x
+    robust = _accuracy(f, adv, y)  # in eval mode: a train-mode forward would fold test images into BatchNorm
     model.train()
-    return {"test_clean_acc": correct / max(len(clean), 1), "test_pgd7_acc": _accuracy(f, adv, y),
+    return {"test_clean_acc": correct / max(len(clean), 1), "test_pgd7_acc": robust,
             "eval_images": len(clean), "eval_attack_images": len(y)}
 
 
@@ -320,17 +347,22 @@ def train(args: argparse.Namespace) -> Path:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum,
                           nesterov=True)
-    start_epoch, history = 0, []
+    # fp16 needs its loss scaled (small gradients underflow in half precision); bf16 does not.
+    scaler = torch.amp.GradScaler(device.type, enabled=resolve_amp(device, args.amp) == "fp16")
+    start_epoch, skip, history = 0, 0, []
     state_path = out / "state.pt"
     if state_path.is_file() and not args.no_resume:
         state = torch.load(state_path, map_location=device, weights_only=True)
+        check_resume(state, args, state_path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"], json.loads(state["history"])
-        check_resume(state, args, state_path)
-        torch.set_rng_state(state["rng_cpu"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, skip = state["epoch"], state.get("epoch_step", 0)
+        history = [h for h in json.loads(state["history"]) if not h.get("partial")]  # redone to its end
+        restore_rng(state.get("rng"), device, ddp)
         if ddp.main:
-            print(f"resuming {out} from epoch {start_epoch}")
+            print(f"resuming {out} from epoch {start_epoch}" + (f", step {skip} of it" if skip else ""))
     net: nn.Module = DistributedDataParallel(model) if ddp.world > 1 else model
     # The attack only needs input gradients: it runs on the bare model, outside DDP's gradient sync.
     attack_smooth = Smooth(model, spec.smoothing, spec.architecture.num_classes, per_row_weight_noise=False)
@@ -352,11 +384,13 @@ def train(args: argparse.Namespace) -> Path:
         "environment": environment(device), "world_size": ddp.world,
         **({"init": parent_record(args.init, parent)} if parent is not None else {}),
     }
-    step = start_epoch * steps_per_epoch
+    step = start_epoch * steps_per_epoch + skip
     for epoch in range(start_epoch, args.epochs):
         model.train()
         perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         perm = perm[: steps_per_epoch * args.batch_size].view(steps_per_epoch, ddp.world, per_rank)[:, ddp.rank]
+        done_before = skip if epoch == start_epoch else 0  # a resumed epoch goes on where it stopped
+        perm = perm[done_before:]
         bar = tqdm(perm, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not ddp.main, mininterval=2,
                    dynamic_ncols=True)
         seen, loss_sum, correct, t0 = 0, 0.0, 0, time.perf_counter()
@@ -377,8 +411,9 @@ def train(args: argparse.Namespace) -> Path:
             else:
                 adv_logits, loss = logits, F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
@@ -388,22 +423,30 @@ def train(args: argparse.Namespace) -> Path:
                             lr=f"{opt.param_groups[0]['lr']:.4f}")
             if args.max_steps is not None and step >= args.max_steps:
                 break
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+        epoch_step = done_before + seen // per_rank  # steps of this epoch done so far
+        partial = epoch_step < steps_per_epoch  # stopped by --max-steps inside the epoch
+        metrics = {"epoch": epoch + 1, **({"partial": True} if partial else {}), "train_loss": loss_sum / max(seen, 1),
                    "train_adv_acc" if args.attack != "none" else "train_acc": correct / max(seen, 1),
                    "images_per_s": seen * ddp.world / (time.perf_counter() - t0), "steps": step}
         if ddp.main:
-            metrics.update(evaluate_epoch(args, model, spec, test_set, device))
+            # on its own random stream, so that a run resumed from here draws what an uninterrupted one would
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                metrics.update(evaluate_epoch(args, model, spec, test_set, device))
             history.append(metrics)
             print(json.dumps(metrics), flush=True)
             out.mkdir(parents=True, exist_ok=True)
             with (out / "log.jsonl").open("a") as log:
                 log.write(json.dumps(metrics) + "\n")
-            finished = epoch + 1 == args.epochs or (args.max_steps is not None and step >= args.max_steps)
-            record = {**record_base, "epochs_completed": epoch + 1, "complete": finished, "history": history}
+        rng = rng_states(device, ddp)  # a collective under DDP: every rank takes part
+        if ddp.main:
+            finished = epoch + 1 == args.epochs and not partial
+            record = {**record_base, "epochs_completed": epoch + (0 if partial else 1), "complete": finished,
+                      "history": history, **({"stopped_at_step": step} if partial else {})}
             save_checkpoint(out / "checkpoint", model, spec, name, record)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                        "history": json.dumps(history), "rng_cpu": torch.get_rng_state(),
-                        "val_images": args.val_images, "config": json.dumps(vars(args))}, state_path)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                        "epoch": epoch + (0 if partial else 1), "epoch_step": epoch_step if partial else 0,
+                        "history": json.dumps(history), "rng": rng, "val_images": args.val_images,
+                        "config": json.dumps(vars(args))}, state_path)
         if args.max_steps is not None and step >= args.max_steps:
             break
     if ddp.world > 1:
