@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -425,3 +426,34 @@ def test_a_client_that_leaves_has_its_rows_dropped_uncomputed(checkpoint: Path) 
             assert time.monotonic() < deadline, "the server never noticed the client leave"
             time.sleep(0.02)
         assert values[("siam_rows_total", (("model", "tiny"),))] == 1024  # the first request's rows only
+
+
+def test_siam_serve_speaks_https_with_a_certificate(checkpoint: Path, tmp_path: Path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = Server(checkpoint, "--backend", "torch", "--chunk-rows", "64", "--ssl-certfile", str(cert),
+                    "--ssl-keyfile", str(key))
+    trust = ssl.create_default_context(cafile=str(cert))
+    try:
+        url = server.url.replace("http://", "https://")
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health/ready", verify=trust, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.proc.poll() is None, server.output()
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.25)
+        r = httpx.post(f"{url}/predict", content=PNG, headers={"content-type": "image/png"}, verify=trust)
+        assert r.status_code == 200 and r.json()["model"] == "tiny"
+        with pytest.raises(httpx.TransportError):  # plain HTTP on the HTTPS port gets no answer
+            httpx.get(f"{server.url}/health/live", timeout=5)
+    finally:
+        server.stop()
