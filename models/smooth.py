@@ -18,6 +18,7 @@ from scipy.stats import beta, binomtest, norm
 from models.noise import DeviceNoise, NoiseSource, SeededNoise
 from models.pni import has_weight_noise, per_row_weight_noise
 from models.resnet import Classifier
+from models.sequential import SequentialVote, round_seed
 from models.spec import Aggregation, SmoothingSpec
 
 ABSTAIN = -1
@@ -232,6 +233,22 @@ class Smooth:
         if len(counts) != num_images or any(m < 1 for m in counts):
             raise ValueError("need one sample count >= 1 per image")
         return counts
+
+    def predict_sequential(self, images: torch.Tensor, budget: int, confidence: float,
+                           aggregation: Aggregation | None = None,
+                           seed: int | None = None) -> list[tuple[Prediction, bool]]:
+        """Sequential sampling (``models/sequential.py``): each image draws copies in rounds until its vote is
+        decided at ``confidence`` or ``budget`` copies are used. Returns each image's answer (``samples`` =
+        copies used) and whether it was decided. All undecided images of a round share one forward."""
+        rule = aggregation or self.smoothing.aggregation
+        votes = [SequentialVote(budget, confidence, self.num_classes, rule) for _ in range(images.shape[0])]
+        while active := [i for i, v in enumerate(votes) if v.next_round()]:
+            sizes = [votes[i].next_round() for i in active]
+            seeds = None if seed is None else [round_seed(seed + i, votes[i].round_index) for i in active]
+            logits = self.noisy_logits(images[active], sizes, seeds)
+            for i, part in zip(active, logits.split(sizes), strict=True):
+                votes[i].add(part)
+        return [(summarize(v.all_logits(), [v.used], rule)[0], v.decided) for v in votes]
 
     # --- Cohen et al.: abstaining prediction and certification -------------------------------------
 

@@ -19,6 +19,7 @@ from service.engine import Answer
 from service.images import InputError, check_count, decode_base64, decode_image
 from service.metrics import samples_bucket
 from service.schemas import ErrorOut, FeedbackIn, FeedbackOut, PredictionOut, PredictionsOut, PredictRequest
+from service.sequential import predict_sequential
 from service.state import ServiceState, read_body, serving, state_of, unless_client_leaves
 
 router = APIRouter()
@@ -75,18 +76,20 @@ def check_samples(samples: int | None, default: int, limit: int) -> int:
     return m
 
 
-def to_out(answer: Answer, state: ServiceState, aggregation: str, elapsed_ms: float) -> PredictionOut:
+def to_out(answer: Answer, state: ServiceState, aggregation: str, elapsed_ms: float, samples: int) -> PredictionOut:
     p, c = answer.prediction, answer.certificate
     label = p.label if c is None else c.label  # the engine makes a certificate abstain or agree with p.label
     names = state.manifest.spec.class_names  # type: ignore[union-attr]
+    sequential = answer.decided is not None
     out = PredictionOut(
         id=uuid.uuid4().hex, label=label, class_name=names[label] if label >= 0 else None,
-        probabilities=p.probabilities, vote_share=p.vote_share, samples=p.samples, model=state.model_name,
+        probabilities=p.probabilities, vote_share=p.vote_share, samples=samples, model=state.model_name,
         latency_ms=round(elapsed_ms, 3), aggregation=aggregation,
         abstained=None if c is None else c.abstained, radius=None if c is None else c.radius,
-        p_lower=None if c is None else c.p_lower)
+        p_lower=None if c is None else c.p_lower,
+        samples_used=p.samples if sequential else None, decided=answer.decided)
     if state.feedback is not None and label >= 0:
-        state.feedback.add(out.id, label, p.samples, state.model_name)
+        state.feedback.add(out.id, label, samples, state.model_name)
     return out
 
 
@@ -101,6 +104,9 @@ async def predict(
     alpha: Annotated[float, Query(gt=0, lt=0.5, description="certify: failure probability")] = 0.001,
     seed: Annotated[int | None, Query(ge=0, lt=2**63, description="fix the noise (only if the server "
                                                                   "allows it)")] = None,
+    confidence: Annotated[float | None, Query(gt=0.5, lt=1, description="sequential sampling: `samples` becomes "
+                                              "a budget; each image stops once its vote is decided at this "
+                                              "confidence (answers add `samples_used`, `decided`)")] = None,
 ) -> Response:
     """The smoothed prediction for one image or several, each over ``samples`` noisy copies batched with
     every other waiting request.
@@ -112,6 +118,8 @@ async def predict(
     state, engine, manifest = serving(request)
     settings, smoothing = state.settings, manifest.spec.smoothing
     m = check_samples(samples, smoothing.default_samples, settings.max_samples)
+    if confidence is not None and certify:
+        raise InputError("certify and confidence cannot be combined: CERTIFY needs its fixed number of copies")
     if seed is not None and not settings.allow_seed:
         raise InputError("seed is disabled on this server: fixed noise makes the model deterministic, and so "
                          "attackable (SIAM_ALLOW_SEED=true enables it)", 403)
@@ -122,12 +130,16 @@ async def predict(
     else:
         images, as_list = decode_request(body, content_type, state)
     rule = aggregation or smoothing.aggregation
-    answers = await unless_client_leaves(request, engine.predict(
-        images, m, rule, seed, alpha if certify else None, settings.certify_selection_samples,
-        settings.request_timeout_s))
+    if confidence is not None:
+        work = predict_sequential(engine, images, m, confidence, rule, seed, settings.request_timeout_s,
+                                  len(manifest.spec.class_names))
+    else:
+        work = engine.predict(images, m, rule, seed, alpha if certify else None, settings.certify_selection_samples,
+                              settings.request_timeout_s)
+    answers = await unless_client_leaves(request, work)
     elapsed_ms = (time.perf_counter() - start) * 1000
     state.metrics.prediction_duration.labels(samples_bucket(m)).observe(elapsed_ms / 1000)
-    outs = [to_out(a, state, rule, elapsed_ms) for a in answers]
+    outs = [to_out(a, state, rule, elapsed_ms, m) for a in answers]
     body = PredictionsOut(predictions=outs) if as_list else outs[0]
     # Already validated when built: serialise once here rather than have FastAPI validate it again.
     return Response(body.model_dump_json(exclude_none=True), media_type="application/json")

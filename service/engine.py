@@ -62,6 +62,7 @@ class Answer:
 
     prediction: Prediction
     certificate: Certificate | None = None
+    decided: bool | None = None  # sequential sampling only: the vote was settled before the budget ran out
 
 
 @dataclass(eq=False)  # identity, not field equality: jobs are found in the queue by identity
@@ -75,9 +76,10 @@ class Job:
     certify_alpha: float | None  # None: no certificate
     selection_samples: int
     deadline: float  # time.monotonic() after which the answer is useless
-    future: asyncio.Future[list[Answer]]
+    future: asyncio.Future[list[Answer] | list[torch.Tensor]]
     enqueued: float = field(default_factory=time.perf_counter)
     internal: bool = False  # the service's own traffic (the canary): not counted as answered predictions
+    raw: bool = False  # answer each image's per-copy logits, not an aggregate (a round of sequential sampling)
     taken: bool = False  # out of the queue: handed to the worker, or dropped by it
     abandoned: bool = False  # answered already (expired, shed) or its client went away: compute no more of it
 
@@ -183,16 +185,31 @@ class Engine:
         """Queue ``images`` and wait for their answers. ``internal`` (the canary) keeps the answers out of
         the prediction, vote-share and abstention metrics, which describe client traffic.
 
-        Raises QueueFullError, DeadlineExceededError or ShuttingDownError.
+        Raises QueueFullError, OverloadedError, DeadlineExceededError or ShuttingDownError.
         """
+        return await self._submit(images, samples, aggregation, seed, certify_alpha, selection_samples, timeout,
+                                  internal)  # type: ignore[return-value]
+
+    async def copy_logits(self, images: torch.Tensor, copies: int, seed: int | None, timeout: float,
+                          admit: bool = True) -> list[torch.Tensor]:
+        """Each image's ``[copies, C]`` logits (one round of sequential sampling), batched like any request.
+        ``admit=False`` skips deadline-aware admission: a later round of a request already admitted."""
+        return await self._submit(images, copies, "vote", seed, None, 0, timeout, True, raw=True,
+                                  admit=admit)  # type: ignore[return-value]
+
+    async def _submit(self, images: torch.Tensor, samples: int, aggregation: Aggregation, seed: int | None,
+                      certify_alpha: float | None, selection_samples: int, timeout: float, internal: bool,
+                      raw: bool = False, admit: bool = True) -> list[Answer] | list[torch.Tensor]:
         if self._closing or self._loop is None:
             raise ShuttingDownError("the server is shutting down")
         if len(self._pending) >= self.max_queue:
             raise QueueFullError(f"{len(self._pending)} requests are waiting (limit {self.max_queue})")
         loop = asyncio.get_running_loop()
+        if timeout <= 0:
+            raise DeadlineExceededError("no time left before the deadline")
         job = Job(images, samples, aggregation, seed, certify_alpha, selection_samples,
-                  time.monotonic() + timeout, loop.create_future(), internal=internal)
-        if self._pending or self._busy:  # alone on an idle worker a request always gets its chance
+                  time.monotonic() + timeout, loop.create_future(), internal=internal, raw=raw)
+        if admit and (self._pending or self._busy):  # alone on an idle worker a request always gets its chance
             wait = self.estimated_wait_s(job.rows)
             if wait is not None and wait > timeout:
                 raise OverloadedError(f"the {self._queued_rows + self._busy_rows} noisy rows ahead of this request "
@@ -255,7 +272,7 @@ class Engine:
         done = self._loop.run_in_executor(self._executor, self._compute, batch)
         done.add_done_callback(lambda future: self._finish(batch, future))
 
-    def _finish(self, batch: list[Job], done: asyncio.Future[list[list[Answer] | None]]) -> None:
+    def _finish(self, batch: list[Job], done: asyncio.Future[list[list[Answer] | list[torch.Tensor] | None]]) -> None:
         """Answer every request of the batch (a model failure answers each with the error), then go on."""
         self._busy, self._running, self._busy_rows = False, [], 0
         error = done.exception()
@@ -299,7 +316,7 @@ class Engine:
             rows += job.rows
         return batch
 
-    def _compute(self, batch: list[Job]) -> list[list[Answer] | None]:
+    def _compute(self, batch: list[Job]) -> list[list[Answer] | list[torch.Tensor] | None]:
         """Runs on the worker thread: the backend over every copy of every image, in groups of about
         ``chunk_rows`` rows; before each group the images of jobs no longer alive are dropped. A job
         dropped part-way answers None (its future was, or will be, failed on the loop)."""
@@ -337,11 +354,13 @@ class Engine:
         self.metrics.rows.labels(self.model_name).inc(computed)
         return answers
 
-    def _answer(self, job: Job, logits: torch.Tensor) -> list[Answer]:
+    def _answer(self, job: Job, logits: torch.Tensor) -> list[Answer] | list[torch.Tensor]:
         """Aggregate one job's logits; with certify, the first n0 copies of each image select the
         class and the other ``samples`` copies (independent draws) bound its probability."""
         n = job.images.shape[0]
         per_image = logits.view(n, job.copies, -1)
+        if job.raw:
+            return list(per_image.unbind(0))
         if job.certify_alpha is None:
             predictions = summarize(logits, [job.samples] * n, job.aggregation)
             certificates: list[Certificate | None] = [None] * n
@@ -356,14 +375,19 @@ class Engine:
                 for sel, est, p in zip(selection, estimation, predictions, strict=True)
             ]
         answers = [Answer(p, c) for p, c in zip(predictions, certificates, strict=True)]
-        if job.internal:
-            return answers
-        bucket = samples_bucket(job.samples)
-        self.metrics.predictions.labels(self.model_name, bucket).inc(n)
-        for p, c in zip(predictions, certificates, strict=True):
-            self.metrics.vote_share.labels(self.model_name).observe(p.vote_share)
-            if c is not None:
-                self.metrics.certifications.labels(self.model_name).inc()
-                if c.abstained:
-                    self.metrics.abstentions.labels(self.model_name).inc()
+        if not job.internal:
+            self.record(answers, job.samples)
         return answers
+
+    def record(self, answers: list[Answer], samples: int) -> None:
+        """Count answered client predictions (``samples``: the m asked for, or the budget)."""
+        self.metrics.predictions.labels(self.model_name, samples_bucket(samples)).inc(len(answers))
+        for a in answers:
+            self.metrics.vote_share.labels(self.model_name).observe(a.prediction.vote_share)
+            if a.certificate is not None:
+                self.metrics.certifications.labels(self.model_name).inc()
+                if a.certificate.abstained:
+                    self.metrics.abstentions.labels(self.model_name).inc()
+            if a.decided is not None:
+                self.metrics.samples_used.labels(self.model_name, str(a.decided).lower()).observe(
+                    a.prediction.samples)

@@ -2,8 +2,10 @@
 
 One input: FP32 ``[N, 3, H, W]`` in [0, 1] or UINT8 ``[N, H, W, 3]``, as JSON ``data`` or with Triton's
 binary tensor extension (``Inference-Header-Content-Length``). Request parameters: ``samples``,
-``aggregation``, ``seed`` (if allowed). Outputs: ``probabilities`` FP32 ``[N, C]``, ``label`` INT64
-``[N]``, ``vote_share`` FP32 ``[N]``; binary when the client asks (``binary_data``), JSON otherwise.
+``aggregation``, ``seed`` (if allowed), ``confidence`` (sequential sampling). Outputs: ``probabilities``
+FP32 ``[N, C]``, ``label`` INT64 ``[N]``, ``vote_share`` FP32 ``[N]`` (with ``confidence``, also
+``samples_used`` INT64 ``[N]`` and ``decided`` BOOL ``[N]``); binary when the client asks
+(``binary_data``), JSON otherwise.
 Errors answer ``{"error": "..."}`` with a 4xx status, as the protocol says.
 """
 
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from service.auth import require_access
 from service.images import InputError, check_count, from_tensor
 from service.metrics import samples_bucket
+from service.sequential import predict_sequential
 from service.state import ServiceState, read_body, serving, state_of, unless_client_leaves
 
 
@@ -223,10 +226,22 @@ def infer_parameters(request: InferRequestIn, state: ServiceState) -> tuple[int,
     return samples, aggregation, seed
 
 
-def wants_binary(request: InferRequestIn) -> dict[str, bool]:
+def infer_confidence(request: InferRequestIn) -> float | None:
+    """The ``confidence`` parameter (sequential sampling), or None."""
+    confidence = (request.parameters or {}).get("confidence")
+    if confidence is None:
+        return None
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) or not 0.5 < confidence < 1:
+        raise InputError(f"parameter confidence must be a number in (0.5, 1), got {confidence!r}")
+    return float(confidence)
+
+
+def wants_binary(request: InferRequestIn, sequential: bool = False) -> dict[str, bool]:
     """Which outputs to return, and whether each is binary."""
     default = bool((request.parameters or {}).get("binary_data_output", False))
-    names = ("probabilities", "label", "vote_share")
+    names: tuple[str, ...] = ("probabilities", "label", "vote_share")
+    if sequential:
+        names += ("samples_used", "decided")
     if not request.outputs:
         return dict.fromkeys(names, default)
     chosen: dict[str, bool] = {}
@@ -255,24 +270,32 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
     body = await read_body(request, settings.max_body_bytes)
     payload, tail = parse_infer(body, request.headers.get(HEADER_LENGTH))
     samples, aggregation, seed = infer_parameters(payload, state)
-    outputs = wants_binary(payload)
+    confidence = infer_confidence(payload)
+    outputs = wants_binary(payload, confidence is not None)
     array, datatype = input_array(payload, tail, settings.max_images, size)
     check_count(array.shape[0], settings.max_images)
     images = from_tensor(array, datatype, size)
-    answers = await unless_client_leaves(request, engine.predict(
-        images, samples, aggregation, seed, timeout=settings.request_timeout_s))  # type: ignore[arg-type]
+    if confidence is not None:
+        work = predict_sequential(engine, images, samples, confidence, aggregation, seed,  # type: ignore[arg-type]
+                                  settings.request_timeout_s, manifest.spec.architecture.num_classes)
+    else:
+        work = engine.predict(images, samples, aggregation, seed,  # type: ignore[arg-type]
+                              timeout=settings.request_timeout_s)
+    answers = await unless_client_leaves(request, work)
     state.metrics.prediction_duration.labels(samples_bucket(samples)).observe(time.perf_counter() - start)
     tensors = {
         "probabilities": np.array([a.prediction.probabilities for a in answers], dtype=np.float32),
         "label": np.array([a.prediction.label for a in answers], dtype=np.int64),
         "vote_share": np.array([a.prediction.vote_share for a in answers], dtype=np.float32),
+        "samples_used": np.array([a.prediction.samples for a in answers], dtype=np.int64),
+        "decided": np.array([bool(a.decided) for a in answers], dtype=np.bool_),
     }
     return encode_response(name, payload.id, tensors, outputs, samples)
 
 
 def encode_response(name: str, request_id: Any, tensors: dict[str, np.ndarray], outputs: dict[str, bool],
                     samples: int) -> Response:
-    datatypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    datatypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.bool_): "BOOL"}
     entries, blobs = [], []
     for out_name, binary in outputs.items():
         t = tensors[out_name]

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+USED_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
 SHARE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # Every value the ``kind`` label of siam_errors_total takes (service/app.py's handlers).
 ERROR_KINDS = ("bad_request", "payload_too_large", "unsupported_media_type", "not_found", "feedback_unknown_id",
@@ -55,6 +56,9 @@ class Metrics:
         self.errors = Counter("siam_errors", "Failed requests by kind", ["kind"], registry=r)
         self.vote_share = Histogram("siam_vote_share", "Vote share of the winning class per prediction",
                                     ["model"], buckets=SHARE_BUCKETS, registry=r)
+        self.samples_used = Histogram("siam_samples_used", "Noisy copies a sequentially sampled prediction used, by "
+                                      "whether its vote was decided before the budget ran out",
+                                      ["model", "decided"], buckets=USED_BUCKETS, registry=r)
         self.certifications = Counter("siam_certifications", "Predictions with ?certify=true", ["model"],
                                       registry=r)
         self.abstentions = Counter("siam_abstentions", "Certified predictions that abstained", ["model"], registry=r)
@@ -82,5 +86,7 @@ class Metrics:
         for counter in (self.rows, self.certifications, self.abstentions):
             counter.labels(model)
         self.vote_share.labels(model)
+        for decided in ("true", "false"):
+            self.samples_used.labels(model, decided)
         for kind in ERROR_KINDS:
             self.errors.labels(kind)

@@ -30,13 +30,17 @@ class PredictionOut(BaseModel):
     class_name: str | None
     probabilities: list[float] = Field(description="mean softmax, softmax of mean logits, or vote shares")
     vote_share: float = Field(description="share of the noisy copies whose argmax is the predicted class")
-    samples: int = Field(description="noisy copies (m) used")
+    samples: int = Field(description="noisy copies m asked for (with confidence: the budget)")
     model: str
     latency_ms: float
     aggregation: str
     abstained: bool | None = Field(None, description="certify only: Cohen's CERTIFY abstained")
     radius: float | None = Field(None, description="certify only: certified L2 radius (sigma's space)")
     p_lower: float | None = Field(None, description="certify only: lower confidence bound on the top class")
+    samples_used: int | None = Field(None, description="confidence only: copies drawn before the vote was decided "
+                                     "(or the whole budget)")
+    decided: bool | None = Field(None, description="confidence only: the vote was settled at that confidence "
+                                 "before the budget ran out")
 
 
 class PredictionsOut(BaseModel):

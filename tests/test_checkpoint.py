@@ -76,7 +76,8 @@ def test_checksum_mismatch(tiny_checkpoint: Path) -> None:
 def test_truncated_weights(tiny_checkpoint: Path) -> None:
     weights = tiny_checkpoint / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="truncated"):
+    # the size check's own words (the test's tmp folder is named after the test, "truncated" included)
+    with pytest.raises(CheckpointError, match=r"weights file is 1000 bytes, manifest says \d+ \(truncated\?\)"):
         load_checkpoint(tiny_checkpoint)
 
 

@@ -223,3 +223,50 @@ def test_a_certificate_for_a_class_the_answer_does_not_name_abstains() -> None:
     assert other.abstained and other.radius == 0.0 and other.counts == agreeing.counts
     abstained = Certificate(ABSTAIN, 0.0, 0.3, [50, 50])
     assert consistent(abstained, 1) is abstained
+
+
+class VotingBackend:
+    """Copies of each image vote by position: the first ``selection`` (CERTIFY's n0) for class 2, then
+    ``agree`` of the estimation copies for class 2 and the rest for class 5."""
+
+    chunk_rows = 4096
+
+    def __init__(self, selection: int, agree: int) -> None:
+        self.selection, self.agree = selection, agree
+
+    def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+        rows = []
+        for copies in samples:
+            for c in range(copies):
+                rows.append(2 if c < self.selection + self.agree else 5)
+        return torch.nn.functional.one_hot(torch.tensor(rows), 10).float() * 10
+
+
+@pytest.mark.parametrize(("agree", "abstains"), [(90, False), (40, True)])
+def test_served_certificate_is_cohens_bound_on_the_estimation_copies_only(agree: int, abstains: bool) -> None:
+    """radius = sigma * Phi^-1(p_lower), p_lower the Clopper-Pearson bound on the estimation copies' votes
+    for the class the (separate) selection copies chose: reusing the selection votes, or another sigma,
+    gives other numbers."""
+    from scipy.stats import norm
+
+    from models.smooth import clopper_pearson_lower
+
+    sigma, samples, selection, alpha = 0.25, 100, 16, 0.01
+
+    async def scenario() -> Certificate:
+        engine = Engine(VotingBackend(selection, agree), "stub", sigma, Metrics(), max_wait_ms=0)  # type: ignore[arg-type]
+        engine.start()
+        answer = (await engine.predict(image(), samples, "vote", certify_alpha=alpha, selection_samples=selection))[0]
+        await engine.stop()
+        assert answer.prediction.samples == samples
+        assert answer.certificate is not None
+        return answer.certificate
+
+    cert = asyncio.run(scenario())
+    assert cert.counts[2] == agree and cert.counts[5] == samples - agree and sum(cert.counts) == samples
+    p_lower = clopper_pearson_lower(agree, samples, alpha)
+    assert cert.p_lower == pytest.approx(p_lower, rel=1e-12)
+    if abstains:
+        assert cert.abstained and cert.radius == 0.0
+    else:
+        assert cert.label == 2 and cert.radius == pytest.approx(sigma * norm.ppf(p_lower), rel=1e-12)

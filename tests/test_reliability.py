@@ -69,6 +69,7 @@ def api(fuzzed_server: Server) -> schemathesis.BaseSchema:
 schema = schemathesis.pytest.from_fixture("api")
 
 
+@pytest.mark.subprocess
 @schema.parametrize()
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_input_from_the_fuzzer_gets_a_5xx_or_an_undocumented_answer(case: schemathesis.Case) -> None:
@@ -125,6 +126,7 @@ def test_a_decompression_bomb_is_refused_from_its_header_in_milliseconds(checkpo
     assert sorted(times)[2] < 0.05, times
 
 
+@pytest.mark.subprocess
 def test_bombs_do_not_hold_up_health_checks(checkpoint: Path, bomb: bytes, tmp_path: Path) -> None:
     """Twelve bombs at once (from curl processes, so the test's own GIL does not slow the checks) against a
     real server: /health/live answers as fast as without them."""
@@ -158,6 +160,7 @@ def test_bombs_do_not_hold_up_health_checks(checkpoint: Path, bomb: bytes, tmp_p
 # --- shutdown under load -----------------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_sigterm_under_load_answers_every_accepted_request_200_or_503(checkpoint: Path) -> None:
     """More accepted work than the grace period allows: what cannot finish gets 503 with Retry-After,
     shortly before uvicorn would cancel it (which answered 500); nothing is reset or lost."""
@@ -215,6 +218,7 @@ async def open_loop(url: str, rate: float, seconds: float, samples: int) -> Coun
     return statuses
 
 
+@pytest.mark.subprocess
 def test_goodput_under_twice_the_capacity_with_a_tight_deadline(checkpoint: Path) -> None:
     """Offered twice what the service can do, each request with a 0.3 s deadline: deadline-aware admission
     refuses what cannot be answered in time (503 at once) and spends the model on answers that arrive in
@@ -253,6 +257,7 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.subprocess
 def test_soak_keeps_memory_bounded_and_counters_consistent(checkpoint: Path) -> None:
     """Mixed traffic for SIAM_SOAK_S seconds (good requests, bad ones, clients that leave): the server's RSS
     stops growing after the first third, and its counters add up to what the clients saw."""
@@ -404,6 +409,7 @@ def test_every_error_kind_is_exported_at_zero_from_the_start(checkpoint: Path) -
         assert values[("siam_errors_total", (("kind", kind),))] == 0
 
 
+@pytest.mark.subprocess
 def test_a_client_that_leaves_has_its_rows_dropped_uncomputed(checkpoint: Path) -> None:
     with Server(checkpoint, "--backend", "torch", "--chunk-rows", "64", "--max-samples", "1024") as server:
         with ThreadPoolExecutor(1) as pool:
@@ -428,6 +434,7 @@ def test_a_client_that_leaves_has_its_rows_dropped_uncomputed(checkpoint: Path) 
         assert values[("siam_rows_total", (("model", "tiny"),))] == 1024  # the first request's rows only
 
 
+@pytest.mark.subprocess
 def test_siam_serve_speaks_https_with_a_certificate(checkpoint: Path, tmp_path: Path) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:

@@ -181,3 +181,30 @@ def test_certify_and_predict_abstain_on_a_coin_flip() -> None:
     assert smooth.predict(x, 400, 0.001, seed=2) == ABSTAIN
     constant = Smooth(Classifier(Normalize((0, 0, 0), (1, 1, 1)), ConstantNet(7)).eval(), SmoothingSpec(), 10)
     assert constant.predict(x, 50, 0.001) == 7
+
+
+class RecordingNet(nn.Module):
+    """Votes class 0 and keeps every noisy input it was shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.seen.append(z.detach().clone())
+        return torch.nn.functional.one_hot(torch.zeros(z.shape[0], dtype=torch.long), 10).float()
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+def test_certify_estimation_copies_are_independent_of_the_selection_copies(seed: int | None) -> None:
+    """Cohen's bound holds only if the n estimation copies are fresh draws, not the n0 selection copies
+    again (with a seed, the two stages must use different streams)."""
+    net = RecordingNet()
+    smooth = Smooth(Classifier(Normalize((0, 0, 0), (1, 1, 1)), net).eval(), SmoothingSpec(sigma=0.5), 10,
+                    chunk_rows=1000)
+    smooth.certify(torch.rand(3, 32, 32), 16, 16, 0.001, seed=seed)
+    selection, estimation = torch.cat(net.seen[: len(net.seen) // 2]), torch.cat(net.seen[len(net.seen) // 2:])
+    assert selection.shape == estimation.shape == (16, 3, 32, 32)
+    distance = (selection[:, None] - estimation[None]).flatten(2).abs().amax(2)  # every pair of copies
+    assert distance.min() > 0.1, "an estimation copy repeats a selection copy's noise"

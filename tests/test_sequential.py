@@ -1,0 +1,171 @@
+"""Sequential sampling: the schedule, the error rate of the stopping rule, the library, the engine's rounds
+and the API fields."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from service_helpers import image_bytes
+from test_engine import GatedBackend, engine_with, image
+from test_smooth import CoinNet, ConstantNet
+
+from models import Smooth, SmoothingSpec
+from models.resnet import Classifier, Normalize
+from models.sequential import SequentialVote, rounds, vote_decided
+from service.app import create_app
+from service.sequential import predict_sequential
+from service.settings import Settings
+
+
+def test_rounds_double_the_total_and_end_at_the_budget() -> None:
+    assert rounds(256) == [16, 16, 32, 64, 128]
+    assert rounds(100) == [16, 16, 32, 36]
+    assert rounds(10) == [10] and rounds(17) == [16, 1]
+    assert all(sum(rounds(b)) == b for b in range(1, 600))
+    with pytest.raises(ValueError):
+        rounds(0)
+
+
+def test_a_unanimous_vote_is_decided_and_a_tie_never_is() -> None:
+    assert vote_decided(torch.tensor([16, 0, 0]), 0.001)
+    assert not vote_decided(torch.tensor([8, 8, 0]), 0.5)
+    assert not vote_decided(torch.tensor([9, 7, 0]), 0.05)
+
+
+def simulate(probabilities: list[float], budget: int, confidence: float, trials: int,
+             seed: int = 0) -> tuple[list[bool], list[int], list[int]]:
+    """Sequential votes of a base classifier whose copies vote class c with ``probabilities[c]``."""
+    generator = torch.Generator().manual_seed(seed)
+    p = torch.tensor(probabilities)
+    decided, labels, used = [], [], []
+    for _ in range(trials):
+        vote = SequentialVote(budget, confidence, len(probabilities))
+        while n := vote.next_round():
+            classes = torch.multinomial(p, n, replacement=True, generator=generator)
+            vote.add(torch.nn.functional.one_hot(classes, len(probabilities)).float())
+        decided.append(vote.decided)
+        labels.append(int(vote.counts.argmax()))
+        used.append(vote.used)
+    return decided, labels, used
+
+
+def test_the_stopping_rule_errs_less_often_than_its_confidence_allows() -> None:
+    """The hardest case for a vote is a tie: the binomial test's null hypothesis then holds exactly, so
+    every image that is decided at all counts against the guarantee. Over many images that share must
+    stay under alpha = 1 - confidence although the rule looks five times (testing each look at alpha
+    instead of alpha / 5 decides a quarter of them). Near a tie (0.49 against 0.51), deciding for the
+    weaker class must be as rare."""
+    alpha, trials = 0.1, 3000
+    decided, _, _ = simulate([0.5, 0.5], 256, 1 - alpha, trials)
+    assert sum(decided) / trials <= alpha, sum(decided) / trials
+    decided, labels, _ = simulate([0.49, 0.51], 256, 1 - alpha, trials, seed=1)
+    wrong = sum(d and label == 0 for d, label in zip(decided, labels, strict=True)) / trials
+    assert wrong <= alpha, wrong
+    assert sum(decided) > 0  # and it does decide sometimes
+
+
+def test_clear_votes_stop_early_and_close_ones_use_the_budget() -> None:
+    decided, labels, used = simulate([0.95, 0.05], 256, 0.999, 300)
+    assert all(decided) and set(labels) == {0}
+    assert sum(used) / len(used) <= 48  # the target: mean copies used <= 48 of 256 on clear images
+    decided, _, used = simulate([0.5, 0.5], 256, 0.999, 100)
+    assert sum(decided) <= 2 and sum(u == 256 for u in used) >= 98
+
+
+def classifier(net: torch.nn.Module) -> Classifier:
+    return Classifier(Normalize((0, 0, 0), (1, 1, 1)), net).eval()
+
+
+def test_smooth_predict_sequential_stops_a_constant_model_after_one_round() -> None:
+    smooth = Smooth(classifier(ConstantNet(4)), SmoothingSpec(sigma=0.25), 10)
+    (prediction, decided), = smooth.predict_sequential(torch.rand(1, 3, 32, 32), 256, 0.999)
+    assert decided and prediction.label == 4 and prediction.samples == 16
+    coin = Smooth(classifier(CoinNet()), SmoothingSpec(sigma=0.5), 10)
+    answers = coin.predict_sequential(torch.zeros(2, 3, 32, 32), 128, 0.999, seed=3)
+    assert [a[1] for a in answers] == [False, False] and [a[0].samples for a in answers] == [128, 128]
+    again = coin.predict_sequential(torch.zeros(2, 3, 32, 32), 128, 0.999, seed=3)
+    assert [a[0].probabilities for a in again] == [a[0].probabilities for a in answers]  # seeded: reproducible
+
+
+def test_the_rounds_of_a_seeded_request_draw_independent_noise() -> None:
+    coin = Smooth(classifier(CoinNet()), SmoothingSpec(sigma=0.5), 10, chunk_rows=1000)
+    recorded: list[torch.Tensor] = []
+    original = coin._forward_rows
+
+    def spy(rows: torch.Tensor, source: object) -> torch.Tensor:
+        out = original(rows, source)  # type: ignore[arg-type]
+        recorded.append(out)
+        return out
+
+    coin._forward_rows = spy  # type: ignore[method-assign]
+    coin.predict_sequential(torch.zeros(1, 3, 32, 32), 64, 0.999, seed=7)
+    assert [r.shape[0] for r in recorded] == [16, 16, 32]  # a fair coin is never decided: every round runs
+    assert not torch.equal(recorded[0], recorded[1])  # round 2 is not round 1's noise again
+
+
+class AlternatingBackend(GatedBackend):
+    """Copies vote class 0 and 1 in turn: a tie that is never decided."""
+
+    def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+        super().logits(images, samples, seeds)
+        rows = torch.arange(sum(samples)) % 2
+        return torch.nn.functional.one_hot(rows, 10).float()
+
+
+def test_engine_rounds_share_batches_with_fixed_requests_and_stop_when_decided() -> None:
+    async def scenario() -> tuple[list[list[int]], list[list[int]]]:
+        decisive = GatedBackend()  # zeros: every copy votes class 0
+        decisive.gate.set()
+        engine = engine_with(decisive)
+        sequential, fixed = await asyncio.gather(
+            predict_sequential(engine, image(), 256, 0.999, "softmax", None, 10.0, 10),
+            engine.predict(image(), 8, "softmax"))
+        assert sequential[0].decided and sequential[0].prediction.samples == 16
+        assert fixed[0].decided is None and fixed[0].prediction.samples == 8
+        await engine.stop()
+        tie = AlternatingBackend()
+        tie.gate.set()
+        engine = engine_with(tie)
+        answers = await predict_sequential(engine, torch.rand(2, 3, 8, 8), 64, 0.999, "vote", None, 10.0, 10)
+        assert [a.decided for a in answers] == [False, False]
+        assert [a.prediction.samples for a in answers] == [64, 64]
+        await engine.stop()
+        return decisive.calls, tie.calls
+
+    decisive_calls, tie_calls = asyncio.run(scenario())
+    assert decisive_calls == [[16, 8]]  # one batch: the first round beside the fixed request, no second round
+    assert tie_calls == [[16, 16], [16, 16], [32, 32]]
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint: Path) -> TestClient:
+    settings = Settings(checkpoint=checkpoint, backend="torch", chunk_rows=64, threads=1, max_samples=256)
+    with TestClient(create_app(settings)) as c:
+        yield c  # type: ignore[misc]
+
+
+def test_the_api_answers_samples_used_and_decided_only_when_asked(client: TestClient) -> None:
+    png = {"content": image_bytes(1), "headers": {"content-type": "image/png"}}
+    plain = client.post("/predict?samples=32", **png).json()
+    assert "samples_used" not in plain and "decided" not in plain
+    answer = client.post("/predict?samples=128&confidence=0.99", **png).json()
+    assert answer["samples"] == 128 and 16 <= answer["samples_used"] <= 128
+    assert isinstance(answer["decided"], bool)
+    assert answer["decided"] or answer["samples_used"] == 128  # undecided: the whole budget
+    assert client.post("/predict?samples=64&confidence=0.99&certify=true", **png).status_code == 422
+    assert client.post("/predict?samples=64&confidence=1.5", **png).status_code == 422
+    metrics = client.get("/metrics").text
+    assert 'siam_samples_used_count{decided="' in metrics
+    x = torch.rand(2, 3, 32, 32).numpy()
+    body = {"inputs": [{"name": "images", "shape": [2, 3, 32, 32], "datatype": "FP32", "data": x.ravel().tolist()}],
+            "parameters": {"samples": 64, "confidence": 0.99}}
+    out = {o["name"]: o for o in client.post("/v2/models/tiny/infer", json=body).json()["outputs"]}
+    assert out["samples_used"]["datatype"] == "INT64" and len(out["samples_used"]["data"]) == 2
+    assert out["decided"]["datatype"] == "BOOL"
+    body["parameters"]["confidence"] = "high"
+    assert client.post("/v2/models/tiny/infer", json=body).status_code == 422
