@@ -133,3 +133,20 @@ def test_pgd_eot_averages_each_step_over_that_many_draws(
 
     pgd(f, x[:5], y[:5], steps=4, eot=6)
     assert rows == [30] * 5  # 4 steps + the restart's final loss, each on 6 draws of the 5 images
+
+
+def test_smoothed_probabilities_is_the_served_aggregate_without_gradients() -> None:
+    from training.attacks import smoothed_probabilities
+
+    model = Classifier(Normalize((0, 0, 0), (1, 1, 1)), nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))).eval()
+    smooth = Smooth(model, SmoothingSpec(sigma=0.25, aggregation="softmax"), 4)
+    x = torch.rand(3, 3, 8, 8, requires_grad=True)
+    torch.manual_seed(0)
+    scores = smoothed_probabilities(smooth, 32)(x)
+    assert scores.shape == (3, 4) and not scores.requires_grad
+    torch.manual_seed(0)
+    logits = smooth.noisy_logits(x.detach(), [32] * 3)
+    expected = logits.softmax(1).view(3, 32, 4).mean(1)  # image by image, 32 consecutive copies each
+    assert torch.allclose(scores, expected, atol=1e-6)
+    votes = smoothed_probabilities(smooth, 32, "vote")(x)
+    assert torch.allclose(votes.sum(1), torch.ones(3)) and ((votes * 32) - (votes * 32).round()).abs().max() < 1e-4

@@ -203,10 +203,14 @@ def test_shed_answers_every_unfinished_request_503_and_stops_computing_them() ->
         await wait_started(backend)
         queued = asyncio.create_task(engine.predict(image(), 5, "softmax"))
         await until(lambda: engine.queue_length == 1)
+        engine.row_cost_s = 0.01
+        assert engine.estimated_wait_s() > 6 * 0.01  # the running batch's 6 rows and the queued 5
         assert engine.shed() == 2
         for task in (running, queued):
-            with pytest.raises(ShuttingDownError):
+            with pytest.raises(ShuttingDownError, match="not finished within the grace period"):
                 await task
+        assert engine.queue_length == 0 and engine.estimated_wait_s() <= 6 * 0.01  # nothing queued any more
+        assert engine.metrics.queue_length._value.get() == 0
         with pytest.raises(ShuttingDownError):
             await engine.predict(image(), 1, "softmax")
         backend.gate.set()

@@ -332,3 +332,26 @@ def test_serve_exits_with_a_message_when_the_checkpoint_cannot_load(tmp_path: Pa
     assert done.returncode == 1, done.stderr[-2000:]
     assert "siam serve: could not load" in done.stderr and "not a checkpoint folder" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_kserve_binary_outputs_carry_the_json_answers_bytes(client: TestClient) -> None:
+    """With binary_data_output the tensors follow the JSON header, each its binary_data_size bytes, in the
+    order of the outputs list: they must decode to what the JSON form answers for the same seed."""
+    x = np.random.default_rng(2).random((2, 3, 32, 32), dtype=np.float32)
+    as_json = client.post("/v2/models/tiny/infer", json=v2_request(x, "FP32", samples=4, seed=9)).json()
+    json_out = {o["name"]: o for o in as_json["outputs"]}
+    r = client.post("/v2/models/tiny/infer", json=v2_request(x, "FP32", samples=4, seed=9, binary_data_output=True))
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    head_length = int(r.headers["inference-header-content-length"])
+    head, tail = json.loads(r.content[:head_length]), r.content[head_length:]
+    dtypes = {"FP32": np.float32, "INT64": np.int64}
+    offset = 0
+    for out in head["outputs"]:
+        size = out["parameters"]["binary_data_size"]
+        values = np.frombuffer(tail[offset:offset + size], dtype=dtypes[out["datatype"]]).reshape(out["shape"])
+        offset += size
+        reference = json_out[out["name"]]
+        assert out["datatype"] == reference["datatype"] and out["shape"] == reference["shape"]
+        assert np.allclose(values.reshape(-1), reference["data"], atol=1e-6), out["name"]
+    assert offset == len(tail) and {o["name"] for o in head["outputs"]} == {"probabilities", "label", "vote_share"}
+    assert head["model_name"] == "tiny" and head["parameters"]["samples"] == 4
