@@ -169,3 +169,26 @@ def test_the_api_answers_samples_used_and_decided_only_when_asked(client: TestCl
     assert out["decided"]["datatype"] == "BOOL"
     body["parameters"]["confidence"] = "high"
     assert client.post("/v2/models/tiny/infer", json=body).status_code == 422
+
+
+def test_siam_evaluate_sequential_reports_copies_used_clean_and_attacked(tiny_cifar_tar: Path, tiny_checkpoint: Path,
+                                                                         tmp_path: Path) -> None:
+    import json
+
+    from training import evaluate
+
+    out = tmp_path / "seq"
+    evaluate.main([str(tiny_checkpoint), "--sequential", "--data", str(tiny_cifar_tar), "--cache-dir",
+                   str(tmp_path / "cache"), "--images", "8", "--attacked-images", "4", "--budget", "32",
+                   "--steps", "1", "--adaptive-samples", "2", "--batch-size", "4", "--threads", "1",
+                   "--output", str(out)])
+    report = json.loads((out / "sequential.json").read_text())
+    clean, attacked = report["results"]["clean"], report["results"]["attacked"]
+    assert clean["images"] == 8 and attacked["images"] == 4
+    for r in (clean, attacked):
+        assert all(16 <= u <= 32 for u in r["copies_used_all"])  # rounds of 16 then 16: 16 or 32 copies
+        assert 0 <= r["agreement_with_fixed"]["value"] <= 1 and r["images_per_s"]["fixed"] > 0
+        undecided = r["copies_used_all"].count(32)
+        assert undecided >= round((1 - r["decided"]["value"]) * r["images"])
+    assert (out / "sequential.md").read_text().startswith("### tiny: sequential sampling, budget 32")
+    assert (out / "sequential.png").stat().st_size > 0

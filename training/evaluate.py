@@ -24,7 +24,8 @@ Writes ``eval.json``, ``eval.md`` and ``eval.png`` (the three against m, with la
 
 ``siam evaluate --report [--quick]`` writes the full robustness report instead (sigma and m chosen on
 validation images, stronger and black-box attacks, an eps sweep, CERTIFY); see
-``siam evaluate --report --help``.
+``siam evaluate --report --help``. ``siam evaluate --sequential`` measures sequential sampling (copies
+used clean and attacked, agreement with the fixed budget); see ``siam evaluate --sequential --help``.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the subset choice, the attacks' and the noise draws")
     p.add_argument("--output", default=None, help="output folder (default: <checkpoint>/eval)")
     p.add_argument("--quick", action="store_true", help="100 images, m in 1,4, PGD and EOT only")
+    p.add_argument("--sequential", action="store_true",
+                   help="measure sequential sampling instead; `siam evaluate --sequential --help` lists its options")
     p.add_argument("--report", action="store_true",
                    help="write the robustness report (reports/robustness/) instead; "
                         "`siam evaluate --report --help` lists its options")
@@ -301,6 +304,11 @@ def main(argv: list[str] | None = None) -> None:
         from training import report
 
         report.main([a for a in argv if a != "--report"])
+        return
+    if "--sequential" in argv:
+        from training import sequential_eval
+
+        sequential_eval.main([a for a in argv if a != "--sequential"])
         return
     args = build_parser().parse_args(argv)
     report = evaluate(args)
