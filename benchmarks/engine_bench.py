@@ -40,10 +40,10 @@ def build_backend(checkpoint: Path, backend: str, device: str, threads: int, onn
                   chunk_rows: str = "auto") -> tuple[Backend, Settings, str, float]:
     """The service's backend and settings, warmed up and tuned like ``siam serve`` does at start-up."""
     settings = Settings(checkpoint=checkpoint, backend=backend, device=device, threads=threads,
-                        onnx_cache=onnx_cache, chunk_rows=chunk_rows)  # type: ignore[arg-type]
+                        onnx_cache=onnx_cache, chunk_rows=chunk_rows,  # type: ignore[arg-type]
+                        tuning_cache=onnx_cache.parent / "chunk-rows.json")
     built, manifest = load_backend(settings)
-    warm_up(built, manifest.spec.architecture.input_size, manifest.spec.smoothing.default_samples,
-            settings.chunk_rows == "auto")
+    warm_up(built, manifest, settings.tuning_cache if settings.chunk_rows == "auto" else None)
     return built, settings, manifest.name, manifest.spec.smoothing.sigma
 
 

@@ -20,10 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, Manifest
 from service import api, kserve
 from service.auth import Access, read_key_hashes
-from service.backends import Backend, load_backend, tune_chunk_rows
+from service.backends import Backend, load_backend, remembered_chunk_rows
 from service.canary import run_canary_forever
 from service.engine import DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
 from service.feedback import FeedbackStore
@@ -35,14 +35,16 @@ from service.state import ClientGoneError, ServiceState, ServiceUnavailableError
 log = logging.getLogger("siam.app")
 
 
-def warm_up(backend: Backend, size: int, samples: int, tune: bool) -> float:
-    """Run the model before reporting ready, so the first request does not pay for lazy start-up.
+def warm_up(backend: Backend, manifest: Manifest, tune_cache: Path | None) -> float:
+    """Run the model before reporting ready, so the first request does not pay for lazy start-up; with
+    ``tune_cache`` (``SIAM_CHUNK_ROWS=auto``) pick the chunk size measured for this model and machine.
 
     Returns the seconds per noisy row, timed on two chunks: it prices the queue for deadline-aware
     admission until the engine's own batches refine it."""
-    if tune:
-        chosen = tune_chunk_rows(backend, size)
-        log.info("chunk_rows tuned to %d", chosen)
+    size, samples = manifest.spec.architecture.input_size, manifest.spec.smoothing.default_samples
+    if tune_cache is not None:
+        chosen = remembered_chunk_rows(backend, size, manifest.weights.sha256, tune_cache)
+        log.info("chunk_rows %d", chosen)
     backend.logits(torch.rand(2, 3, size, size), [samples, 1], [None, None])
     rows = 2 * backend.chunk_rows
     start = time.perf_counter()
@@ -75,8 +77,8 @@ async def start(state: ServiceState) -> None:
         backend, manifest = await asyncio.to_thread(load_backend, s)
         row_cost = None
         if s.warmup:
-            row_cost = await asyncio.to_thread(warm_up, backend, manifest.spec.architecture.input_size,
-                                               manifest.spec.smoothing.default_samples, s.chunk_rows == "auto")
+            row_cost = await asyncio.to_thread(warm_up, backend, manifest,
+                                               s.tuning_cache if s.chunk_rows == "auto" else None)
     except (CheckpointError, RuntimeError, OSError, ValueError) as e:
         log.error("could not load %s: %s: %s", s.checkpoint, type(e).__name__, e)
         state.load_error = without_paths(f"{type(e).__name__}: {e}", s.checkpoint)

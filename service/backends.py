@@ -13,7 +13,9 @@ noise already added, expressed in pixel space, and ``sigma = 0``.
 
 from __future__ import annotations
 
+import json
 import logging
+import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -209,6 +211,40 @@ def tune_chunk_rows(backend: Backend, size: int, candidates: Sequence[int] = (32
             best, best_rate = rows, rate
     backend.chunk_rows = best
     return best
+
+
+def machine_key(backend: Backend, weights_sha256: str) -> str:
+    """What the fastest chunk depends on: the model, the backend and its device, threads, the CPU."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    gpu = torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else ""
+    return "|".join([weights_sha256[:16], backend.name, str(backend.device), backend.precision, gpu, cpu,
+                     str(torch.get_num_threads()), torch.__version__])
+
+
+def remembered_chunk_rows(backend: Backend, size: int, weights_sha256: str, cache: Path) -> int:
+    """The tuned chunk size for this model on this machine: measured once (``tune_chunk_rows``), then
+    read from ``cache``, so every start serves with the same chunk (a busy machine at one start could
+    otherwise pick another). Delete the file to measure again."""
+    key = machine_key(backend, weights_sha256)
+    try:
+        known = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), int) and known[key] > 0:
+        backend.chunk_rows = known[key]
+        log.info("chunk_rows %d, as measured before on this machine (%s)", known[key], cache)
+        return known[key]
+    chosen = tune_chunk_rows(backend, size)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({**known, key: chosen}, indent=1) + "\n")
+    except OSError as e:  # a read-only folder: tune again next time, serve now
+        log.warning("could not remember chunk_rows in %s: %s", cache, e)
+    return chosen
 
 
 def load_backend(settings: Settings) -> tuple[Backend, Manifest]:

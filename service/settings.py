@@ -33,7 +33,10 @@ class Settings(BaseSettings):
 
     # batching
     chunk_rows: int | Literal["auto"] = Field(
-        "auto", description="noisy rows per model call; auto measures the fastest size at start-up")
+        "auto", description="noisy rows per model call; auto: the fastest size, measured at the first start on "
+        "this machine and remembered in tuning_cache")
+    tuning_cache: Path = Field(Path(".siam-cache/chunk-rows.json"), description="where chunk_rows=auto remembers "
+                               "its measurement per model and machine (delete it to measure again)")
     max_batch_rows: int = Field(4096, ge=1, description="noisy rows the worker takes from the queue at once")
     max_wait_ms: float = Field(0.0, ge=0, description="how long an idle worker waits for more requests (0: none; "
                                "requests arriving while the model runs batch together anyway)")

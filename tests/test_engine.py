@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +275,32 @@ def test_served_certificate_is_cohens_bound_on_the_estimation_copies_only(agree:
         assert cert.abstained and cert.radius == 0.0
     else:
         assert cert.label == 2 and cert.radius == pytest.approx(sigma * norm.ppf(p_lower), rel=1e-12)
+
+
+def test_the_tuned_chunk_size_is_measured_once_per_machine_and_remembered(tmp_path: Path) -> None:
+    from service.backends import remembered_chunk_rows
+
+    class Counting:
+        name, device, precision, chunk_rows = "stub", torch.device("cpu"), "fp32", 256
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+            self.calls += 1
+            return torch.zeros(sum(samples), 10)
+
+    cache = tmp_path / "cache" / "chunk-rows.json"
+    first = Counting()
+    chosen = remembered_chunk_rows(first, 8, "ab" * 32, cache)  # type: ignore[arg-type]
+    assert first.calls > 5 and chosen in (32, 64, 128, 256, 512) and cache.is_file()
+    again = Counting()
+    assert remembered_chunk_rows(again, 8, "ab" * 32, cache) == chosen and again.calls == 0  # type: ignore[arg-type]
+    assert again.chunk_rows == chosen
+    other_model = Counting()
+    remembered_chunk_rows(other_model, 8, "cd" * 32, cache)  # type: ignore[arg-type]
+    assert other_model.calls > 5  # another model is measured anew
+    cache.write_text("not json")
+    broken = Counting()
+    remembered_chunk_rows(broken, 8, "ab" * 32, cache)  # type: ignore[arg-type]
+    assert broken.calls > 5
