@@ -190,6 +190,18 @@ def onnx_graph(model: Classifier, manifest: Manifest, checkpoint: Path, cache: P
     return path
 
 
+def int8_graph(manifest: Manifest, checkpoint: Path) -> Path:
+    """The checkpoint's int8 graph, written by ``siam export --int8`` from these very weights."""
+    from models.onnx import exported_weights
+    from models.quantize import INT8_FILE
+
+    path = Path(checkpoint) / INT8_FILE
+    if not path.is_file() or exported_weights(path) != manifest.weights.sha256:
+        raise RuntimeError(f"no int8 graph of these weights in {Path(checkpoint).name}: run "
+                           f"`siam export {checkpoint} --int8` first")
+    return path
+
+
 def tune_chunk_rows(backend: Backend, size: int, candidates: Sequence[int] = (32, 64, 128, 256, 512),
                     budget_s: float = 0.3) -> int:
     """The chunk size with the most noisy rows per second on this device (measured, not assumed)."""
@@ -257,16 +269,21 @@ def load_backend(settings: Settings) -> tuple[Backend, Manifest]:
     has_pni = has_weight_noise(model)
     kind = settings.backend
     if kind == "auto":
-        kind = "torch" if has_pni or settings.precision != "fp32" else "onnx"
+        kind = "onnx" if settings.precision == "int8" else (
+            "torch" if has_pni or settings.precision != "fp32" else "onnx")
     if kind == "onnx" and has_pni:
         raise RuntimeError("the onnx backend cannot draw PNI weight noise per row; use SIAM_BACKEND=torch")
-    if kind == "onnx" and settings.precision != "fp32":
-        raise RuntimeError("the onnx backend serves fp32 graphs; use SIAM_BACKEND=torch for fp16/bf16")
+    if kind == "onnx" and settings.precision in ("fp16", "bf16"):
+        raise RuntimeError("the onnx backend serves fp32 and int8 graphs; use SIAM_BACKEND=torch for fp16/bf16")
+    if kind == "torch" and settings.precision == "int8":
+        raise RuntimeError("int8 is served by the onnx backend (SIAM_BACKEND=onnx or auto)")
     chunk = 256 if settings.chunk_rows == "auto" else int(settings.chunk_rows)
     backend: Backend
     if kind == "onnx":
-        path = onnx_graph(model, manifest, settings.checkpoint, settings.onnx_cache)
+        path = (int8_graph(manifest, settings.checkpoint) if settings.precision == "int8" else
+                onnx_graph(model, manifest, settings.checkpoint, settings.onnx_cache))
         backend = OnnxBackend(path, manifest, device, chunk, settings.threads)
+        backend.precision = settings.precision
     else:
         backend = TorchBackend(model, manifest, device, settings.precision, chunk, settings.compile)
     return backend, manifest

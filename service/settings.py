@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     backend: Literal["auto", "torch", "onnx"] = Field(
         "auto", description="auto: ONNX Runtime when the model has no PNI weight noise, else PyTorch")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="model precision (fp16/bf16: CUDA)")
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        "fp32", description="model precision (fp16/bf16: CUDA, torch backend; int8: ONNX Runtime on the CPU, the "
+        "graph `siam export --int8` wrote)")
     threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: all cores)")
     compile: bool = Field(False, description="torch backend: wrap the model in torch.compile")
     onnx_cache: Path = Field(Path(".siam-cache/onnx"), description="where exported ONNX graphs are kept")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import Manifest, load_checkpoint
 from models.onnx import default_providers, export_onnx
 from models.pni import has_weight_noise
 
@@ -28,8 +28,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--canary", type=int, default=0, metavar="N",
                    help="also write <checkpoint>/canary.safetensors: N test images, clean and EOT-PGD-attacked, "
                         "that the service re-scores when SIAM_CANARY_INTERVAL_S > 0 (default: none)")
-    p.add_argument("--data", default=None, help="CIFAR source for --canary (default: as siam train)")
+    p.add_argument("--data", default=None, help="CIFAR source for --canary and --int8 (default: as siam train)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write <checkpoint>/model-int8.onnx: ONNX Runtime static quantization (QDQ, per-channel "
+                        "int8 weights), calibrated on the checkpoint's held-out validation images; serve it with "
+                        "SIAM_PRECISION=int8")
+    p.add_argument("--cache-dir", default="data-cache", help="where decoded data is cached (default: %(default)s)")
+    p.add_argument("--calibration-images", type=int, default=512,
+                   help="validation images for --int8's activation ranges (default: %(default)s)")
     return p
+
+
+def export_int8(checkpoint: str, fp32: Path, manifest: Manifest, data: str, images: int, cache_dir: str) -> Path:
+    """Quantize ``fp32`` on the checkpoint's own validation images (never test images)."""
+    from models.quantize import INT8_FILE, quantize_int8
+    from training.data import load_split, to_float
+
+    config = (manifest.training or {}).get("config", {})
+    val_images, val_seed = int(config.get("val_images") or 0), int(config.get("val_seed") or 0)
+    if val_images == 0:
+        raise SystemExit(f"{checkpoint} was trained without held-out validation images: nothing to calibrate on "
+                         "that is neither training nor test data")
+    validation, _ = load_split(data, "train", cache_dir).hold_out(val_images, val_seed)
+    calibration = validation.subset(min(images, len(validation)), seed=0)
+    return quantize_int8(fp32, Path(checkpoint) / INT8_FILE, to_float(calibration.images).numpy(),
+                         manifest.spec.smoothing.sigma,
+                         {"split": "validation", "val_images": val_images, "val_seed": val_seed})
 
 
 def check_parity(model: torch.nn.Module, onnx_path: Path, sigma: float, atol: float,
@@ -79,6 +103,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"parity at sigma=0 on batches {result['batch_sizes']}: max |logit diff| "
               f"{result['max_abs_diff']:.2e} (<= {args.atol:g}); provider that ran: {result['provider']}; "
               f"noise drawn in graph: {result['noise_in_graph']}")
+        if args.int8:
+            from training.train import DEFAULT_DATA
+
+            path = export_int8(args.checkpoint, out, manifest, args.data or DEFAULT_DATA, args.calibration_images,
+                               args.cache_dir)
+            print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB; int8, calibrated on "
+                  f"{args.calibration_images} validation images); serve with SIAM_PRECISION=int8")
     if args.canary:
         from training.canary import make_canary
         from training.train import DEFAULT_DATA
