@@ -20,7 +20,7 @@ def test_int8_graph_is_calibrated_served_and_close_to_fp32(tiny_checkpoint: Path
 
     model, manifest = load_checkpoint(tiny_checkpoint)
     settings = Settings(checkpoint=tiny_checkpoint, precision="int8", chunk_rows=64, threads=1)
-    with pytest.raises(RuntimeError, match="siam export .* --int8"):
+    with pytest.raises(RuntimeError, match=r"siam export .* --int8"):
         load_backend(settings)  # no int8 graph yet: a clear error, not a silent fp32 fallback
     fp32 = export_onnx(model, manifest.spec, tiny_checkpoint / "model.onnx", manifest.weights.sha256)
     calibration = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
