@@ -41,6 +41,10 @@ def strongest(results: list[dict[str, Any]], m: int) -> dict[str, Any] | None:
     return pick(results, WORST, m) or (min(rows, key=lambda r: r["accuracy"]) if rows else None)
 
 
+COLUMNS_M = (1, 16, 64, 256)
+"""The m values the table shows (a cell is "-" where an evaluation did not run that m)."""
+
+
 def row(checkpoint: Path, latency: dict[str, dict[str, float]]) -> list[str] | None:
     knob = load(checkpoint / "eval" / "knob" / "eval.json")
     if knob is None:
@@ -48,22 +52,31 @@ def row(checkpoint: Path, latency: dict[str, dict[str, float]]) -> list[str] | N
     sigma = knob["smoothing"]["sigma"]  # an evaluation may cover other sigmas too: the table is the model's own
     results, gains = [[r for r in knob.get(key, []) if r["sigma"] == sigma] for key in ("results", "gain_over_m1")]
     samples = sorted({r["samples"] for r in results})
-    lo, hi, mid = samples[0], samples[-1], 16 if 16 in samples else samples[len(samples) // 2]
-    gain = next((g for g in gains if g["attack"] == WORST and g["samples"] == hi), None)
+    mid = 16 if 16 in samples else samples[len(samples) // 2]
+    gain = {g["samples"]: g for g in gains if g["attack"] == WORST}
     attacked = [r for r in results if r["attack"] not in ("clean", WORST) and "agreement" in r]
     weakest_repeat = {m: min((r["agreement"] for r in attacked if r["samples"] == m), default=None) for m in samples}
     cert = {(c["samples"], c["radius"]): c for c in knob.get("certified", []) if c["sigma"] == sigma}
     apgd = load(checkpoint / "eval" / "apgd" / "eval.json")
     apgd_worst = strongest([r for r in apgd["results"] if r["sigma"] == sigma], mid) if apgd else None
     lat = latency.get(knob["model"], {})
+
+    def paired(m: int) -> str:
+        g = gain.get(m)
+        if g is None:
+            return "-"
+        return f"{100 * g['difference']:+.1f} [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]"
+
+    def each(cell: Any) -> str:
+        return " / ".join(cell(m) if m in samples else "-" for m in COLUMNS_M)
+
     return [
-        f"`{knob['model']}`", f"{sigma:g}", pct(pick(results, "clean", mid)),
-        " / ".join(pct(strongest(results, m)) for m in (lo, mid, hi)),
-        "-" if gain is None else f"{100 * gain['difference']:+.1f} [{100 * gain['ci95'][0]:+.1f}, "
-                                 f"{100 * gain['ci95'][1]:+.1f}]",
+        f"`{knob['model']}`", f"{sigma:g}", str(knob["data"]["images"]), pct(pick(results, "clean", mid)),
+        each(lambda m: pct(strongest(results, m))), " / ".join(paired(m) for m in (64, 256)),
         "-" if apgd_worst is None else f"{pct(apgd_worst)} ({apgd['data']['images']} img)",
-        " / ".join("-" if weakest_repeat[m] is None else f"{100 * weakest_repeat[m]:.0f}" for m in (lo, mid, hi)),
-        pct(cert.get((hi, 0.125))), " / ".join(milliseconds(lat.get(str(m))) for m in (1, mid, hi)),
+        each(lambda m: "-" if weakest_repeat[m] is None else f"{100 * weakest_repeat[m]:.0f}"),
+        " / ".join(pct(cert.get((m, 0.125))) if m in samples else "-" for m in (64, 256)),
+        " / ".join(milliseconds(lat.get(str(m))) for m in COLUMNS_M),
     ]
 
 
@@ -71,9 +84,9 @@ def table(checkpoints: list[Path], latency_file: Path | None) -> str:
     latency: dict[str, dict[str, float]] = {}
     if latency_file is not None and latency_file.is_file():
         latency = {r["model"]: r["ms"] for r in json.loads(latency_file.read_text())["results"]}
-    head = ["model", "sigma", "clean, m=16", "worst case, m=1 / 16 / 64", "m=64 over m=1 (paired)",
-            "APGD worst, m=16", "attacked answers agree, m=1 / 16 / 64", "certified r=0.125, m=64",
-            "ms, m=1 / 16 / 64"]
+    head = ["model", "sigma", "test images", "clean, m=16", "worst case, m=1 / 16 / 64 / 256",
+            "worst case gain over m=1: m=64 / 256 (paired)", "APGD worst, m=16",
+            "attacked answers agree, m=1 / 16 / 64 / 256", "certified r=0.125, m=64 / 256", "ms, m=1 / 16 / 64 / 256"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for checkpoint in checkpoints:
         cells = row(checkpoint, latency)
