@@ -192,3 +192,19 @@ def test_siam_evaluate_sequential_reports_copies_used_clean_and_attacked(tiny_ci
         assert undecided >= round((1 - r["decided"]["value"]) * r["images"])
     assert (out / "sequential.md").read_text().startswith("### tiny: sequential sampling, budget 32")
     assert (out / "sequential.png").stat().st_size > 0
+
+
+def test_the_sequential_benchmark_measures_both_modes_side_by_side(tiny_cifar_tar: Path, checkpoint: Path,
+                                                                    tmp_path: Path) -> None:
+    import json
+
+    from benchmarks import sequential as bench
+
+    out = tmp_path / "seq.json"
+    bench.main([str(checkpoint), "--data", str(tiny_cifar_tar), "--cache-dir", str(tmp_path / "cache"), "--images",
+                "8", "--budget", "32", "--clients", "4", "--rounds", "1", "--seconds", "0.5", "--threads", "1",
+                "--output", str(out)])
+    result = json.loads(out.read_text())
+    assert result["predictions_per_s"]["fixed"] > 0 and result["predictions_per_s"]["sequential"] > 0
+    assert result["mean_copies_used"]["fixed"] == 32 and 16 <= result["mean_copies_used"]["sequential"] <= 32
+    assert result["ratio"] == result["predictions_per_s"]["sequential"] / result["predictions_per_s"]["fixed"]
