@@ -91,9 +91,8 @@ def decode_image(data: bytes, size: int, allow_resize: bool, index: int = 0,
 def from_tensor(array: np.ndarray, layout: str, size: int) -> torch.Tensor:
     """A KServe tensor (FP32 ``[N,3,H,W]`` in [0, 1] or UINT8 ``[N,H,W,3]``) to model input."""
     if layout == "FP32":
-        expected = ("N", 3, size, size)
         if array.ndim != 4 or array.shape[1:] != (3, size, size):
-            raise InputError(f"FP32 input must have shape {list(expected)}, got {list(array.shape)}")
+            raise InputError(f"FP32 input must have shape [N, 3, {size}, {size}], got {list(array.shape)}")
         if not np.isfinite(array).all():
             raise InputError("FP32 input contains NaN or infinite values")
         low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -355,3 +356,34 @@ def test_kserve_binary_outputs_carry_the_json_answers_bytes(client: TestClient) 
         assert np.allclose(values.reshape(-1), reference["data"], atol=1e-6), out["name"]
     assert offset == len(tail) and {o["name"] for o in head["outputs"]} == {"probabilities", "label", "vote_share"}
     assert head["model_name"] == "tiny" and head["parameters"]["samples"] == 4
+
+
+def test_tensor_inputs_are_checked_and_scaled_exactly() -> None:
+    from service.images import InputError, from_tensor
+
+    edges = np.zeros((1, 3, 32, 32), dtype=np.float64)
+    edges[0, 0, 0, 0] = 1.0  # 0 and 1 themselves are valid pixels
+    out = from_tensor(edges, "FP32", 32)
+    assert out.dtype == torch.float32 and float(out.max()) == 1.0 and float(out.min()) == 0.0
+    for bad, message in [(np.full((1, 3, 32, 32), 1.5), "[0, 1]"), (np.full((1, 3, 32, 32), -0.5), "[0, 1]"),
+                         (np.full((1, 3, 32, 32), np.inf), "NaN or infinite"),
+                         (np.zeros((1, 4, 32, 32)), "[N, 3, 32, 32]"), (np.zeros((3, 32, 32)), "got [3, 32, 32]")]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            from_tensor(bad, "FP32", 32)
+    white = np.full((2, 32, 32, 3), 255, dtype=np.uint8)
+    assert torch.equal(from_tensor(white, "UINT8", 32), torch.ones(2, 3, 32, 32))
+    with pytest.raises(InputError, match=re.escape("UINT8 input must have shape [N, 32, 32, 3], got [1, 32, 32, 4]")):
+        from_tensor(np.zeros((1, 32, 32, 4), dtype=np.uint8), "UINT8", 32)
+    with pytest.raises(InputError, match=re.escape("datatype INT8 is not supported; send FP32 [N,3,32,32]")):
+        from_tensor(np.zeros((1, 3, 32, 32)), "INT8", 32)
+
+
+def test_kserve_json_answer_echoes_the_id_and_names_the_version(client: TestClient) -> None:
+    x = np.random.default_rng(4).random((2, 3, 32, 32), dtype=np.float32)
+    r = client.post("/v2/models/tiny/infer", json={**v2_request(x, "FP32", samples=4), "id": "req-7"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["id"] == "req-7" and body["model_name"] == "tiny" and body["model_version"] == "1"
+    out = {o["name"]: o for o in body["outputs"]}
+    assert len(out["probabilities"]["data"]) == 20 and out["probabilities"]["shape"] == [2, 10]
+    assert "id" not in client.post("/v2/models/tiny/infer", json=v2_request(x, "FP32", samples=4)).json()

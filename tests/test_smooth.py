@@ -208,3 +208,21 @@ def test_certify_estimation_copies_are_independent_of_the_selection_copies(seed:
     assert selection.shape == estimation.shape == (16, 3, 32, 32)
     distance = (selection[:, None] - estimation[None]).flatten(2).abs().amax(2)  # every pair of copies
     assert distance.min() > 0.1, "an estimation copy repeats a selection copy's noise"
+
+
+def test_seeded_cohen_procedures_are_reproducible_and_their_stages_use_the_documented_streams() -> None:
+    coin = Smooth(Classifier(Normalize((0, 0, 0), (1, 1, 1)), CoinNet()).eval(), SmoothingSpec(sigma=0.5), 10)
+    x = torch.zeros(3, 32, 32)
+    counts = coin.class_counts(x, 64, seed=3)
+    assert counts.shape == (10,) and int(counts.sum()) == 64  # every class has a count, even with no votes
+    assert torch.equal(counts, coin.class_counts(x, 64, seed=3))
+    assert not torch.equal(counts, coin.class_counts(x, 64, seed=4))  # 64 fair coins: equal by chance ~1%
+    cert = coin.certify(x, 16, 64, 0.4, seed=5)
+    assert cert.counts == coin.class_counts(x, 64, seed=6).tolist()  # estimation: seed + 1
+    assert coin.certify(x, 16, 64, 0.4, seed=5) == cert
+    # selection on seed 5: the certificate's class is the selection's top class (when it does not abstain)
+    selection = coin.class_counts(x, 16, seed=5)
+    wide = coin.certify(x, 16, 64, 0.49, seed=5)
+    assert wide.abstained or wide.label == int(selection.argmax())
+    assert coin.predict(x, 64, 0.4, seed=9) == coin.predict(x, 64, 0.4, seed=9)
+    assert {coin.predict(x, 200, 0.5, seed=s) for s in range(12)} - {ABSTAIN} <= {0, 1}
