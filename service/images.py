@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 
 import numpy as np
 import torch
@@ -111,8 +110,3 @@ def check_count(n: int, limit: int) -> None:
         raise InputError("no images in the request", 400)
     if n > limit:
         raise InputError(f"{n} images in one request; this server takes at most {limit}", 413, "payload_too_large")
-
-
-def finite(x: float) -> float:
-    """JSON has no NaN: report non-finite numbers as 0 (they cannot occur for valid probabilities)."""
-    return x if math.isfinite(x) else 0.0
