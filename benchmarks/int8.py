@@ -31,17 +31,15 @@ from models.smooth import Smooth, summarize
 from service.backends import load_backend
 from service.settings import Settings
 from training.attacks import pgd
-from training.data import load_split, to_float
+from training.data import add_data_arguments, load_split, to_float
 from training.measure import clopper_pearson
-from training.train import DEFAULT_DATA
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.int8", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
-    p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--cache-dir", default="data-cache")
+    add_data_arguments(p)
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--samples", type=int, default=16, help="m for the accuracy (default: %(default)s)")
     p.add_argument("--eot", type=int, default=8)

@@ -28,16 +28,14 @@ from benchmarks.machine import describe, summary_line
 from service.engine import Engine
 from service.metrics import Metrics
 from service.sequential import predict_sequential
-from training.data import load_split, to_float
-from training.train import DEFAULT_DATA
+from training.data import add_data_arguments, load_split, to_float
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sequential", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
-    p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--cache-dir", default="data-cache")
+    add_data_arguments(p)
     p.add_argument("--images", type=int, default=256, help="clean test images the callers cycle through")
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--confidence", type=float, default=0.999)

@@ -30,6 +30,20 @@ from safetensors.torch import load_file, save_file
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity
 
+_SHIPPED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# The JPEG archive beside the checkout when it is there (so the default works from any folder), else
+# the same path relative to where the command runs.
+DEFAULT_DATA = str(_SHIPPED_DATA) if _SHIPPED_DATA.is_file() else "../shared/data/cifar10-jpeg.tar.gz"
+
+
+def add_data_arguments(parser: Any) -> None:
+    """``--data`` and ``--cache-dir``, the same on every command that reads CIFAR (a parser or a group)."""
+    parser.add_argument("--data", default=DEFAULT_DATA,
+                        help="CIFAR source: ImageFolder folder or .tar.gz, or the official cifar-10-batches-py "
+                             "(or cifar-100-python) folder (default: %(default)s)")
+    parser.add_argument("--cache-dir", default="data-cache", help="where decoded splits are cached "
+                        "(default: %(default)s)")
+
 Split = Literal["train", "test"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 

@@ -44,10 +44,10 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs
-from training.data import load_split, to_float
+from training.data import add_data_arguments, load_split, to_float
 from training.measure import clopper_pearson, latency_ms, paired_difference
 from training.robustness import accuracy_entry, answers_by_m, certified_accuracy, certify_by_m
-from training.train import DEFAULT_DATA, resolve_device
+from training.train import resolve_device
 
 ATTACKS = ("clean", "pgd", "eot", "adaptive", "apgd-ce", "apgd-dlr")
 WORST = "worst"
@@ -57,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siam evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint folder (manifest.json + weights.safetensors)")
-    p.add_argument("--data", default=DEFAULT_DATA, help="CIFAR source, as for siam train (default: %(default)s)")
-    p.add_argument("--cache-dir", default="data-cache")
+    add_data_arguments(p)
     p.add_argument("--images", type=int, default=1000, help="test images (a fixed random subset; default %(default)s)")
     p.add_argument("--samples", default="1,4,16,64", help="comma-separated m values (default: %(default)s)")
     p.add_argument("--sigmas", default=None, help="comma-separated sigmas (default: the checkpoint's)")

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{result['max_abs_diff']:.2e} (<= {args.atol:g}); provider that ran: {result['provider']}; "
               f"noise drawn in graph: {result['noise_in_graph']}")
         if args.int8:
-            from training.train import DEFAULT_DATA
+            from training.data import DEFAULT_DATA
 
             path = export_int8(args.checkpoint, out, manifest, args.data or DEFAULT_DATA, args.calibration_images,
                                args.cache_dir)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{args.calibration_images} validation images); serve with SIAM_PRECISION=int8")
     if args.canary:
         from training.canary import make_canary
-        from training.train import DEFAULT_DATA
+        from training.data import DEFAULT_DATA
 
         path = make_canary(args.checkpoint, args.data or DEFAULT_DATA, args.canary)
         print(f"wrote {path} ({args.canary} images, clean and EOT-PGD-attacked)")

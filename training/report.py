@@ -49,7 +49,7 @@ from models.checkpoint import Manifest, load_checkpoint
 from models.resnet import Classifier
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_probabilities
-from training.data import Dataset, load_split, to_float
+from training.data import Dataset, add_data_arguments, load_split, to_float
 from training.measure import latency_ms
 from training.nattack import nattack
 from training.report_render import render_markdown, render_plots, write_index
@@ -62,7 +62,7 @@ from training.robustness import (
     noise_free,
     sweep_problems,
 )
-from training.train import DEFAULT_DATA, resolve_device, validation_record
+from training.train import resolve_device, validation_record
 
 FULL: dict[str, Any] = {
     "samples": "1,2,4,8,16,32,64,128,256", "val_images": 500, "test_images": 1000, "strong_images": 500,
@@ -90,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="*", help="checkpoint folders (default: every checkpoints/*/ with a manifest)")
     p.add_argument("--quick", action="store_true", help="the small preset that fits 15 minutes on 2 CPU cores")
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", default=DEFAULT_DATA, help="CIFAR source, as for siam train (default: %(default)s)")
-    g.add_argument("--cache-dir", default="data-cache")
+    add_data_arguments(g)
     g.add_argument("--output", default="reports/robustness",
                    help="report root; each model gets <output>/<model>[/quick] (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="test subset permutation and every noise draw (default 0)")

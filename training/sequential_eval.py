@@ -30,17 +30,16 @@ from models.checkpoint import load_checkpoint
 from models.sequential import rounds
 from models.smooth import Smooth
 from training.attacks import pgd, smoothed_log_probs
-from training.data import load_split, to_float
+from training.data import add_data_arguments, load_split, to_float
 from training.measure import clopper_pearson
-from training.train import DEFAULT_DATA, resolve_device
+from training.train import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siam evaluate --sequential", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint folder")
-    p.add_argument("--data", default=DEFAULT_DATA, help="CIFAR source, as for siam train (default: %(default)s)")
-    p.add_argument("--cache-dir", default="data-cache")
+    add_data_arguments(p)
     p.add_argument("--images", type=int, default=1000, help="clean test images (default: %(default)s)")
     p.add_argument("--attacked-images", type=int, default=500,
                    help="of those, how many are also attacked (default: %(default)s)")

@@ -43,12 +43,8 @@ from models.resnet import Classifier, build_classifier
 from models.smooth import Smooth
 from models.spec import ArchitectureSpec, ModelSpec, NoiseLayerSpec, NormalizationSpec, SmoothingSpec
 from training.attacks import fgsm, pgd, smoothed_log_probs
-from training.data import Dataset, augment, load_split, to_float
+from training.data import Dataset, add_data_arguments, augment, load_split, to_float
 
-_SHIPPED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
-# The JPEG archive beside the checkout when it is there (so the default works from any folder), else
-# the same path relative to where the command runs.
-DEFAULT_DATA = str(_SHIPPED_DATA) if _SHIPPED_DATA.is_file() else "../shared/data/cifar10-jpeg.tar.gz"
 # Settings a resumed run must share with the run it resumes (the others, such as --epochs, may change).
 RESUME_INVARIANTS = ("data", "train_images", "val_images", "val_seed", "arch", "width", "pni", "sigma",
                      "noise_space", "attack", "train_samples", "eps", "step", "steps", "clean_weight",
@@ -59,10 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="siam train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=DEFAULT_DATA,
-                   help="CIFAR source: ImageFolder folder or .tar.gz, or the official cifar-10-batches-py "
-                        "(or cifar-100-python) folder (default: %(default)s)")
-    g.add_argument("--cache-dir", default="data-cache", help="where decoded splits are cached (default: %(default)s)")
+    add_data_arguments(g)
     g.add_argument("--train-images", type=int, default=None, help="train on a random subset of this size")
     g.add_argument("--val-images", type=int, default=None,
                    help="hold this many training images out of training (a fixed random choice, --val-seed) and "
