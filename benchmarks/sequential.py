@@ -4,8 +4,9 @@ The backend and engine are built as ``siam serve`` builds them. ``--clients`` cl
 send one clean JPEG test image at a time (cycling through ``--images`` of them) with ``samples =
 --budget``: once answered with every copy (fixed), once with ``confidence = --confidence`` (sequential:
 rounds of 16 doubling, stopping when the vote is decided). The two modes alternate for ``--rounds``
-rounds of ``--seconds`` each, so a drift in the machine hits both alike; reported: predictions per
-second of each (best round), their ratio, and the mean copies the sequential answers used. No HTTP.
+rounds of ``--requests`` images per client, so a drift in the machine hits both alike; reported:
+predictions per second of each (best round, every caller run to its end), their ratio, and the mean
+copies the sequential answers used. No HTTP.
 
     python -m benchmarks.sequential checkpoints/resnet20-pgd7 --budget 256 --clients 64 --threads 2
 """
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float, default=0.999)
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--requests", type=int, default=2, help="images each client sends per round (default: %(default)s)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -50,24 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def closed_loop(engine: Engine, images: torch.Tensor, budget: int, confidence: float | None, clients: int,
-                      seconds: float, classes: int) -> tuple[float, float]:
-    """Predictions per second over ``seconds``, and the mean copies used."""
-    end = time.perf_counter() + seconds
-    done, copies = 0, 0
-    cursor = 0
+                      requests: int, classes: int) -> tuple[float, float]:
+    """``clients`` callers send ``requests`` images each, one at a time; predictions per second over the
+    whole run (every caller finishes, so a slow mode is not cut off mid-batch), and the mean copies used."""
+    done, copies, cursor = 0, 0, 0
 
     async def caller() -> None:
         nonlocal done, copies, cursor
-        while time.perf_counter() < end:
+        for _ in range(requests):
             image = images[cursor % len(images)].unsqueeze(0)
             cursor += 1
             if confidence is None:
-                answers = await engine.predict(image, budget, "softmax", timeout=600)
+                answers = await engine.predict(image, budget, "softmax", timeout=3600)
             else:
-                answers = await predict_sequential(engine, image, budget, confidence, "softmax", None, 600, classes)
-            if time.perf_counter() <= end:
-                done += 1
-                copies += answers[0].prediction.samples
+                answers = await predict_sequential(engine, image, budget, confidence, "softmax", None, 3600, classes)
+            done += 1
+            copies += answers[0].prediction.samples
 
     start = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(clients)))
@@ -84,12 +83,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     engine.start()
     rounds: dict[str, list[tuple[float, float]]] = {"fixed": [], "sequential": []}
     try:
-        await closed_loop(engine, images, args.budget, None, args.clients, 2.0, classes)  # warm-up
+        await closed_loop(engine, images, args.budget, None, min(args.clients, 4), 1, classes)  # warm-up
         for _ in range(args.rounds):
             rounds["fixed"].append(await closed_loop(engine, images, args.budget, None, args.clients,
-                                                     args.seconds, classes))
+                                                     args.requests, classes))
             rounds["sequential"].append(await closed_loop(engine, images, args.budget, args.confidence,
-                                                          args.clients, args.seconds, classes))
+                                                          args.clients, args.requests, classes))
     finally:
         await engine.stop()
     best = {mode: max(r[0] for r in rs) for mode, rs in rounds.items()}

@@ -202,7 +202,7 @@ def test_the_sequential_benchmark_measures_both_modes_side_by_side(tiny_cifar_ta
 
     out = tmp_path / "seq.json"
     bench.main([str(checkpoint), "--data", str(tiny_cifar_tar), "--cache-dir", str(tmp_path / "cache"), "--images",
-                "8", "--budget", "32", "--clients", "4", "--rounds", "1", "--seconds", "0.5", "--threads", "1",
+                "8", "--budget", "32", "--clients", "4", "--rounds", "1", "--requests", "1", "--threads", "1",
                 "--output", str(out)])
     result = json.loads(out.read_text())
     assert result["predictions_per_s"]["fixed"] > 0 and result["predictions_per_s"]["sequential"] > 0
