@@ -208,3 +208,40 @@ def test_the_sequential_benchmark_measures_both_modes_side_by_side(tiny_cifar_ta
     assert result["predictions_per_s"]["fixed"] > 0 and result["predictions_per_s"]["sequential"] > 0
     assert result["mean_copies_used"]["fixed"] == 32 and 16 <= result["mean_copies_used"]["sequential"] <= 32
     assert result["ratio"] == result["predictions_per_s"]["sequential"] / result["predictions_per_s"]["fixed"]
+
+
+def test_confidence_must_lie_strictly_between_one_half_and_one() -> None:
+    for bad in (0.5, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"confidence must be in \(0.5, 1\)"):
+            SequentialVote(16, bad, 10)
+    assert SequentialVote(16, 0.9, 10).counts.dtype == torch.int64
+
+
+def test_a_vote_is_decided_only_when_the_aggregation_rule_names_the_same_class() -> None:
+    """15 copies prefer class 0 by a little, one prefers class 1 enormously: the vote (15 to 1) and the
+    mean softmax name class 0, the mean logit names class 1, so under the logits rule nothing is decided."""
+    logits = torch.tensor([[5.0, 0.0]] * 15 + [[0.0, 1000.0]])
+    decided = {}
+    for rule in ("vote", "softmax", "logits"):
+        vote = SequentialVote(16, 0.99, 2, rule)
+        vote.add(logits)
+        decided[rule] = vote.decided
+    assert decided == {"vote": True, "softmax": True, "logits": False}
+
+
+def test_round_seeds_are_fixed_and_distinct() -> None:
+    from models.noise import row_seed
+    from models.sequential import round_seed
+
+    assert round_seed(None, 3) is None and round_seed(7, 0) == 7
+    # fixed across releases, so a seeded request keeps its answer
+    assert [round_seed(7, r) for r in (1, 2)] == [row_seed(7, 2**40 + 1), row_seed(7, 2**40 + 2)]
+    assert len({7, round_seed(7, 1), round_seed(7, 2), round_seed(8, 1)}) == 4
+
+
+def test_each_image_of_a_seeded_call_draws_from_seed_plus_its_index() -> None:
+    coin = Smooth(classifier(CoinNet()), SmoothingSpec(sigma=0.5), 10)
+    both = coin.predict_sequential(torch.zeros(2, 3, 32, 32), 64, 0.999, seed=10)
+    alone = coin.predict_sequential(torch.zeros(1, 3, 32, 32), 64, 0.999, seed=11)
+    assert both[1][0].probabilities == alone[0][0].probabilities
+    assert both[0][0].probabilities != both[1][0].probabilities
