@@ -47,10 +47,10 @@ def round_seed(seed: int | None, round_index: int) -> int | None:
 
 
 def vote_decided(counts: torch.Tensor, alpha: float) -> bool:
-    """Does the top class beat the runner-up at level ``alpha`` (Cohen's PREDICT test)?"""
-    top2 = counts.topk(2).values if counts.numel() > 1 else torch.cat([counts, counts.new_zeros(1)])
-    n_a, n_b = int(top2[0]), int(top2[1])
-    return n_a > n_b and binomtest(n_a, n_a + n_b, 0.5).pvalue <= alpha
+    """Does the top class beat the runner-up at level ``alpha`` (Cohen's PREDICT test)? A tie never does:
+    its p-value is 1."""
+    n_a, n_b = (int(v) for v in counts.topk(2).values)
+    return binomtest(n_a, n_a + n_b, 0.5).pvalue <= alpha
 
 
 @dataclass

@@ -245,3 +245,22 @@ def test_each_image_of_a_seeded_call_draws_from_seed_plus_its_index() -> None:
     alone = coin.predict_sequential(torch.zeros(1, 3, 32, 32), 64, 0.999, seed=11)
     assert both[1][0].probabilities == alone[0][0].probabilities
     assert both[0][0].probabilities != both[1][0].probabilities
+
+
+def test_votes_add_up_over_rounds_and_wrong_round_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="budget must be >= 1, got 0"):
+        rounds(0)
+    vote = SequentialVote(64, 0.999, 3)
+    with pytest.raises(ValueError, match="round 0 needs 16 copies, got 8"):
+        vote.add(torch.zeros(8, 3))
+    alternating = torch.nn.functional.one_hot(torch.arange(16) % 2, 3).float()  # a tie: never decided
+    vote.add(alternating)
+    vote.add(alternating)
+    assert vote.counts.tolist() == [16, 16, 0] and vote.used == 32 and not vote.decided
+    assert vote.next_round() == 32
+
+
+def test_under_the_logits_rule_a_unanimous_vote_for_class_one_is_decided() -> None:
+    vote = SequentialVote(16, 0.99, 2, "logits")
+    vote.add(torch.tensor([[0.0, 5.0]] * 16))
+    assert vote.decided and int(vote.counts.argmax()) == 1
