@@ -226,3 +226,14 @@ def test_seeded_cohen_procedures_are_reproducible_and_their_stages_use_the_docum
     assert wide.abstained or wide.label == int(selection.argmax())
     assert coin.predict(x, 64, 0.4, seed=9) == coin.predict(x, 64, 0.4, seed=9)
     assert {coin.predict(x, 200, 0.5, seed=s) for s in range(12)} - {ABSTAIN} <= {0, 1}
+
+
+def test_clopper_pearson_lower_bound_is_zero_only_without_successes() -> None:
+    from scipy.stats import beta
+
+    from models.smooth import clopper_pearson_lower
+
+    assert clopper_pearson_lower(0, 10, 0.05) == 0.0
+    assert clopper_pearson_lower(1, 10, 0.05) == pytest.approx(beta.ppf(0.05, 1, 10)) and \
+        clopper_pearson_lower(1, 10, 0.05) > 0
+    assert clopper_pearson_lower(10, 10, 0.05) == pytest.approx(0.05 ** (1 / 10))
