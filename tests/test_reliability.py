@@ -75,9 +75,15 @@ schema = schemathesis.pytest.from_fixture("api")
 def test_no_input_from_the_fuzzer_gets_a_5xx_or_an_undocumented_answer(case: schemathesis.Case) -> None:
     """Schemathesis' generated and mutated requests against every documented operation: never a 5xx, and
     each status, content type, header and body as the OpenAPI document says. (Schema-valid requests may
-    still be refused: the service's limits, such as ``samples <= max_samples``, are settings.)"""
-    case.call_and_validate(excluded_checks=[st_checks.positive_data_acceptance, st_checks.negative_data_rejection,
-                                            st_checks.ignored_auth, st_checks.missing_required_header])
+    still be refused: the service's limits, such as ``samples <= max_samples``, are settings. A request
+    uvicorn itself refuses as malformed HTTP never reaches the app, so its plain-text 400 is not an
+    answer of this API.)"""
+    response = case.call()
+    if response.status_code == 400 and response.text == "Invalid HTTP request received.":
+        return  # uvicorn's HTTP parser refused a malformed header before the app saw the request
+    case.validate_response(response, excluded_checks=[
+        st_checks.positive_data_acceptance, st_checks.negative_data_rejection, st_checks.ignored_auth,
+        st_checks.missing_required_header])
 
 
 # --- decompression bombs -----------------------------------------------------------------------------
