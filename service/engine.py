@@ -251,7 +251,7 @@ class Engine:
         if self._busy or self._timer is not None or not self._pending:
             return
         self._gathering_since = time.perf_counter()
-        if self.max_wait > 0 and self._pending_rows() < self.max_batch_rows:
+        if self.max_wait > 0 and self._queued_rows < self.max_batch_rows:
             assert self._loop is not None
             self._timer = self._loop.call_later(self.max_wait, self._launch)
             return
@@ -290,9 +290,6 @@ class Engine:
                 else:
                     job.future.set_result(answer)
         self._kick()
-
-    def _pending_rows(self) -> int:
-        return self._queued_rows
 
     def _take_batch(self) -> list[Job]:
         """Waiting jobs, oldest first, up to ``max_batch_rows`` rows (always at least one job);

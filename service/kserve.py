@@ -185,9 +185,9 @@ def input_array(request: InferRequestIn, tail: bytes, max_images: int, size: int
     count = math.prod(shape)
     if len(shape) != 4 or count > max_images * 3 * size * size:
         expected = f"[N, 3, {size}, {size}]" if datatype == "FP32" else f"[N, {size}, {size}, 3]"
+        too_many = len(shape) == 4 and shape[0] > max_images
         raise InputError(f"{datatype} input must have shape {expected} with N <= {max_images}, got {shape}",
-                         413 if len(shape) == 4 and shape[0] > max_images else 422,
-                         "payload_too_large" if len(shape) == 4 and shape[0] > max_images else "bad_request")
+                         413 if too_many else 422, "payload_too_large" if too_many else "bad_request")
     dtype = NUMPY[datatype]
     size_param = (spec.parameters or {}).get("binary_data_size")
     if size_param is not None:
