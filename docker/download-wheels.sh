@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Download every wheel the image needs into docker/wheels/, on the host, so that `docker build`
-# installs them with `pip install --no-index` and never touches the network.
+# installs them with `pip install --no-index` and never touches the network (without them it installs
+# from the package index instead).
 #
 # The image's Python must have the same minor version as the host's (docker/build-base.sh picks a
 # Debian release that matches), because pip selects wheels for the interpreter that runs it.
@@ -12,19 +13,9 @@ dest="${SIAM_WHEELS_DIR:-$root/docker/wheels}"
 python="${PYTHON:-python3}"
 mkdir -p "$dest"
 
-# Runtime dependencies straight from pyproject.toml, plus what pip needs to build the project itself;
-# the Dockerfile installs this same list.
+# The list the image installs (docker/requirements.py: pyproject.toml's dependencies and the build tools).
 requirements="$dest/requirements.txt"
-"$python" - "$root/pyproject.toml" >"$requirements" <<'PY'
-import sys
-import tomllib
-
-with open(sys.argv[1], "rb") as f:
-    project = tomllib.load(f)["project"]
-print("\n".join(project["dependencies"]))
-print("setuptools>=69")
-print("wheel")
-PY
+"$python" "$root/docker/requirements.py" "$root/pyproject.toml" >"$requirements"
 
 echo "downloading wheels for: $(tr '\n' ' ' <"$requirements")"
 "$python" -m pip download --quiet --only-binary=:all: --dest "$dest" --requirement "$requirements" 2>&1 |

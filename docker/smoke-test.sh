@@ -5,6 +5,11 @@
 #
 #   docker/smoke-test.sh            exit 0: passed (or "SKIPPED: no docker engine"), non-zero: failed
 #
+# The image is built by `docker-compose build`, the way `up --build` builds it. SIAM_SMOKE_PIP picks where
+# its Python packages come from: "wheels" (default), offline from docker/wheels/; or "index", from a
+# package index, here a PEP 503 index that this script serves from the same wheels kept outside the
+# build context ($SIAM_WHEELS_DIR, default ~/.cache/siam/wheels), as a mirror would.
+#
 # Settings (environment): SIAM_SMOKE_CHECKPOINT (default checkpoints/resnet20-pgd7), SIAM_SMOKE_DATA
 # (the CIFAR-10 JPEG archive), SIAM_SMOKE_SCALE=0 (skip the two-replica check), SIAM_SMOKE_TIMEOUT
 # (seconds to wait for readiness, default 300), and the images: SIAM_BASE_IMAGE, SIAM_IMAGE,
@@ -32,6 +37,7 @@ timeout="${SIAM_SMOKE_TIMEOUT:-300}"
 work="$(mktemp -d)"
 started=$SECONDS
 dockerd_pid=""
+index_pid=""
 stack_up=0
 
 say() { printf '[smoke %4ds] %s\n' "$((SECONDS - started))" "$*"; }
@@ -74,6 +80,7 @@ cleanup() {
     say "taking the stack down"
     "${compose[@]}" --profile scale down --volumes --remove-orphans >"$work/down.log" 2>&1 || cat "$work/down.log"
   fi
+  [[ -z "$index_pid" ]] || kill "$index_pid" 2>/dev/null || true
   if [[ -n "$dockerd_pid" ]]; then
     kill "$dockerd_pid" 2>/dev/null || true
     wait "$dockerd_pid" 2>/dev/null || true
@@ -93,13 +100,41 @@ ensure_debian_image() {  # TAG [EXTRA_PACKAGES...]: made with debootstrap when i
 for image in "$PROMETHEUS_IMAGE" "$NGINX_IMAGE"; do
   [[ "$image" == siam-tools:local ]] && ensure_debian_image siam-tools:local prometheus nginx-light
 done
-if [[ ! -f docker/wheels/requirements.txt || pyproject.toml -nt docker/wheels/requirements.txt ]]; then
-  say "downloading wheels"
-  docker/download-wheels.sh
-fi
-say "building $SIAM_IMAGE with $checkpoint"
-docker build -f docker/Dockerfile --build-arg BASE_IMAGE="$SIAM_BASE_IMAGE" --build-arg CHECKPOINT="$checkpoint" \
-  -t "$SIAM_IMAGE" . >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; fail "docker build"; }
+export SIAM_BUILD_CHECKPOINT="$checkpoint"
+case "${SIAM_SMOKE_PIP:-wheels}" in
+  wheels)
+    if [[ ! -f docker/wheels/requirements.txt || pyproject.toml -nt docker/wheels/requirements.txt ]]; then
+      say "downloading wheels"
+      docker/download-wheels.sh
+    fi ;;
+  index)
+    [[ -z "$(find docker/wheels -name '*.whl' 2>/dev/null | head -1)" ]] ||
+      fail "SIAM_SMOKE_PIP=index needs a docker/wheels/ without wheels (they would be installed instead)"
+    wheels="${SIAM_WHEELS_DIR:-$HOME/.cache/siam/wheels}"
+    [[ -f "$wheels/requirements.txt" && ! pyproject.toml -nt "$wheels/requirements.txt" ]] ||
+      SIAM_WHEELS_DIR="$wheels" docker/download-wheels.sh
+    # A "simple" index: a folder per normalized project name, holding links to its wheels.
+    for whl in "$wheels"/*.whl; do
+      project="$(basename "$whl" | cut -d- -f1 | tr 'A-Z_.' 'a-z--')"
+      mkdir -p "$work/index/simple/$project"
+      ln -sf "$whl" "$work/index/simple/$project/"
+    done
+    gateway="$(docker network inspect bridge --format '{{(index .IPAM.Config 0).Gateway}}')"
+    port="$(free_port)"
+    python3 -m http.server --bind "$gateway" --directory "$work/index" "$port" >"$work/index.log" 2>&1 &
+    index_pid=$!
+    export PIP_INDEX_URL="http://$gateway:$port/simple/" PIP_TRUSTED_HOST="$gateway"
+    deadline=$((SECONDS + 30))
+    until curl -sf "$PIP_INDEX_URL" >/dev/null; do
+      ((SECONDS < deadline)) || fail "the package index at $PIP_INDEX_URL did not start"
+      sleep 1
+    done
+    say "package index at $PIP_INDEX_URL ($(find "$work/index/simple" -mindepth 1 -maxdepth 1 | wc -l) projects)" ;;
+  *) fail "SIAM_SMOKE_PIP must be wheels or index, not ${SIAM_SMOKE_PIP}" ;;
+esac
+say "building $SIAM_IMAGE with $checkpoint: ${compose[*]} build siam-cpu"
+"${compose[@]}" build siam-cpu >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; fail "docker-compose build"; }
+grep -m1 "install-deps:" "$work/build.log" | sed 's/^/[smoke] /' || true
 say "built $SIAM_IMAGE ($(docker image inspect --format '{{.Size}}' "$SIAM_IMAGE" | numfmt --to=iec))"
 
 # Grafana has no Debian package: it runs only where its image is here or can be pulled.

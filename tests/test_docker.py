@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -158,3 +160,56 @@ def test_debian_mirror_none_and_build_base_stops_with_a_message(tmp_path: Any) -
                             timeout=60, env={**env, "PYTHON": str(python)})
     assert result.returncode == 2, result.stdout + result.stderr
     assert "SIAM_DEBIAN_MIRROR" in result.stderr
+
+
+def tiny_wheel(folder: Path, name: str = "siam_probe", version: str = "1.0") -> Path:
+    """A wheel of one module, written by hand: something pip can install without any network."""
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": "VALUE = 42\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{path},,\n" for path in files) + f"{dist}/RECORD,,\n"
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in {**files, f"{dist}/RECORD": record}.items():
+            z.writestr(path, text)
+    return wheel
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("source", ["wheels", "index"])
+def test_image_dependencies_install_from_the_wheels_or_else_from_the_index(tmp_path: Path, source: str) -> None:
+    """docker/install-deps.sh, the image's first stage, outside Docker: with wheels in docker/wheels/ it
+    installs from them alone (no index reachable); with none, from PIP_INDEX_URL (here a file:// index)."""
+    venv, wheels, index = tmp_path / "venv", tmp_path / "wheels", tmp_path / "index"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    wheels.mkdir()
+    project = index / "simple" / "siam-probe"
+    project.mkdir(parents=True)
+    wheel = tiny_wheel(wheels if source == "wheels" else project)
+    (project / "index.html").write_text(f'<a href="{wheel.name}">{wheel.name}</a>\n')  # PEP 503, for file://
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("siam-probe==1.0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, SIAM_WHEELS=str(wheels), SIAM_VENV=str(venv),
+               SIAM_REQUIREMENTS=str(requirements), PIP_DISABLE_PIP_VERSION_CHECK="1",
+               # Offline must not look at any index: one that cannot answer proves it.
+               PIP_INDEX_URL="http://127.0.0.1:9/simple/" if source == "wheels" else project.parent.as_uri())
+    done = subprocess.run(["sh", str(ROOT / "docker" / "install-deps.sh")], env=env, capture_output=True,
+                          text=True, timeout=150)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    expected = "from the 1 wheels of docker/wheels/ (offline)" if source == "wheels" else \
+        f"holds no wheels; from {project.parent.as_uri()}"
+    assert expected in done.stdout
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import siam_probe; print(siam_probe.VALUE)"],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "42"
+
+
+def test_image_requirements_are_the_project_dependencies_and_its_build_tools() -> None:
+    import tomllib
+
+    listed = subprocess.run([sys.executable, str(ROOT / "docker" / "requirements.py"), str(ROOT / "pyproject.toml")],
+                            capture_output=True, text=True, check=True).stdout.split()
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert listed == [*dependencies, "setuptools>=69", "wheel"]
