@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict
@@ -37,6 +38,7 @@ from benchmarks.plot import plot_results
 from benchmarks.servers import ServerProcess, SystemSpec, fastapi_spec, litserve_spec, model_info, service_spec
 from service.backends import resolve_device
 from service.settings import DEFAULT_CHECKPOINT, Settings
+from training.data import DEFAULT_DATA
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = ("siam", "siam-torch", "fastapi", "fastapi-onnx", "litserve")
@@ -78,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--litserve-timeout", type=float, default=0.005, help="LitServe batch_timeout, s [0.005]")
     p.add_argument("--all-cells", action="store_true", help="do not skip cells too long for --duration")
     p.add_argument("--onnx-cache", type=Path, default=Settings.model_fields["onnx_cache"].default)
+    p.add_argument("--confidence", type=float, default=None,
+                   help="add cells of the service with sequential sampling at this confidence (e.g. 0.999), "
+                        "--samples as the budget, beside its fixed cells; all cells then send real test images")
+    p.add_argument("--data", default=DEFAULT_DATA, help="CIFAR-10 (archive or folder) for the test images "
+                                                        "that --confidence sends [%(default)s]")
+    p.add_argument("--images", type=int, default=256, help="test images the clients send in turn [256]")
     p.add_argument("--output", type=Path, default=None,
                    help="results JSON; the PNG goes beside it [benchmarks/results/<device>-<cores>cores.json]")
     return p
@@ -186,23 +194,42 @@ def start_all(specs: list[SystemSpec]) -> tuple[list[ServerProcess], dict[str, A
     return servers, systems
 
 
-def measure(server: ServerProcess, samples: int, clients: int, duration: float, warmup: float) -> dict[str, Any]:
+def measure(server: ServerProcess, samples: int, clients: int, duration: float, warmup: float,
+            images_dir: Path | None = None, confidence: float | None = None) -> dict[str, Any]:
     """One cell on one system, the others paused."""
     server.resume()
     try:
-        r = run_in_process(server.predict_url, samples, clients, duration, warmup, server.spec.body_style)
+        r = run_in_process(server.predict_url, samples, clients, duration, warmup, server.spec.body_style,
+                           images_dir, confidence)
     finally:
         server.pause()
-    print(f"  {server.spec.name:12} m={samples:<4} clients={clients:<3} {r.predictions_per_s:8.1f} pred/s "
-          f"{r.rows_per_s:8.0f} rows/s  p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms"
+    name = server.spec.name + (f" sequential {confidence:g}" if confidence is not None else "")
+    used = f"  {r.mean_samples_used:.1f} copies/image" if r.mean_samples_used is not None else ""
+    print(f"  {name:12} m={samples:<4} clients={clients:<3} {r.predictions_per_s:8.1f} pred/s "
+          f"{r.rows_per_s:8.0f} rows/s  p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms{used}"
           + (f"  errors {r.errors}: {r.first_error}" if r.errors else ""), flush=True)
-    return {"system": server.spec.name, **{k: v for k, v in asdict(r).items() if k != "latencies_ms"},
+    return {"system": name, **{k: v for k, v in asdict(r).items() if k not in ("latencies_ms", "samples_used")},
             "warmup_s": round(warmup, 2)}
 
 
-def run_http(args: argparse.Namespace, device: torch.device, limit: float) -> dict[str, Any]:
+def extract_test_images(data: str, count: int, folder: Path) -> Path:
+    """``count`` test images (a fixed random subset) as PNG files in ``folder``: what the clients send."""
+    from PIL import Image
+
+    from training.data import load_split
+
+    test = load_split(data, "test").subset(count, seed=0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(test.images.numpy()):
+        Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def run_http(args: argparse.Namespace, device: torch.device, limit: float,
+             images_dir: Path | None = None) -> dict[str, Any]:
     """All servers up at once, then each cell against each system back to back; the systems not being
-    measured are paused (SIGSTOP), so only the one under load and the load generator use the CPU."""
+    measured are paused (SIGSTOP), so only the one under load and the load generator use the CPU. With
+    ``--confidence`` the service also serves each cell with m >= 16 in sequential mode, m as the budget."""
     servers, systems = start_all(system_specs(args, device))
     cells: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -216,7 +243,10 @@ def run_http(args: argparse.Namespace, device: torch.device, limit: float) -> di
                     print(f"  skip m={m} clients={clients}: fewer than 2 rounds fit", flush=True)
                     continue
                 warmup = warmup_for(clients, m, limit, args.warmup, args.duration)
-                cells += [measure(server, m, clients, args.duration, warmup) for server in servers]
+                cells += [measure(server, m, clients, args.duration, warmup, images_dir) for server in servers]
+                cells += [measure(server, m, clients, args.duration, warmup, images_dir, args.confidence)
+                          for server in servers
+                          if args.confidence is not None and m >= 16 and server.spec.name.startswith("siam")]
     finally:
         for server in servers:
             server.stop()
@@ -247,7 +277,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("2. the engine alone (no HTTP)", flush=True)
     engine_info = run_engine(args, device, reference)
     print("3-4. HTTP: the service and the baselines, back to back per cell", flush=True)
-    http_info = run_http(args, device, reference)
+    with tempfile.TemporaryDirectory(prefix="siam-bench-") as tmp:
+        images_dir = (extract_test_images(args.data, args.images, Path(tmp) / "images")
+                      if args.confidence is not None else None)
+        http_info = run_http(args, device, reference, images_dir)
     again = limits.recheck(best, args.checkpoint, device, args.threads, args.limit_budget, args.onnx_cache)
     limit_info["recheck_rows_per_s"] = again
     limit_info["drift"] = again / reference - 1

@@ -21,11 +21,13 @@ import argparse
 import asyncio
 import base64
 import io
+import itertools
 import json
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -48,8 +50,11 @@ class LoadResult:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     first_error: str | None = None
+    confidence: float | None = None  # sequential sampling: samples is then the budget
+    mean_samples_used: float | None = None  # from the answers, when confidence is set
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     spans: list[tuple[int, float]] = field(default_factory=list, repr=False)  # per client: (answers, seconds)
+    samples_used: list[int] = field(default_factory=list, repr=False)
 
 
 def closed_loop_rate(spans: list[tuple[int, float]]) -> float:
@@ -68,14 +73,16 @@ def png_image(seed: int = 0, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def build_request(url: str, samples: int, body_style: str, image: bytes) -> bytes:
+def build_request(url: str, samples: int, body_style: str, image: bytes, confidence: float | None = None) -> bytes:
     """One raw HTTP/1.1 POST: JSON ``{"image": base64}`` with ``?samples=`` (``query``) or with
     ``"samples"`` inside the JSON (``json``, for servers that only see the body, like LitServe)."""
     parts = urlsplit(url)
     body: dict[str, object] = {"image": base64.b64encode(image).decode()}
     path = parts.path or "/"
     if body_style == "query":
-        path += f"?samples={samples}"
+        path += f"?samples={samples}" + (f"&confidence={confidence}" if confidence is not None else "")
+    elif confidence is not None:
+        raise ValueError("confidence goes in the query string: only the siam service takes it")
     else:
         body["samples"] = samples
     payload = json.dumps(body).encode()
@@ -113,15 +120,18 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         await reader.readline()
 
 
-async def client(host: str, port: int, request: bytes, window: tuple[float, float], result: LoadResult,
-                 timeout_s: float) -> None:
-    """One closed-loop client: send, wait, record, repeat until the window closes."""
+async def client(host: str, port: int, requests: list[bytes], window: tuple[float, float], result: LoadResult,
+                 timeout_s: float, offset: int = 0) -> None:
+    """One closed-loop client: send, wait, record, repeat until the window closes. It goes round
+    ``requests`` from ``offset`` (one image each), so that clients do not send the same image at once."""
     start, end = window
     count, first_sent, last_done = 0, 0.0, 0.0
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        while (sent := time.perf_counter()) < end:
-            writer.write(request)
+        for i in itertools.count(offset):
+            if (sent := time.perf_counter()) >= end:
+                break
+            writer.write(requests[i % len(requests)])
             status, body = await asyncio.wait_for(read_response(reader), timeout_s)
             done = time.perf_counter()
             if not start <= done <= end:
@@ -131,6 +141,8 @@ async def client(host: str, port: int, request: bytes, window: tuple[float, floa
                 result.latencies_ms.append((done - sent) * 1000)
                 first_sent = first_sent if count else sent
                 count, last_done = count + 1, done
+                if result.confidence is not None:
+                    result.samples_used.append(int(json.loads(body)["samples_used"]))
             else:
                 result.errors += 1
                 result.first_error = result.first_error or f"HTTP {status}: {body[:200].decode(errors='replace')}"
@@ -140,15 +152,19 @@ async def client(host: str, port: int, request: bytes, window: tuple[float, floa
 
 
 async def run_load(url: str, samples: int, concurrency: int, duration_s: float, warmup_s: float,
-                   body_style: str = "query", timeout_s: float = 60.0) -> LoadResult:
-    """Closed-loop load for ``warmup_s + duration_s`` seconds; rates count the last ``duration_s`` only."""
+                   body_style: str = "query", timeout_s: float = 60.0, images: list[bytes] | None = None,
+                   confidence: float | None = None) -> LoadResult:
+    """Closed-loop load for ``warmup_s + duration_s`` seconds; rates count the last ``duration_s`` only.
+    Without ``images`` every request carries one random PNG (the fixed-budget model's speed does not
+    depend on the pixels; sequential sampling's does, so give it real images)."""
     parts = urlsplit(url)
-    request = build_request(url, samples, body_style, png_image())
-    result = LoadResult(url, samples, concurrency, duration_s)
+    requests = [build_request(url, samples, body_style, image, confidence) for image in images or [png_image()]]
+    result = LoadResult(url, samples, concurrency, duration_s, confidence=confidence)
     start = time.perf_counter() + warmup_s
     window = (start, start + duration_s)
-    outcomes = await asyncio.gather(*(client(parts.hostname or "127.0.0.1", parts.port or 80, request, window,
-                                             result, timeout_s) for _ in range(concurrency)),
+    spread = max(1, len(requests) // concurrency)
+    outcomes = await asyncio.gather(*(client(parts.hostname or "127.0.0.1", parts.port or 80, requests, window,
+                                             result, timeout_s, i * spread) for i in range(concurrency)),
                                     return_exceptions=True)
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     if failures:
@@ -161,7 +177,10 @@ async def run_load(url: str, samples: int, concurrency: int, duration_s: float, 
 def summarize(result: LoadResult) -> None:
     """Rates and latency percentiles from what was recorded."""
     result.predictions_per_s = closed_loop_rate(result.spans)
-    result.rows_per_s = result.predictions_per_s * result.samples
+    per_prediction = float(result.samples)
+    if result.samples_used:  # sequential sampling: the copies the answers say they used
+        per_prediction = result.mean_samples_used = float(np.mean(result.samples_used))
+    result.rows_per_s = result.predictions_per_s * per_prediction
     if result.latencies_ms:
         lat = np.asarray(result.latencies_ms)
         result.p50_ms, result.p90_ms, result.p99_ms = (float(np.percentile(lat, q)) for q in (50, 90, 99))
@@ -169,11 +188,14 @@ def summarize(result: LoadResult) -> None:
 
 
 def run_in_process(url: str, samples: int, concurrency: int, duration_s: float, warmup_s: float,
-                   body_style: str = "query") -> LoadResult:
+                   body_style: str = "query", images_dir: Path | None = None,
+                   confidence: float | None = None) -> LoadResult:
     """Run the load generator in its own Python process (so it never shares an interpreter lock with
     what it measures) and return its result."""
     cmd = [sys.executable, "-m", "benchmarks.load", url, "--samples", str(samples), "--concurrency",
            str(concurrency), "--duration", str(duration_s), "--warmup", str(warmup_s), "--body", body_style]
+    cmd += ["--images", str(images_dir)] if images_dir else []
+    cmd += ["--confidence", str(confidence)] if confidence is not None else []
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=warmup_s + duration_s + 120)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -190,8 +212,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     p.add_argument("--body", choices=["query", "json"], default="query", help="where samples goes")
+    p.add_argument("--images", type=Path, default=None,
+                   help="a folder of image files to send, in turn (default: one random PNG)")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="sequential sampling at this confidence (siam only); --samples is the budget")
     args = p.parse_args(argv)
-    load = run_load(args.url, args.samples, args.concurrency, args.duration, args.warmup, args.body)
+    images = [f.read_bytes() for f in sorted(args.images.iterdir()) if f.is_file()] if args.images else None
+    if args.images and not images:
+        p.error(f"no image files in {args.images}")
+    load = run_load(args.url, args.samples, args.concurrency, args.duration, args.warmup, args.body,
+                    images=images, confidence=args.confidence)
     try:
         import uvloop
     except ImportError:

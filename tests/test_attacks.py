@@ -9,7 +9,7 @@ from torch import nn
 
 from models import Smooth, SmoothingSpec
 from models.resnet import Classifier, Normalize
-from training.attacks import EPS, _loss_grad, fgsm, pgd, smoothed_log_probs
+from training.attacks import EPS, _loss_grad, fgsm, pgd, smoothed_log_probs, undecided
 
 
 def separable_problem(n: int = 200, seed: int = 0) -> tuple[Classifier, torch.Tensor, torch.Tensor]:
@@ -150,3 +150,23 @@ def test_smoothed_probabilities_is_the_served_aggregate_without_gradients() -> N
     assert torch.allclose(scores, expected, atol=1e-6)
     votes = smoothed_probabilities(smooth, 32, "vote")(x)
     assert torch.allclose(votes.sum(1), torch.ones(2)) and ((votes * 32) - (votes * 32).round()).abs().max() < 1e-4
+
+
+def test_pgd_at_the_stopping_rule_levels_the_top_two_classes(problem: tuple[Classifier, torch.Tensor, torch.Tensor],
+                                                             ) -> None:
+    """``loss=undecided`` aims at how close the vote is, not at the label: on a model that is confident on
+    every clean image, the attacked images' top-two gap shrinks toward zero (to within the fixed step's
+    overshoot), which a random perturbation of the same size does not do."""
+    model, x, y = problem
+
+    def gap(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            top = model(images).log_softmax(1).topk(2, dim=1).values
+        return top[:, 0] - top[:, 1]
+
+    stalled = pgd(model, x, y, loss=undecided, steps=80, step=EPS / 32)
+    shaken = (x + EPS * torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(0)) * 2 - EPS).clamp(0, 1)
+    assert (stalled - x).abs().max() <= EPS + 1e-6 and stalled.min() >= 0 and stalled.max() <= 1
+    clean, level, random = gap(x).median(), gap(stalled).median(), gap(shaken).median()
+    assert level < 0.1 * clean, (clean, level)
+    assert random > 0.5 * clean, (clean, random)

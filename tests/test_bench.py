@@ -62,6 +62,29 @@ def test_quick_bench_writes_every_section_with_measured_ratios(tiny_checkpoint: 
     assert overhead["value"] is not None and "vs fastapi" in overhead["detail"]
 
 
+@pytest.mark.timeout(120)
+def test_bench_serves_sequential_cells_beside_fixed_ones_on_real_images(tiny_checkpoint: Path, tiny_cifar_tar: Path,
+                                                                         tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    bench_main(["--quick", "--checkpoint", str(tiny_checkpoint), "--samples", "1,32", "--concurrency", "2",
+                "--duration", "0.5", "--warmup", "0.1", "--chunks", "32", "--limit-budget", "0.05",
+                "--threads", "1", "--all-cells", "--systems", "siam", "--onnx-cache", str(tmp_path / "onnx"),
+                "--confidence", "0.99", "--data", str(tiny_cifar_tar), "--images", "8", "--output", str(output)])
+    results = json.loads(output.read_text())
+    cells = {(c["samples"], c["system"]): c for c in results["http"]["cells"]}
+    assert set(cells) == {(1, "siam"), (32, "siam"), (32, "siam sequential 0.99")}  # none at m = 1
+    sequential, fixed = cells[(32, "siam sequential 0.99")], cells[(32, "siam")]
+    assert sequential["errors"] == fixed["errors"] == 0, sequential["first_error"] or fixed["first_error"]
+    assert sequential["confidence"] == 0.99 and fixed["confidence"] is None
+    # The first round is 16 copies, the second doubles to the budget: what the answers said they used.
+    assert 16 <= sequential["mean_samples_used"] <= 32
+    assert sequential["rows_per_s"] == pytest.approx(sequential["predictions_per_s"] * sequential["mean_samples_used"])
+    assert fixed["rows_per_s"] == pytest.approx(fixed["predictions_per_s"] * 32)
+    assert sequential["vs_fixed"] == pytest.approx(sequential["predictions_per_s"] / fixed["predictions_per_s"])
+    goal = next(t for t in results["targets"] if t["target"].startswith("sequential pred/s at budget 32"))
+    assert goal["value"] == pytest.approx(sequential["vs_fixed"]) and "copies per image" in goal["detail"]
+
+
 def fake_results(siam_rows: float, litserve_rows: float, limit: float = 1000.0) -> dict:
     """A results dict shaped like the bench's, with chosen numbers."""
     def cell(system: str, samples: int, clients: int, rows: float, p50: float, p99: float) -> dict:

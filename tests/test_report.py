@@ -202,11 +202,20 @@ def test_report_quick_run_writes_markdown_json_and_figures(tiny_checkpoint: Path
     assert r["nattack"]["max_linf"] <= 8 / 255 + 1e-6
     checks = {c["check"] for c in r["findings"]["checks"]}
     assert any("eps sweep" in c for c in checks) and any("NAttack" in c for c in checks)
+    # Sequential sampling: every test image clean, the strong attack's images attacked, budget = largest m.
+    seq = r["sequential"]
+    assert seq["budget"] == 4 and seq["confidence"] == 0.999
+    assert seq["results"]["clean"]["images"] == 6
+    assert seq["results"]["attacked"]["images"] == seq["results"]["stalling"]["images"] == 4
+    for kind in ("clean", "attacked", "stalling"):
+        used = seq["results"][kind]["copies_used_all"]
+        assert all(1 <= u <= 4 for u in used) and len(used) == seq["results"][kind]["images"]
     md = (folder / "report.md").read_text()
-    for part in ("## Summary", "## 1. Choosing sigma", "## 4. Eps sweep", "## 5. NAttack", "## 7. Discussion",
-                 "60.4%", "(quick subset)", "tradeoff.png"):
+    for part in ("## Summary", "## 1. Choosing sigma", "## 4. Eps sweep", "## 5. NAttack",
+                 "## 7. Sequential sampling", "## 8. Discussion", "60.4%", "(quick subset)", "tradeoff.png",
+                 "sequential.png"):
         assert part in md
-    for name in ("tradeoff.png", "eps_sweep.png", "certified.png"):
+    for name in ("tradeoff.png", "eps_sweep.png", "certified.png", "sequential.png"):
         assert (folder / name).read_bytes()[:4] == b"\x89PNG"
     assert "tiny (quick)" in (out / "README.md").read_text()
 

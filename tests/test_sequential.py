@@ -179,13 +179,13 @@ def test_siam_evaluate_sequential_reports_copies_used_clean_and_attacked(tiny_ci
 
     out = tmp_path / "seq"
     evaluate.main([str(tiny_checkpoint), "--sequential", "--data", str(tiny_cifar_tar), "--cache-dir",
-                   str(tmp_path / "cache"), "--images", "8", "--attacked-images", "4", "--budget", "32",
+                   str(tmp_path / "cache"), "--images", "8", "--attacked-images", "4", "--stalling-images", "2", "--budget", "32",
                    "--steps", "1", "--adaptive-samples", "2", "--batch-size", "4", "--threads", "1",
                    "--output", str(out)])
     report = json.loads((out / "sequential.json").read_text())
-    clean, attacked = report["results"]["clean"], report["results"]["attacked"]
-    assert clean["images"] == 8 and attacked["images"] == 4
-    for r in (clean, attacked):
+    clean, attacked, stalling = (report["results"][k] for k in ("clean", "attacked", "stalling"))
+    assert clean["images"] == 8 and attacked["images"] == 4 and stalling["images"] == 2
+    for r in (clean, attacked, stalling):
         assert all(16 <= u <= 32 for u in r["copies_used_all"])  # rounds of 16 then 16: 16 or 32 copies
         assert 0 <= r["agreement_with_fixed"]["value"] <= 1 and r["images_per_s"]["fixed"] > 0
         undecided = r["copies_used_all"].count(32)

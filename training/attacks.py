@@ -20,23 +20,37 @@ from models.smooth import Smooth, aggregate
 from models.spec import Aggregation
 
 LogitFn = Callable[[torch.Tensor], torch.Tensor]
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits [B, C], labels [B]) -> per-image [B]
 
 EPS = 8 / 255
 STEP = 2 / 255
 STEPS = 7
 
 
-def _losses(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eot: int) -> torch.Tensor:
-    """Per-image cross-entropy averaged over ``eot`` draws, run as one batch (x repeated), so a
-    randomized ``f`` sees independent noise per draw."""
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The usual attack loss: high when the true class loses."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def undecided(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Minus the gap between the two highest scores, whatever the label: high when the top two classes
+    are level. Maximised, it aims at sequential sampling's stopping rule (a close vote never stops, so
+    every copy of the budget is spent) rather than at the answer."""
+    top = logits.topk(2, dim=1).values
+    return top[:, 1] - top[:, 0]
+
+
+def _losses(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eot: int, loss: Loss = cross_entropy) -> torch.Tensor:
+    """Per-image loss averaged over ``eot`` draws, run as one batch (x repeated), so a randomized ``f``
+    sees independent noise per draw."""
     logits = f(x.repeat(eot, 1, 1, 1))
-    return F.cross_entropy(logits.float(), y.repeat(eot), reduction="none").view(eot, -1).mean(0)
+    return loss(logits.float(), y.repeat(eot)).view(eot, -1).mean(0)
 
 
-def _loss_grad(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eot: int) -> torch.Tensor:
+def _loss_grad(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eot: int, loss: Loss = cross_entropy) -> torch.Tensor:
     """Gradient of the (EOT-averaged) loss w.r.t. a fresh leaf copy of ``x``: reset every step."""
     x = x.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(_losses(f, x, y, eot).sum(), x)
+    (grad,) = torch.autograd.grad(_losses(f, x, y, eot, loss).sum(), x)
     return grad
 
 
@@ -52,23 +66,24 @@ def fgsm(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eps: float = EPS,
 
 
 def pgd(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eps: float = EPS, step: float = STEP,
-        steps: int = STEPS, restarts: int = 1, random_start: bool = True, eot: int = 1) -> torch.Tensor:
-    """PGD L-inf (Madry et al.) maximising cross-entropy; keeps, per image, the restart with the
-    highest final loss. ``eot`` > 1 averages each step's gradient over that many noise draws."""
+        steps: int = STEPS, restarts: int = 1, random_start: bool = True, eot: int = 1,
+        loss: Loss = cross_entropy) -> torch.Tensor:
+    """PGD L-inf (Madry et al.) maximising ``loss`` (cross-entropy unless told); keeps, per image, the
+    restart with the highest final loss. ``eot`` > 1 averages each step's gradient over that many draws."""
     x = x.detach()
     best = x.clone()
     best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)
     for _ in range(restarts):
         adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) if random_start else x.clone()
         for _ in range(steps):
-            grad = _loss_grad(f, adv, y, eot)
+            grad = _loss_grad(f, adv, y, eot, loss)
             adv = adv + step * grad.sign()
             adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1).detach()
         with torch.no_grad():
-            loss = _losses(f, adv, y, eot)
-        better = loss > best_loss
+            final = _losses(f, adv, y, eot, loss)
+        better = final > best_loss
         best[better] = adv[better]
-        best_loss = torch.where(better, loss, best_loss)
+        best_loss = torch.where(better, final, best_loss)
     return best
 
 

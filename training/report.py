@@ -62,6 +62,7 @@ from training.robustness import (
     noise_free,
     sweep_problems,
 )
+from training.sequential_eval import run_sequential
 from training.train import resolve_device, validation_record
 
 FULL: dict[str, Any] = {
@@ -151,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--m-tolerance", type=float, default=0.01,
                    help="smallest m within this much robust validation accuracy of the best m")
     g.add_argument("--latency-repeats", type=int, default=None)
+    g = p.add_argument_group("sequential sampling (the service's ?confidence=)")
+    g.add_argument("--sequential-confidence", type=float, default=0.999,
+                   help="answer the test images (and the strong attack's images, attacked by the adaptive attack "
+                        "and by PGD at the stopping rule) sequentially, with the largest m as the budget, beside "
+                        "the fixed budget; 0: skip "
+                        "(default %(default)s)")
     return p
 
 
@@ -449,6 +456,9 @@ def report_for(checkpoint: Path, args: argparse.Namespace) -> dict[str, Any]:
     test_cert = Dataset(test.images[: sizes["certify_images"]], test.labels[: sizes["certify_images"]],
                         test.classes, test.source, test.checksum, test.encoding)
     certify = timed("certify", lambda: run_certify(model, manifest, test_cert, sigmas, args, device))
+    sequential = timed("sequential", lambda: run_sequential_part(
+        smooth_at(model, manifest, sigma), x_all[:n], y_all[:n], max(samples), sizes["strong_images"], args)) \
+        if args.sequential_confidence else None
     probe = x_all[:1]
     latency = timed("latency", lambda: [
         {"samples": m, "ms": latency_ms(smooth_at(model, manifest, sigma), probe, m, args.latency_repeats)}
@@ -465,7 +475,7 @@ def report_for(checkpoint: Path, args: argparse.Namespace) -> dict[str, Any]:
         "validation": validation, "grid": grid,
         "strong": {k: v for k, v in strong.items() if k != "correct"},
         "nattack": {k: v for k, v in black.items() if k != "correct"} if black else None,
-        "certify": certify, "latency_ms": latency,
+        "certify": certify, "sequential": sequential, "latency_ms": latency,
         "machine": {"device": str(device), "platform": platform.platform(), "processor": platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "cpu_count": os.cpu_count(), "load_average_at_start": load_at_start},
@@ -475,6 +485,19 @@ def report_for(checkpoint: Path, args: argparse.Namespace) -> dict[str, Any]:
     timings["total"] = time.perf_counter() - t_start
     report["timings_s"] = timings
     return report
+
+
+def run_sequential_part(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, budget: int, attacked: int,
+                        args: argparse.Namespace) -> dict[str, Any]:
+    """Sequential against fixed-budget answers on clean images and under the adaptive attack (the same
+    function as ``siam evaluate --sequential``)."""
+    attack = {"name": "adaptive", "norm": "Linf", "eps": args.eps, "step": args.step, "steps": args.steps,
+              "soft_output_copies": args.adaptive_samples}
+    torch.manual_seed(args.seed)
+    with tqdm(total=len(y) + 2 * attacked, desc="sequential", unit="img", dynamic_ncols=True) as bar:
+        results = run_sequential(smooth, x, y, budget, args.sequential_confidence, attack, attacked, 100, bar,
+                                 stalling_images=attacked)
+    return {"budget": budget, "confidence": args.sequential_confidence, "attack": attack, "results": results}
 
 
 def training_summary(manifest: Manifest) -> dict[str, Any]:

@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from training.sequential_eval import plot as plot_copies_used
+from training.sequential_eval import table as sequential_table
+
 PAPER_PGD = 0.604
 """Nemcovsky et al. (2019), abstract: 60.4% under PGD, CIFAR-10, ResNet-20 (official lossless images)."""
 PNI_CLEAN, PNI_PGD = 0.849, 0.459
@@ -199,13 +202,32 @@ def _certify(r: dict[str, Any]) -> list[str]:
             "![certified accuracy](certified.png)", ""]
 
 
+def _sequential(r: dict[str, Any]) -> list[str]:
+    q = r.get("sequential")
+    if not q:
+        return []
+    a = q["attack"]
+    return ["## 7. Sequential sampling (`?confidence=`)", "",
+            f"Each image answered twice at sigma = {r['findings']['sigma']:g}: sequentially (rounds of 16 copies, "
+            f"doubling, up to a budget of {q['budget']}, stopping once a binomial test at confidence "
+            f"{q['confidence']} spread over the rounds says the top class beats the runner-up) and with the whole "
+            f"budget. Attacked images: adaptive PGD-{a['steps']} (L-inf {a['eps'] * 255:.0f}/255, step "
+            f"{a['step'] * 255:.0f}/255, random start) on the log of the mean softmax of "
+            f"{a['soft_output_copies']} noisy copies, the quantity the sequential vote estimates. Stalling: the "
+            "same PGD aimed at the stopping rule, maximising minus the gap between the top two classes of the "
+            "mean softmax so that the vote stays close and every copy of the budget is spent (a cost attack: "
+            "the budget bounds what it can take).", "",
+            *sequential_table(q["results"]), "",
+            "![copies used](sequential.png)", ""]
+
+
 def _discussion(r: dict[str, Any]) -> list[str]:
     f, o = r["findings"], r["options"]
     acc = f["accuracy"]
     pgd_k = acc[f"pgd{o['steps']}"]
     failed = [c for c in f["checks"] if not c["ok"] and c.get("kind") == "masking"]
     weak = [c for c in f["checks"] if not c["ok"] and c.get("kind") != "masking"]
-    lines = ["## 7. Discussion", "",
+    lines = ["## 8. Discussion", "",
              f"**Strongest attack.** At sigma {f['sigma']:g}, m {f['samples']}, the strongest single attack is "
              f"`{f['strongest']}` ({pct(acc[f['strongest']])}); the per-image worst case over all attacks is "
              f"{pct(f['worst_case'])}. The paper's own PGD-{o['steps']} (one noise draw per gradient) gives "
@@ -262,16 +284,16 @@ def render_markdown(r: dict[str, Any], figures: list[str]) -> str:
              "comes from that run (`report.json` holds them all); accuracies are on the CIFAR-10 test split "
              f"({r['data']['encoding']} encoding) with 95% Clopper-Pearson intervals, written `acc [low, high]`.", ""]
     body = [*_summary(r), *_setup(r), *_validation(r), *_grid(r), *_strong(r), *_sweep(r), *_nattack(r),
-            *_certify(r), *_discussion(r)]
+            *_certify(r), *_sequential(r), *_discussion(r)]
     text = "\n".join(intro + body)
-    for name in ("tradeoff.png", "eps_sweep.png", "certified.png"):
+    for name in ("tradeoff.png", "eps_sweep.png", "certified.png", "sequential.png"):
         if name not in figures:
             text = "\n".join(line for line in text.split("\n") if f"]({name})" not in line)
     return text + "\n"
 
 
 def render_plots(r: dict[str, Any], folder: Path) -> list[Path]:
-    """``tradeoff.png``, ``eps_sweep.png`` and (with certificates) ``certified.png``."""
+    """``tradeoff.png``, ``eps_sweep.png``, ``certified.png`` (with certificates) and ``sequential.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,6 +369,9 @@ def render_plots(r: dict[str, Any], folder: Path) -> list[Path]:
         out.append(folder / "certified.png")
         fig.savefig(out[-1], dpi=110)
         plt.close(fig)
+    if r.get("sequential"):
+        out.append(folder / "sequential.png")
+        plot_copies_used({**r["sequential"], "model": r["model"]}, out[-1])
     return out
 
 

@@ -6,7 +6,10 @@ at the sequentially sampled answer itself), each image is answered twice: sequen
 (``Smooth.predict_sequential``: rounds of 16 doubling up to ``--budget`` copies, stopping at
 ``--confidence``) and with the whole fixed budget. Reported, with 95% intervals: copies used (mean, p50,
 p95, max) for clean and attacked images, the share decided, agreement of the two answers' labels,
-accuracy of both, and images per second of both on this machine (library path, same run).
+accuracy of both, and images per second of both on this machine (library path, same run). With
+``--stalling-images`` some images are also attacked at the stopping rule itself: the same PGD, maximising
+minus the gap between the top two classes of the mean softmax, so that the vote stays close and the
+image spends its whole budget (a cost attack, not an accuracy one).
 
 Writes ``sequential.json``, ``sequential.md`` and ``sequential.png`` (the two distributions of copies
 used) into ``--output``.
@@ -29,7 +32,7 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint
 from models.sequential import rounds
 from models.smooth import Smooth
-from training.attacks import pgd, smoothed_log_probs
+from training.attacks import cross_entropy, pgd, smoothed_log_probs, undecided
 from training.data import add_data_arguments, load_split, to_float
 from training.measure import clopper_pearson
 from training.train import resolve_device
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=1000, help="clean test images (default: %(default)s)")
     p.add_argument("--attacked-images", type=int, default=500,
                    help="of those, how many are also attacked (default: %(default)s)")
+    p.add_argument("--stalling-images", type=int, default=0,
+                   help="of those, how many are also attacked at the stopping rule: PGD that levels the top two "
+                        "classes so that the vote stays undecided (default: %(default)s)")
     p.add_argument("--budget", type=int, default=256, help="the most copies an image may use (default: %(default)s)")
     p.add_argument("--confidence", type=float, default=0.999, help="stopping confidence (default: %(default)s)")
     p.add_argument("--eps", type=float, default=8 / 255)
@@ -81,35 +87,37 @@ def answer_both(smooth: Smooth, x: torch.Tensor, budget: int, confidence: float,
             torch.tensor([d for _, d in answers]), torch.tensor([p.label for p in fixed]))
 
 
-def evaluate_sequential(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device, 0)
-    model, manifest = load_checkpoint(args.checkpoint, device)
-    spec = manifest.spec
-    smooth = Smooth(model, spec.smoothing, spec.architecture.num_classes)
-    test = load_split(args.data, "test", args.cache_dir).subset(args.images, seed=args.seed)
-    torch.manual_seed(args.seed)
+KINDS = ("clean", "attacked", "stalling")
+
+
+def run_sequential(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, budget: int, confidence: float,
+                   attack: dict[str, Any], attacked_images: int, batch_size: int,
+                   bar: tqdm | None = None, stalling_images: int = 0) -> dict[str, Any]:
+    """Answer ``x`` (floats in [0, 1]), the first ``attacked_images`` of them attacked by the adaptive
+    attack (``attack``: eps, step, steps, soft_output_copies), and the first ``stalling_images`` attacked
+    by the same PGD aimed at the stopping rule (:func:`training.attacks.undecided`: the top two classes
+    level, so that the vote never stops), both sequentially and with the whole budget; per kind: copies
+    used, decided, agreement, accuracies and images per second."""
     parts: dict[str, dict[str, list[torch.Tensor]]] = {
-        kind: {"labels": [], "used": [], "decided": [], "fixed": [], "truth": []} for kind in ("clean", "attacked")}
+        kind: {"labels": [], "used": [], "decided": [], "fixed": [], "truth": []} for kind in KINDS}
     clocks = {kind: {"sequential": 0.0, "fixed": 0.0} for kind in parts}
-    attack_fn = smoothed_log_probs(smooth, args.adaptive_samples)
-    total = len(test) + min(args.attacked_images, len(test))
-    with tqdm(total=total, desc="sequential", unit="img", dynamic_ncols=True) as bar:
-        for i in range(0, len(test), args.batch_size):
-            x = to_float(test.images[i:i + args.batch_size].to(device))
-            y = test.labels[i:i + args.batch_size]
-            batches = [("clean", x, y)]
-            attacked = max(0, min(len(y), args.attacked_images - i))
-            if attacked:
-                adv = pgd(attack_fn, x[:attacked], y[:attacked].to(device), eps=args.eps, step=args.step,
-                          steps=args.steps)
-                batches.append(("attacked", adv, y[:attacked]))
-            for kind, images, truth in batches:
-                labels, used, decided, fixed = answer_both(smooth, images, args.budget, args.confidence, clocks[kind])
-                for key, value in (("labels", labels), ("used", used), ("decided", decided), ("fixed", fixed),
-                                   ("truth", truth)):
-                    parts[kind][key].append(value)
+    attack_fn = smoothed_log_probs(smooth, attack["soft_output_copies"])
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size].cpu()
+        batches = [("clean", xb, yb)]
+        for kind, count, loss in (("attacked", attacked_images, cross_entropy),
+                                  ("stalling", stalling_images, undecided)):
+            k = max(0, min(len(yb), count - i))
+            if k:
+                adv = pgd(attack_fn, xb[:k], yb[:k].to(xb.device), eps=attack["eps"], step=attack["step"],
+                          steps=attack["steps"], loss=loss)
+                batches.append((kind, adv, yb[:k]))
+        for kind, images, truth in batches:
+            labels, used, decided, fixed = answer_both(smooth, images, budget, confidence, clocks[kind])
+            for key, value in (("labels", labels), ("used", used), ("decided", decided), ("fixed", fixed),
+                               ("truth", truth)):
+                parts[kind][key].append(value)
+            if bar is not None:
                 bar.update(len(truth))
     results: dict[str, Any] = {}
     for kind, p in parts.items():
@@ -124,39 +132,65 @@ def evaluate_sequential(args: argparse.Namespace) -> dict[str, Any]:
             "accuracy_fixed": share(fixed == truth),
             "images_per_s": {path: labels.numel() / max(seconds, 1e-9) for path, seconds in clocks[kind].items()},
         }
+    return results
+
+
+def evaluate_sequential(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, 0)
+    model, manifest = load_checkpoint(args.checkpoint, device)
+    spec = manifest.spec
+    smooth = Smooth(model, spec.smoothing, spec.architecture.num_classes)
+    test = load_split(args.data, "test", args.cache_dir).subset(args.images, seed=args.seed)
+    torch.manual_seed(args.seed)
+    attack = {"name": "adaptive", "norm": "Linf", "eps": args.eps, "step": args.step, "steps": args.steps,
+              "soft_output_copies": args.adaptive_samples}
+    attacked, stalling = min(args.attacked_images, len(test)), min(args.stalling_images, len(test))
+    with tqdm(total=len(test) + attacked + stalling, desc="sequential", unit="img", dynamic_ncols=True) as bar:
+        results = run_sequential(smooth, to_float(test.images.to(device)), test.labels, args.budget,
+                                 args.confidence, attack, attacked, args.batch_size, bar, stalling)
     return {
         "command": "siam evaluate " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:]),
         "model": manifest.name, "weights_sha256": manifest.weights.sha256, "smoothing": spec.smoothing.model_dump(),
         "budget": args.budget, "confidence": args.confidence,
         "data": {"source": test.source, "sha256": test.checksum, "images": len(test), "subset_seed": args.seed},
-        "attack": {"name": "adaptive", "norm": "Linf", "eps": args.eps, "step": args.step, "steps": args.steps,
-                   "soft_output_copies": args.adaptive_samples},
+        "attack": attack,
         "machine": {"device": str(device), "platform": platform.platform(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "results": results,
     }
 
 
-def to_markdown(report: dict[str, Any]) -> str:
-    def pct(entry: dict[str, Any]) -> str:
-        lo, hi = entry["ci95"]
-        return f"{100 * entry['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+def pct(entry: dict[str, Any]) -> str:
+    lo, hi = entry["ci95"]
+    return f"{100 * entry['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
-    lines = [f"### {report['model']}: sequential sampling, budget {report['budget']}, confidence "
-             f"{report['confidence']}", "",
-             f"`{report['command']}` ({report['machine']['device']}, {report['machine']['threads']} threads). "
-             f"Attacked: adaptive PGD-{report['attack']['steps']} on the log mean softmax of "
-             f"{report['attack']['soft_output_copies']} copies, L-inf {report['attack']['eps'] * 255:.0f}/255.", "",
-             "| images | n | copies used: mean / p50 / p95 / max | decided | agrees with fixed | accuracy, "
+
+def table(results: dict[str, Any]) -> list[str]:
+    """The Markdown table of ``run_sequential``'s results, a row per kind of image."""
+    lines = ["| images | n | copies used: mean / p50 / p95 / max | decided | agrees with fixed | accuracy, "
              "sequential | accuracy, fixed | images/s, sequential / fixed |",
              "|---|---|---|---|---|---|---|---|"]
-    for kind, r in report["results"].items():
+    for kind, r in results.items():
         u = r["copies_used"]
         speed = r["images_per_s"]
         lines.append(f"| {kind} | {r['images']} | {u['mean']:.1f} / {u['p50']:.0f} / {u['p95']:.0f} / {u['max']:.0f} "
                      f"| {pct(r['decided'])} | {pct(r['agreement_with_fixed'])} | {pct(r['accuracy_sequential'])} "
                      f"| {pct(r['accuracy_fixed'])} | {speed['sequential']:.1f} / {speed['fixed']:.1f} "
                      f"({speed['sequential'] / speed['fixed']:.1f}x) |")
+    return lines
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [f"### {report['model']}: sequential sampling, budget {report['budget']}, confidence "
+             f"{report['confidence']}", "",
+             f"`{report['command']}` ({report['machine']['device']}, {report['machine']['threads']} threads). "
+             f"Attacked: adaptive PGD-{report['attack']['steps']} on the log mean softmax of "
+             f"{report['attack']['soft_output_copies']} copies, L-inf {report['attack']['eps'] * 255:.0f}/255."
+             + (" Stalling: the same PGD maximising minus the gap between the top two classes (aimed at the "
+                "stopping rule: a close vote spends the whole budget)." if "stalling" in report["results"] else ""),
+             "", *table(report["results"])]
     return "\n".join(lines) + "\n"
 
 
