@@ -3,16 +3,21 @@
 Each image goes as its own request (raw PNG/JPEG bytes), several at a time, so the service batches
 their noisy copies together. A 503 (queue full, loading, draining) is retried after the server's
 ``Retry-After``, up to ``--retries`` times; any other error is reported for that image and the rest go
-on. Output: one line per image (path, class, vote share, top probability), or JSON lines with
-``--json``; the exit status is 1 when any image got no answer.
+on. Output (``--format``): a table row per image (path, class, vote share, top probability), JSON
+lines, or CSV; a progress bar on the terminal's stderr; exit status 1 when any image got no answer.
 
     siam predict photos/ --samples 64
-    siam predict test/cat/0000.jpg --url http://gpu-host:8000 --certify --json > answers.jsonl
+    siam predict photos/ --samples 256 --confidence 0.999 --format csv > answers.csv
+    siam predict test/cat/0000.jpg --url http://gpu-host:8000 --certify --format json > answers.jsonl
+
+From Python, :class:`Client` (threads) and :class:`AsyncClient` (asyncio) do the same per image.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import csv
 import json
 import sys
 import time
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tqdm import tqdm
 
 SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
@@ -48,12 +54,37 @@ def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             raise FileNotFoundError(f"{path}: no such file or folder")
 
 
+def content_type(path: Path) -> str:
+    return SUFFIXES.get(path.suffix.lower(), "image/png")
+
+
 def retry_after_s(header: str | None, default: float = 1.0, cap: float = 30.0) -> float:
     """Seconds to wait from a ``Retry-After`` header (delay-seconds; an HTTP date or junk waits ``default``)."""
     try:
         return min(max(float(header), 0.0), cap) if header else default
     except ValueError:
         return default
+
+
+def request_params(samples: int | None, certify: bool, confidence: float | None) -> dict[str, Any]:
+    """The query string of ``POST /predict``; unset options are left to the service's defaults."""
+    params: dict[str, Any] = {"certify": "true"} if certify else {}
+    if samples is not None:
+        params["samples"] = samples
+    if confidence is not None:
+        params["confidence"] = confidence
+    return params
+
+
+def answer_of(r: httpx.Response) -> dict[str, Any]:
+    """The JSON answer, or ``httpx.HTTPStatusError`` carrying the service's ``detail``."""
+    if r.status_code >= 400:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        raise httpx.HTTPStatusError(f"{r.status_code}: {detail}", request=r.request, response=r)
+    return r.json()
 
 
 class Client:
@@ -65,41 +96,84 @@ class Client:
         self.http = httpx.Client(timeout=timeout)
 
     def predict_bytes(self, data: bytes, content_type: str, samples: int | None = None,
-                      certify: bool = False) -> dict[str, Any]:
+                      certify: bool = False, confidence: float | None = None) -> dict[str, Any]:
         """The answer to one image; raises ``httpx.HTTPStatusError`` once retries are spent."""
-        params: dict[str, Any] = {"certify": "true"} if certify else {}
-        if samples is not None:
-            params["samples"] = samples
+        params = request_params(samples, certify, confidence)
         for attempt in range(self.retries + 1):
             r = self.http.post(f"{self.url}/predict", params=params, content=data,
                                headers={"content-type": content_type})
             if r.status_code != 503 or attempt == self.retries:
                 break
             time.sleep(retry_after_s(r.headers.get("retry-after")))
-        if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            raise httpx.HTTPStatusError(f"{r.status_code}: {detail}", request=r.request, response=r)
-        return r.json()
+        return answer_of(r)
 
-    def predict_file(self, path: Path, samples: int | None = None, certify: bool = False) -> Answer:
+    def predict_file(self, path: Path, samples: int | None = None, certify: bool = False,
+                     confidence: float | None = None) -> Answer:
         try:
-            body = self.predict_bytes(path.read_bytes(), SUFFIXES.get(path.suffix.lower(), "image/png"),
-                                      samples, certify)
+            body = self.predict_bytes(path.read_bytes(), content_type(path), samples, certify, confidence)
             return Answer(path, body)
         except (httpx.HTTPError, OSError) as e:
             return Answer(path, None, str(e))
 
     def predict_files(self, paths: Iterable[Path], samples: int | None = None, certify: bool = False,
-                      concurrency: int = 8) -> Iterator[Answer]:
+                      concurrency: int = 8, confidence: float | None = None) -> Iterator[Answer]:
         """Answers in the order of ``paths``, ``concurrency`` requests in flight."""
         with ThreadPoolExecutor(max(concurrency, 1)) as pool:
-            yield from pool.map(lambda p: self.predict_file(p, samples, certify), paths)
+            yield from pool.map(lambda p: self.predict_file(p, samples, certify, confidence), paths)
 
     def close(self) -> None:
         self.http.close()
+
+
+class AsyncClient:
+    """:class:`Client` for asyncio: the same requests and retries, awaited."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0, retries: int = 5):
+        self.url = url.rstrip("/")
+        self.retries = retries
+        self.http = httpx.AsyncClient(timeout=timeout)
+
+    async def predict_bytes(self, data: bytes, content_type: str, samples: int | None = None,
+                            certify: bool = False, confidence: float | None = None) -> dict[str, Any]:
+        """The answer to one image; raises ``httpx.HTTPStatusError`` once retries are spent."""
+        params = request_params(samples, certify, confidence)
+        for attempt in range(self.retries + 1):
+            r = await self.http.post(f"{self.url}/predict", params=params, content=data,
+                                     headers={"content-type": content_type})
+            if r.status_code != 503 or attempt == self.retries:
+                break
+            await asyncio.sleep(retry_after_s(r.headers.get("retry-after")))
+        return answer_of(r)
+
+    async def predict_file(self, path: Path, samples: int | None = None, certify: bool = False,
+                           confidence: float | None = None) -> Answer:
+        try:
+            body = await self.predict_bytes(path.read_bytes(), content_type(path), samples, certify, confidence)
+            return Answer(path, body)
+        except (httpx.HTTPError, OSError) as e:
+            return Answer(path, None, str(e))
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+CSV_COLUMNS = ("path", "label", "class_name", "vote_share", "probability", "samples", "samples_used", "radius",
+               "abstained", "error")
+
+
+def csv_row(answer: Answer) -> dict[str, Any]:
+    b = answer.body or {}
+    top = max(b["probabilities"]) if b.get("probabilities") else None
+    return {"path": str(answer.path), "label": b.get("label"), "class_name": b.get("class_name"),
+            "vote_share": b.get("vote_share"), "probability": top, "samples": b.get("samples"),
+            "samples_used": b.get("samples_used"), "radius": b.get("radius"), "abstained": b.get("abstained"),
+            "error": answer.error}
 
 
 def line(answer: Answer) -> str:
@@ -110,6 +184,8 @@ def line(answer: Answer) -> str:
     text = f"{answer.path}\t{b.get('class_name') or b['label']}\tvote_share={b['vote_share']:.3f}\tp={top:.3f}"
     if b.get("radius") is not None:
         text += f"\tradius={b['radius']:.4f}" + ("\tabstained" if b.get("abstained") else "")
+    if b.get("samples_used") is not None:
+        text += f"\tsamples_used={b['samples_used']}" + ("" if b.get("decided") else "\tundecided")
     return text
 
 
@@ -120,10 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default: %(default)s)")
     p.add_argument("--samples", type=int, default=None, help="noisy copies m (default: the model's)")
     p.add_argument("--certify", action="store_true", help="Cohen's CERTIFY: certified L2 radius, or abstain")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="sequential sampling: --samples becomes the budget, each image stops once its vote is "
+                        "decided at this confidence (e.g. 0.999)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
     p.add_argument("--retries", type=int, default=5, help="retries of a 503, after Retry-After (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print JSON lines: {path, answer or error}")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                   help="a tab-separated row per image, JSON lines {path, answer, error}, or CSV with a header "
+                        "(default: %(default)s)")
+    p.add_argument("--json", action="store_const", const="json", dest="format", help="the same as --format json")
     return p
 
 
@@ -137,10 +219,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("siam predict: no .png, .jpg or .jpeg files found")
     client = Client(args.url, args.timeout, args.retries)
     failed = 0
+    table = csv.DictWriter(sys.stdout, CSV_COLUMNS, lineterminator="\n") if args.format == "csv" else None
+    if table:
+        table.writeheader()
+    answers = client.predict_files(files, args.samples, args.certify, args.concurrency, args.confidence)
     try:
-        for answer in client.predict_files(files, args.samples, args.certify, args.concurrency):
+        # The bar shows on a terminal only (stderr), so that piped output stays clean.
+        for answer in tqdm(answers, total=len(files), unit="img", desc="siam predict", file=sys.stderr,
+                           disable=None if len(files) > 1 else True, dynamic_ncols=True):
             failed += answer.body is None
-            if args.json:
+            if table:
+                table.writerow(csv_row(answer))
+            elif args.format == "json":
                 print(json.dumps({"path": str(answer.path), "answer": answer.body, "error": answer.error}))
             else:
                 print(line(answer))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -53,6 +54,38 @@ def test_503_is_retried_after_retry_after_then_answered() -> None:
     with pytest.raises(httpx.HTTPStatusError, match="503: busy"):
         c.predict_bytes(b"img", "image/png")
     assert len(calls) == 2
+
+
+def test_async_client_retries_alike_and_sends_confidence() -> None:
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) < 2:
+            return httpx.Response(503, headers={"retry-after": "0"}, json={"detail": "busy"})
+        if len(calls) == 2:
+            return httpx.Response(200, json={"label": 3, "samples_used": 32, "decided": True})
+        return httpx.Response(422, json={"detail": "not an image"})
+
+    async def run() -> tuple[dict, client.Answer]:
+        async with client.AsyncClient("http://siam.test", retries=5) as c:
+            c.http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+            first = await c.predict_bytes(b"img", "image/png", samples=256, confidence=0.999)
+            return first, await c.predict_file(Path(__file__), samples=4)
+
+    first, refused = asyncio.run(run())
+    assert first["samples_used"] == 32 and len(calls) == 3
+    assert dict(calls[1].url.params) == {"samples": "256", "confidence": "0.999"}
+    assert refused.body is None and refused.error.startswith("422: not an image")  # reported, not retried
+
+
+def test_csv_rows_carry_every_column_and_the_error() -> None:
+    ok = client.csv_row(client.Answer(Path("a.png"), {"label": 3, "class_name": "cat", "probabilities": [0.2, 0.8],
+                                                      "vote_share": 0.9, "samples": 256, "samples_used": 48}))
+    assert ok["probability"] == 0.8 and ok["samples_used"] == 48 and ok["error"] is None
+    assert set(ok) == set(client.CSV_COLUMNS)
+    failed = client.csv_row(client.Answer(Path("b.png"), None, "503: busy"))
+    assert failed["label"] is None and failed["error"] == "503: busy"
 
 
 def test_missing_path_is_a_clear_error() -> None:
