@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of load before measuring; at least 1.5 rounds of every client's copies [1; quick 0.3]")
     p.add_argument("--concurrency", type=int_list, default=None, help="HTTP clients [1,8,64; quick 1,8]")
     p.add_argument("--samples", type=int_list, default=None, help="noisy copies m [1,16,64,256; quick 1,16]")
-    p.add_argument("--backends", type=str_list, default=["torch", "onnx"], help="backends for the limit [torch,onnx]")
+    p.add_argument("--backends", type=str_list, default=["torch", "onnx", "onnx-bare", "onnx-int8"],
+                   help="backends for the limit [torch,onnx,onnx-bare,onnx-int8]; the served ones (torch, onnx) "
+                        "set the limit the ratios use, onnx-bare (no noise) and onnx-int8 (where the checkpoint "
+                        "has an int8 graph) are shown beside it")
     p.add_argument("--service-backend", default="auto", choices=["auto", "torch", "onnx"],
                    help="what the service and the engine run [auto: the service's own default]")
     p.add_argument("--systems", type=str_list, default=list(DEFAULT_SYSTEMS),
@@ -119,16 +122,18 @@ def warmup_for(clients: int, samples: int, limit: float, floor: float, duration:
 def run_limits(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     found = limits.measure_limits(args.checkpoint, device, args.threads, args.backends, args.chunks,
                                   args.limit_budget, args.onnx_cache)
-    usable = [b for b in found if b.best_rows_per_s > 0]
+    usable = [b for b in found if b.best_rows_per_s > 0 and b.backend in limits.SERVED]
     if not usable:
-        raise SystemExit("siam bench: no backend could run: " + "; ".join(f"{b.backend}: {b.error}" for b in found))
+        raise SystemExit("siam bench: no served backend (torch, onnx) could run: "
+                         + "; ".join(f"{b.backend}: {b.error}" for b in found))
     best = max(usable, key=lambda b: b.best_rows_per_s)
     for b in found:
         rates = ", ".join(f"{k}: {v:.0f}" for k, v in b.rates.items())
         print(f"  limit {b.backend} ({b.provider}): {rates or b.error} rows/s", flush=True)
+    bare = next((b.best_rows_per_s for b in found if b.backend == "onnx-bare" and b.best_rows_per_s > 0), None)
     return {"backends": [limits.as_dict(b) for b in found], "_best": best,
             "best": {"backend": best.backend, "chunk": best.best_chunk, "rows_per_s": best.best_rows_per_s},
-            "reference_rows_per_s": best.best_rows_per_s}
+            "reference_rows_per_s": best.best_rows_per_s, "bare_rows_per_s": bare}
 
 
 def run_engine(args: argparse.Namespace, device: torch.device, limit: float) -> dict[str, Any]:

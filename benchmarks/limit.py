@@ -4,6 +4,10 @@ Nothing served can beat it: every smoothed prediction is ``m`` such rows. For Py
 on pre-made rows with the smoothing noise drawn on the device in the same call (``Smooth.forward_noisy``,
 what the torch backend runs per chunk); for ONNX Runtime it is the exported graph, whose noise is drawn
 inside the graph, fed with pre-made rows. No decoding, queueing, aggregation or copying is counted.
+
+Two more rows put it in context, neither served by default: ``onnx-bare``, the same network exported
+without its noise (what the forward alone costs: the noise is part of the service's cost), and
+``onnx-int8``, the checkpoint's int8 graph (``siam export --int8``; ``SIAM_PRECISION=int8``).
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ import numpy as np
 import torch
 
 from models.checkpoint import Manifest, load_checkpoint
+from models.onnx import export_onnx
 from models.smooth import Smooth
-from service.backends import onnx_graph
+from service.backends import int8_graph, onnx_graph
 
 DEFAULT_CHUNKS = (16, 32, 64, 128, 256, 512, 1024)
+ONNX_VARIANTS = ("onnx", "onnx-bare", "onnx-int8")
+SERVED = ("torch", "onnx")
+"""The backends the service runs at full precision: the limit a served answer is measured against."""
 
 
 @dataclass
@@ -67,11 +75,19 @@ def torch_limit(model: torch.nn.Module, manifest: Manifest, device: torch.device
 
 
 def onnx_limit(model: torch.nn.Module, manifest: Manifest, checkpoint: Path, cache: Path, device: torch.device,
-               threads: int, chunks: Sequence[int], budget_s: float) -> BackendLimit:
-    """ONNX Runtime: the exported graph (noise inside) on pre-made rows, the session set up like the service's."""
+               threads: int, chunks: Sequence[int], budget_s: float, variant: str = "onnx") -> BackendLimit:
+    """ONNX Runtime on pre-made rows, the session set up like the service's: the exported graph (noise
+    inside; ``onnx``), the same network without noise (``onnx-bare``) or the int8 graph (``onnx-int8``)."""
     import onnxruntime as ort
 
-    path = onnx_graph(model.cpu(), manifest, checkpoint, cache)
+    if variant == "onnx-int8":
+        path = int8_graph(manifest, checkpoint)
+    elif variant == "onnx-bare":
+        path = cache / f"{manifest.name}-{manifest.weights.sha256[:16]}-bare.onnx"
+        if not path.is_file():
+            export_onnx(model.cpu(), manifest.spec, path, manifest.weights.sha256, noise=False)
+    else:
+        path = onnx_graph(model.cpu(), manifest, checkpoint, cache)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -80,16 +96,17 @@ def onnx_limit(model: torch.nn.Module, manifest: Manifest, checkpoint: Path, cac
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
     session = ort.InferenceSession(str(path), options, providers=providers)
     provider = session.get_providers()[0]
+    inputs = {i.name for i in session.get_inputs()}  # the bare graph has no sigma
     sigma = np.array([manifest.spec.smoothing.sigma], dtype=np.float32)
     size = manifest.spec.architecture.input_size
     rates = {}
     for chunk in chunks:
         rows = np.random.rand(chunk, 3, size, size).astype(np.float32)
-        feed = {"images": rows, "sigma": sigma}
+        feed = {k: v for k, v in {"images": rows, "sigma": sigma}.items() if k in inputs}
         rates[chunk] = rows_per_second(lambda feed=feed: session.run(["logits"], feed), chunk, budget_s,
                                        lambda: None)
     best = max(rates, key=rates.__getitem__)
-    return BackendLimit("onnx", provider, rates, best, rates[best])
+    return BackendLimit(variant, provider, rates, best, rates[best])
 
 
 def measure_limits(checkpoint: Path, device: torch.device, threads: int, backends: Sequence[str],
@@ -103,10 +120,11 @@ def measure_limits(checkpoint: Path, device: torch.device, threads: int, backend
         try:
             if name == "torch":
                 out.append(torch_limit(model, manifest, device, chunks, budget_s))
-            elif name == "onnx":
-                out.append(onnx_limit(model, manifest, checkpoint, onnx_cache, device, threads, chunks, budget_s))
+            elif name in ONNX_VARIANTS:
+                out.append(onnx_limit(model, manifest, checkpoint, onnx_cache, device, threads, chunks, budget_s,
+                                      name))
             else:
-                raise ValueError(f"unknown backend {name!r}; expected torch or onnx")
+                raise ValueError(f"unknown backend {name!r}; expected torch, {', '.join(ONNX_VARIANTS)}")
         except (RuntimeError, ValueError, ImportError) as e:
             out.append(BackendLimit(name, "-", {}, 0, 0.0, f"{type(e).__name__}: {e}"))
     return out
@@ -135,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.limit", description=main.__doc__)
     p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint folders; ratios are to the first")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--backend", default="torch", choices=["torch", *ONNX_VARIANTS])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] [%(default)s]")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads [all cores]")
     p.add_argument("--chunks", default="64,256", help="chunk sizes tried, the best kept [%(default)s]")

@@ -29,10 +29,12 @@ def add_ratios(results: Results) -> None:
     limit = results["limit"]["reference_rows_per_s"]
     for entry in results["limit"]["backends"]:
         entry["ratio_to_limit"] = ratio(entry["best_rows_per_s"], limit)
+    bare = results["limit"].get("bare_rows_per_s")
     cells = results["http"]["cells"]
     index = cell_index(cells)
     for cell in cells:
         cell["ratio_to_limit"] = ratio(cell["rows_per_s"], limit)
+        cell["ratio_to_bare"] = ratio(cell["rows_per_s"], bare)
         for base in BASELINES:
             other = index.get((cell["samples"], cell["concurrency"], base))
             cell[f"vs_{base}"] = ratio(cell["rows_per_s"], other["rows_per_s"] if other else None)
@@ -66,6 +68,9 @@ def evaluate_targets(results: Results, m: int = 16, clients: int = 64) -> list[d
     busy = index.get((m, clients, SERVICE))
     out.append(target(f"HTTP rows/s, {clients} clients, samples={m} / limit",
                       busy["ratio_to_limit"] if busy else None, 0.75, True, "load generator in its own process"))
+    out.append(target(f"HTTP rows/s, {clients} clients, samples={m} / bare forward (no noise)",
+                      busy.get("ratio_to_bare") if busy else None, 0.85, True,
+                      "issue 14: the noise is part of the service's cost, so the bare network is the ceiling"))
     out.append(target(f"HTTP rows/s, {clients} clients, samples={m} / LitServe",
                       busy.get("vs_litserve") if busy else None, 1.5, True, "same cell, measured back to back"))
     single = index.get((m, 1, SERVICE))

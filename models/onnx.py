@@ -30,32 +30,38 @@ WEIGHTS_KEY = "siam_weights_sha256"
 
 
 class NoisyGraph(nn.Module):
-    """What the ONNX graph computes: the base classifier under Gaussian input noise of scale ``sigma``."""
+    """What the ONNX graph computes: the base classifier under Gaussian input noise of scale ``sigma``
+    (with ``noise=False``, the bare classifier: the benchmarks' noise-free reference)."""
 
-    def __init__(self, model: Classifier, space: str):
+    def __init__(self, model: Classifier, space: str, noise: bool = True):
         super().__init__()
         self.model = model
         self.space = space
+        self.noise = noise
 
     def forward(self, images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if not self.noise:
+            return self.model(images)
         noise = torch.randn_like(images) * sigma
         if self.space == "pixel":
             return self.model(images + noise)
         return self.model(images, normalized_noise=noise)
 
 
-def export_onnx(model: Classifier, spec: ModelSpec, path: str | Path, weights_sha256: str | None = None) -> Path:
+def export_onnx(model: Classifier, spec: ModelSpec, path: str | Path, weights_sha256: str | None = None,
+                noise: bool = True) -> Path:
     """Write the noisy base model to ``path`` (ONNX, dynamic batch axis); returns the path.
 
     ``weights_sha256`` is stored in the graph's metadata, so the service can tell a checkpoint's own
-    ``model.onnx`` from a stale one and use it instead of exporting again."""
+    ``model.onnx`` from a stale one and use it instead of exporting again. ``noise=False`` writes the
+    bare classifier (its only input ``images``), never served: the limit the benchmarks compare with."""
     if has_weight_noise(model):
         raise ValueError("ONNX export does not support PNI-W weight noise; serve this model with the torch backend")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = spec.architecture.input_size
     # A copy: export must neither move the caller's model nor change its train/eval mode.
-    graph = NoisyGraph(copy.deepcopy(model).cpu(), spec.smoothing.space).eval()
+    graph = NoisyGraph(copy.deepcopy(model).cpu(), spec.smoothing.space, noise).eval()
     example = (torch.rand(2, 3, size, size), torch.tensor([spec.smoothing.sigma], dtype=torch.float32))
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices say nothing about this graph
         warnings.simplefilter("ignore")

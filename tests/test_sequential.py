@@ -179,8 +179,8 @@ def test_siam_evaluate_sequential_reports_copies_used_clean_and_attacked(tiny_ci
 
     out = tmp_path / "seq"
     evaluate.main([str(tiny_checkpoint), "--sequential", "--data", str(tiny_cifar_tar), "--cache-dir",
-                   str(tmp_path / "cache"), "--images", "8", "--attacked-images", "4", "--stalling-images", "2", "--budget", "32",
-                   "--steps", "1", "--adaptive-samples", "2", "--batch-size", "4", "--threads", "1",
+                   str(tmp_path / "cache"), "--images", "8", "--attacked-images", "4", "--stalling-images", "2",
+                   "--budget", "32", "--steps", "1", "--adaptive-samples", "2", "--batch-size", "4", "--threads", "1",
                    "--output", str(out)])
     report = json.loads((out / "sequential.json").read_text())
     clean, attacked, stalling = (report["results"][k] for k in ("clean", "attacked", "stalling"))
