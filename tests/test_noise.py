@@ -41,6 +41,8 @@ def test_seeded_rows_are_their_own_generators_in_order() -> None:
     for row, seed in zip(draws, seeds, strict=True):
         expected = torch.randn((3, 4), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(row, expected)
+    with pytest.raises(ValueError):  # a seed without its range of copies (or the reverse) is a caller's bug
+        SeededNoise.for_copies([7, 9], [(0, 3)], "cpu")
     empty = SeededNoise([], "cpu").normal((2, 3), dtype=torch.float64)
     assert empty.shape == (0, 2, 3) and empty.dtype == torch.float64
 
@@ -65,7 +67,8 @@ def test_pni_modes_defaults_and_a_wrong_mode() -> None:
     conv = PNIConv2d(3, 4, kernel_size=3)
     assert conv.mode == "layer" and conv.alpha.shape == (1,) and conv.alpha.item() == 0.25
     assert "pni=layer, enabled=True" in repr(conv)
-    assert PNILinear(8, 5, bias=False).bias is None  # keyword arguments reach nn.Linear
+    linear = PNILinear(8, 5, bias=False)
+    assert linear.bias is None and linear.mode == "layer" and linear.alpha.item() == 0.25  # kwargs reach nn.Linear
     with pytest.raises(ValueError, match="unknown PNI mode 'bogus'; expected 'layer', 'channel' or 'element'"):
         PNILinear(8, 5, pni_mode="bogus")  # type: ignore[arg-type]
 
@@ -103,6 +106,16 @@ def test_per_row_linear_equals_explicit_weights_with_bias_in_double() -> None:
         eps = torch.randn(layer.weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
         expected = F.linear(x[r : r + 1], layer.weight + scale * eps, layer.bias)
         assert torch.allclose(out[r : r + 1], expected, atol=1e-12)
+
+
+def test_per_row_linear_without_bias() -> None:
+    layer = PNILinear(8, 5, bias=False)
+    x = torch.rand(2, 8)
+    with torch.no_grad(), per_row_weight_noise(layer, SeededNoise([1, 2], "cpu")):
+        out = layer(x)
+    eps = torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(2))
+    expected = F.linear(x[1:], layer.weight + layer.alpha * layer.weight.std() * eps)
+    assert torch.allclose(out[1:], expected.detach(), atol=1e-6)
 
 
 def test_a_noise_source_must_have_a_row_per_input_row() -> None:
