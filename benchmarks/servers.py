@@ -68,8 +68,10 @@ def litserve_spec(checkpoint: Path, threads: int, device: str, max_batch_size: i
 class ServerProcess:
     """One running system; ``with ServerProcess(spec) as s:`` waits until it answers its health check."""
 
-    def __init__(self, spec: SystemSpec, ready_timeout_s: float = 180.0, env: dict[str, str] | None = None):
+    def __init__(self, spec: SystemSpec, ready_timeout_s: float = 180.0, env: dict[str, str] | None = None,
+                 poll_s: float = 0.25):
         self.spec = spec
+        self.poll_s = poll_s
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.predict_url = f"{self.url}/predict"
@@ -95,7 +97,7 @@ class ServerProcess:
                     return
             except httpx.TransportError:
                 pass
-            time.sleep(0.25)
+            time.sleep(self.poll_s)
         raise TimeoutError(f"{self.spec.name} not ready after {self.ready_timeout_s:.0f} s:\n{self.output()[-3000:]}")
 
     def output(self) -> str:

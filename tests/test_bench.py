@@ -212,3 +212,16 @@ def test_the_bare_graph_is_the_network_without_its_noise(tiny_checkpoint: Path, 
     with torch.no_grad():
         assert np.allclose(logits, model(x).numpy(), atol=1e-4)  # twice the same: no noise drawn
         assert np.array_equal(logits, session.run(["logits"], {"images": x.numpy()})[0])
+
+
+@pytest.mark.subprocess
+@pytest.mark.timeout(180)
+def test_startup_benchmark_times_first_and_later_starts(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from benchmarks.startup import main as startup_main
+
+    out = tmp_path / "startup.json"
+    results = startup_main([str(tiny_checkpoint), "--repeats", "1", "--serve-args", "--threads 1",
+                            "--output", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    for kind in ("first_start", "later_start"):
+        assert 0 < results[kind]["median_s"] < 120 and len(results[kind]["runs_s"]) == 1
