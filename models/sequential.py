@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from scipy.stats import binomtest
 
 from models.noise import row_seed
+from models.stats import sign_test_p
 
 FIRST_ROUND = 16
 
@@ -50,7 +50,7 @@ def vote_decided(counts: torch.Tensor, alpha: float) -> bool:
     """Does the top class beat the runner-up at level ``alpha`` (Cohen's PREDICT test)? A tie never does:
     its p-value is 1."""
     n_a, n_b = (int(v) for v in counts.topk(2).values)
-    return binomtest(n_a, n_a + n_b, 0.5).pvalue <= alpha
+    return sign_test_p(n_a, n_a + n_b) <= alpha
 
 
 @dataclass

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from scipy.stats import beta, binomtest, norm
 
 from models.noise import DeviceNoise, NoiseSource, SeededNoise
 from models.pni import has_weight_noise, per_row_weight_noise
 from models.resnet import Classifier
 from models.sequential import SequentialVote, round_seed
 from models.spec import Aggregation, SmoothingSpec
+from models.stats import clopper_pearson_lower, normal_ppf, sign_test_p
 
 ABSTAIN = -1
 
@@ -69,13 +69,6 @@ def plan_chunks(samples: Sequence[int], chunk_rows: int) -> Iterator[list[Segmen
                 chunk, room = [], chunk_rows
     if chunk:
         yield chunk
-
-
-def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
-    """One-sided (1 - alpha) lower confidence bound on a binomial proportion."""
-    if successes == 0:
-        return 0.0
-    return float(beta.ppf(alpha, successes, trials - successes + 1))
 
 
 def aggregate(logits: torch.Tensor, image_of_row: torch.Tensor, num_images: int,
@@ -129,7 +122,7 @@ def certify_from_counts(selection: torch.Tensor, counts: torch.Tensor, alpha: fl
     p_lower = clopper_pearson_lower(int(counts[label]), n, alpha)
     if p_lower < 0.5:
         return Certificate(ABSTAIN, 0.0, p_lower, counts.tolist())
-    return Certificate(label, float(sigma * norm.ppf(p_lower)), p_lower, counts.tolist())
+    return Certificate(label, sigma * normal_ppf(p_lower), p_lower, counts.tolist())
 
 
 class Smooth:
@@ -262,7 +255,7 @@ class Smooth:
         counts = self.class_counts(x, n, seed)
         top2 = counts.topk(2)
         n_a, n_b = int(top2.values[0]), int(top2.values[1])
-        if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha:
+        if sign_test_p(n_a, n_a + n_b) > alpha:
             return ABSTAIN
         return int(top2.indices[0])
 
