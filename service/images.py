@@ -94,7 +94,7 @@ def from_tensor(array: np.ndarray, layout: str, size: int) -> torch.Tensor:
             raise InputError(f"FP32 input must have shape [N, 3, {size}, {size}], got {list(array.shape)}")
         if not np.isfinite(array).all():
             raise InputError("FP32 input contains NaN or infinite values")
-        low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
         if low < 0.0 or high > 1.0:
             raise InputError(f"FP32 input must be in [0, 1] (pixels scaled by 1/255), got range [{low:g}, {high:g}]")
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))

@@ -100,3 +100,17 @@ def test_class_names_must_match_classes(tiny_checkpoint: Path) -> None:
     _rewrite_manifest(tiny_checkpoint, spec__class_names=["cat", "dog"])
     with pytest.raises(CheckpointError, match="2 class names for 10 classes"):
         load_checkpoint(tiny_checkpoint)
+
+
+def test_saving_makes_nested_folders_overwrites_and_labels_the_weights(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    model, spec = make_model()
+    folder = tmp_path / "runs" / "a" / "final"  # parents created
+    save_checkpoint(folder, model, spec, "tiny")
+    manifest = save_checkpoint(folder, model, spec, "tiny", training={"epochs": 2})  # saving again is fine
+    assert read_manifest(folder).training == {"epochs": 2} == manifest.training
+    with safe_open(str(folder / WEIGHTS_FILE), "pt") as f:
+        assert f.metadata() == {"format": "siam-checkpoint"}  # says what it is to any safetensors reader
+    text = (folder / MANIFEST_FILE).read_text()
+    assert text.startswith('{\n  "format": "siam-checkpoint"') and text.endswith("}\n")  # reviewable in a diff
