@@ -114,3 +114,17 @@ def test_saving_makes_nested_folders_overwrites_and_labels_the_weights(tmp_path:
         assert f.metadata() == {"format": "siam-checkpoint"}  # says what it is to any safetensors reader
     text = (folder / MANIFEST_FILE).read_text()
     assert text.startswith('{\n  "format": "siam-checkpoint"') and text.endswith("}\n")  # reviewable in a diff
+
+
+def test_weights_missing_a_tensor_are_refused(tiny_checkpoint: Path) -> None:
+    """Every parameter must come from the file (strict loading): a state dict short of one tensor, under a
+    manifest whose checksum matches it, is refused rather than served with that tensor's initial values."""
+    from safetensors.torch import load_file, save_file
+
+    weights = tiny_checkpoint / WEIGHTS_FILE
+    state = load_file(str(weights))
+    state.pop(sorted(state)[0])
+    save_file(state, str(weights), metadata={"format": "siam-checkpoint"})
+    _rewrite_manifest(tiny_checkpoint, weights__sha256=sha256_file(weights), weights__bytes=weights.stat().st_size)
+    with pytest.raises(CheckpointError, match="Missing key"):
+        load_checkpoint(tiny_checkpoint)

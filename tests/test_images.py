@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -39,10 +41,24 @@ def test_base64_strict_with_an_optional_data_url_prefix() -> None:
     png = encode(rgb())
     text = base64.b64encode(png).decode()
     assert decode_base64(text, 0) == png == decode_base64("data:image/png;base64," + text, 0)
+    # Only a data URL's first comma ends its prefix; a comma anywhere else makes the text invalid base64.
+    for wrong in ("QUJD,REVG", "data:image/png;base64,QUJD,REVG"):
+        assert refused(decode_base64, wrong, 0).status == 400
     bad = refused(decode_base64, "not base64!", 3)
     assert bad.status == 400 and str(bad).startswith("image 3: not valid base64 (")
     empty = refused(decode_base64, "data:image/png;base64,", 4)
     assert (empty.status, str(empty)) == (400, "image 4: empty image")
+
+
+def test_a_header_that_claims_too_many_pixels_is_refused_before_decoding() -> None:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header_only = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10_000, 10_000, 8, 2, 0, 0, 0))
+                   + chunk(b"IEND", b""))  # 100 million pixels claimed, none sent: Pillow stops at the header
+    e = refused(decode_image, header_only, 32, True)
+    assert (e.status, e.kind) == (413, "payload_too_large")
+    assert str(e).startswith("image 0: too many pixels (")  # the first image unless told otherwise
 
 
 def test_png_pixels_arrive_exactly_in_channel_first_order() -> None:
@@ -83,8 +99,10 @@ def test_bad_images_are_refused_with_what_to_send(make: object, status: int, kin
 def test_resizing_when_allowed_up_to_the_pixel_limit() -> None:
     small = decode_image(encode(rgb(64), "JPEG"), 32, allow_resize=True, max_pixels=64 * 64)
     assert small.shape == (3, 32, 32) and small.min() >= 0 and small.max() <= 1
-    flat = np.full((40, 40, 3), 200, dtype=np.uint8)  # a flat image stays flat, whatever the resampling
-    assert torch.allclose(decode_image(encode(flat), 32, allow_resize=True), torch.full((3, 32, 32), 200 / 255))
+    pixels = rgb(40)  # PNG: resized bilinearly, as Pillow does it
+    expected = np.asarray(Image.fromarray(pixels).resize((32, 32), Image.Resampling.BILINEAR))
+    assert torch.equal(decode_image(encode(pixels), 32, allow_resize=True),
+                       torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 255)
     big = refused(decode_image, encode(rgb(64)), 32, True, 5, max_pixels=64 * 64 - 1)
     assert (big.status, big.kind) == (413, "payload_too_large")
     assert str(big) == "image 5: 64x64 pixels is over this server's limit of 4095 pixels"
@@ -93,6 +111,7 @@ def test_resizing_when_allowed_up_to_the_pixel_limit() -> None:
 def test_tensors_in_both_layouts_and_their_refusals() -> None:
     fp32 = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
     assert torch.equal(from_tensor(fp32, "FP32", 32), torch.from_numpy(fp32))
+    assert from_tensor(np.zeros((0, 3, 32, 32), np.float32), "FP32", 32).shape == (0, 3, 32, 32)  # no images
     uint8 = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     assert torch.equal(from_tensor(uint8, "UINT8", 32), torch.from_numpy(uint8).permute(0, 3, 1, 2).float() / 255)
     cases = [
