@@ -38,7 +38,7 @@ from benchmarks.plot import plot_results
 from benchmarks.servers import ServerProcess, SystemSpec, fastapi_spec, litserve_spec, model_info, service_spec
 from service.backends import resolve_device
 from service.settings import DEFAULT_CHECKPOINT, Settings
-from training.data import DEFAULT_DATA
+from training.data import DEFAULT_DATA, load_split
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = ("siam", "siam-torch", "fastapi", "fastapi-onnx", "litserve")
@@ -220,8 +220,6 @@ def measure(server: ServerProcess, samples: int, clients: int, duration: float, 
 def extract_test_images(data: str, count: int, folder: Path) -> Path:
     """``count`` test images (a fixed random subset) as PNG files in ``folder``: what the clients send."""
     from PIL import Image
-
-    from training.data import load_split
 
     test = load_split(data, "test").subset(count, seed=0)
     folder.mkdir(parents=True, exist_ok=True)
