@@ -97,11 +97,12 @@ def from_tensor(array: np.ndarray, layout: str, size: int) -> torch.Tensor:
         low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
         if low < 0.0 or high > 1.0:
             raise InputError(f"FP32 input must be in [0, 1] (pixels scaled by 1/255), got range [{low:g}, {high:g}]")
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        return torch.from_numpy(np.require(array, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
     if layout == "UINT8":
         if array.ndim != 4 or array.shape[1:] != (size, size, 3):
             raise InputError(f"UINT8 input must have shape [N, {size}, {size}, 3], got {list(array.shape)}")
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float().div_(255)
+        pixels = np.require(array, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])  # a binary tail is read-only
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
     raise InputError(f"datatype {layout} is not supported; send FP32 [N,3,{size},{size}] or UINT8 [N,{size},{size},3]")
 
 

@@ -15,17 +15,21 @@ import json
 import math
 import re
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
+import torch
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
+from models.spec import ModelSpec, SmoothingSpec
 from service.auth import require_access
 from service.images import InputError, check_count, from_tensor
 from service.metrics import samples_bucket
 from service.sequential import predict_sequential
+from service.settings import Settings
 from service.state import ServiceState, read_body, serving, state_of, unless_client_leaves
 
 
@@ -197,18 +201,32 @@ def input_array(request: InferRequestIn, tail: bytes, max_images: int, size: int
                              f"{len(tail)} bytes sent", 400)
         array = np.frombuffer(tail, dtype=dtype)
     else:
-        try:
-            array = np.asarray(spec.data, dtype=dtype)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise InputError(f"input data is not a list of {datatype} numbers ({e})", 400) from e
+        array = json_numbers(spec.data, datatype)
         if array.size != count:
             raise InputError(f"input data has {array.size} values, shape {shape} needs {count}", 400)
     return array.reshape(shape), datatype
 
 
-def infer_parameters(request: InferRequestIn, state: ServiceState) -> tuple[int, str, int | None]:
+def json_numbers(data: Any, datatype: str) -> np.ndarray:
+    """JSON ``data`` as a flat array of ``datatype``; UINT8 takes whole numbers in [0, 255] only, so that
+    1.5 is refused rather than truncated to 1."""
+    try:
+        values = np.asarray(data).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as e:  # ragged nesting
+        raise InputError(f"input data is not a list of {datatype} numbers ({e})", 400) from e
+    if values.dtype.kind not in "iuf":  # strings, booleans, nulls, objects
+        raise InputError(f"input data is not a list of {datatype} numbers (got {values.dtype.kind!r} values)", 400)
+    if datatype == "UINT8":
+        if not (np.isfinite(values).all() and (values == np.round(values)).all()
+                and (values >= 0).all() and (values <= 255).all()):
+            raise InputError("UINT8 input data must be whole numbers in [0, 255]", 400)
+        return values.astype(np.uint8)
+    with np.errstate(over="ignore"):  # too large for FP32: infinite, refused as such by from_tensor
+        return values.astype(np.float32)
+
+
+def infer_parameters(request: InferRequestIn, smoothing: SmoothingSpec, s: Settings) -> tuple[int, str, int | None]:
     params = request.parameters or {}
-    smoothing, s = state.manifest.spec.smoothing, state.settings  # type: ignore[union-attr]
     samples = params.get("samples", smoothing.default_samples)
     if isinstance(samples, bool) or not isinstance(samples, int):
         raise InputError(f"parameter samples must be an integer, got {samples!r}")
@@ -252,6 +270,33 @@ def wants_binary(request: InferRequestIn, sequential: bool = False) -> dict[str,
     return chosen
 
 
+@dataclass(frozen=True)
+class InferCall:
+    """An infer request read and checked: everything the engine needs, and which outputs to send."""
+
+    request: InferRequestIn
+    images: torch.Tensor
+    samples: int
+    aggregation: str
+    seed: int | None
+    confidence: float | None
+    outputs: dict[str, bool]
+
+
+def read_infer(body: bytes, header_length: str | None, spec: ModelSpec, settings: Settings) -> InferCall:
+    """The whole request side of ``infer``, without HTTP: any body either gives a checked
+    :class:`InferCall` or raises :class:`InputError` (a 4xx), never anything else."""
+    payload, tail = parse_infer(body, header_length)
+    samples, aggregation, seed = infer_parameters(payload, spec.smoothing, settings)
+    confidence = infer_confidence(payload)
+    outputs = wants_binary(payload, confidence is not None)
+    size = spec.architecture.input_size
+    array, datatype = input_array(payload, tail, settings.max_images, size)
+    check_count(array.shape[0], settings.max_images)
+    images = from_tensor(array, datatype, size)
+    return InferCall(payload, images, samples, aggregation, seed, confidence, outputs)
+
+
 @router.post("/models/{name}/infer", openapi_extra=INFER_BODY, responses=ERRORS,
              dependencies=[Depends(require_access)])
 async def infer(name: str, request: Request) -> Response:
@@ -266,20 +311,15 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
     start = time.perf_counter()
     state, engine, manifest = serving(request)
     _model_or_404(state, name, version)
-    settings, size = state.settings, manifest.spec.architecture.input_size
+    settings = state.settings
     body = await read_body(request, settings.max_body_bytes)
-    payload, tail = parse_infer(body, request.headers.get(HEADER_LENGTH))
-    samples, aggregation, seed = infer_parameters(payload, state)
-    confidence = infer_confidence(payload)
-    outputs = wants_binary(payload, confidence is not None)
-    array, datatype = input_array(payload, tail, settings.max_images, size)
-    check_count(array.shape[0], settings.max_images)
-    images = from_tensor(array, datatype, size)
-    if confidence is not None:
-        work = predict_sequential(engine, images, samples, confidence, aggregation, seed,  # type: ignore[arg-type]
-                                  settings.request_timeout_s, manifest.spec.architecture.num_classes)
+    call = read_infer(body, request.headers.get(HEADER_LENGTH), manifest.spec, settings)
+    samples, payload = call.samples, call.request
+    if call.confidence is not None:
+        work = predict_sequential(engine, call.images, samples, call.confidence, call.aggregation,  # type: ignore[arg-type]
+                                  call.seed, settings.request_timeout_s, manifest.spec.architecture.num_classes)
     else:
-        work = engine.predict(images, samples, aggregation, seed,  # type: ignore[arg-type]
+        work = engine.predict(call.images, samples, call.aggregation, call.seed,  # type: ignore[arg-type]
                               timeout=settings.request_timeout_s)
     answers = await unless_client_leaves(request, work)
     state.metrics.prediction_duration.labels(samples_bucket(samples)).observe(time.perf_counter() - start)
@@ -290,7 +330,7 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
         "samples_used": np.array([a.prediction.samples for a in answers], dtype=np.int64),
         "decided": np.array([bool(a.decided) for a in answers], dtype=np.bool_),
     }
-    return encode_response(name, payload.id, tensors, outputs, samples)
+    return encode_response(name, payload.id, tensors, call.outputs, samples)
 
 
 def encode_response(name: str, request_id: Any, tensors: dict[str, np.ndarray], outputs: dict[str, bool],

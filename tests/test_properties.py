@@ -1,0 +1,244 @@
+"""Property-based tests (hypothesis) of the pure functions the answers are built from: how copies are cut
+into chunks, the three aggregation rules, and the KServe request reader, which any body either passes
+as a checked request or refuses with a 4xx, never anything else."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from models.smooth import aggregate, plan_chunks, summarize
+from models.spec import ModelSpec, SmoothingSpec
+from service.images import InputError
+from service.kserve import read_infer
+from service.settings import Settings
+
+# --- plan_chunks -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=12), st.integers(1, 50))
+def test_plan_chunks_cuts_every_copy_once_in_order(samples: list[int], chunk_rows: int) -> None:
+    chunks = list(plan_chunks(samples, chunk_rows))
+    sizes = [sum(stop - start for _, start, stop in chunk) for chunk in chunks]
+    # every chunk but the last is exactly full (fewest forward passes), none is empty or too big
+    assert all(size == chunk_rows for size in sizes[:-1])
+    assert all(1 <= size <= chunk_rows for size in sizes)
+    assert all(start < stop for chunk in chunks for _, start, stop in chunk)
+    covered = [(image, j) for chunk in chunks for image, start, stop in chunk for j in range(start, stop)]
+    assert covered == [(image, j) for image, m in enumerate(samples) for j in range(m)]
+    assert len(chunks) == math.ceil(sum(samples) / chunk_rows)
+
+
+@given(st.integers(-5, 0))
+def test_plan_chunks_refuses_chunks_without_room(chunk_rows: int) -> None:
+    with pytest.raises(ValueError, match="chunk_rows"):
+        list(plan_chunks([3], chunk_rows))
+
+
+# --- aggregation ---------------------------------------------------------------------------------------
+
+logits_values = st.floats(-30, 30, allow_nan=False, width=32)
+
+
+@st.composite
+def copies(draw: st.DrawFn) -> tuple[torch.Tensor, list[int]]:
+    """Logits of a few images' noisy copies, consecutive per image, as the engine hands them over."""
+    counts = draw(st.lists(st.integers(1, 6), min_size=1, max_size=4))
+    classes = draw(st.integers(2, 5))
+    values = draw(st.lists(logits_values, min_size=sum(counts) * classes, max_size=sum(counts) * classes))
+    return torch.tensor(values, dtype=torch.float32).reshape(sum(counts), classes), counts
+
+
+def by_hand(logits: torch.Tensor, counts: list[int], rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rules as the paper states them, one image at a time."""
+    scores, votes = [], []
+    for part in logits.split(counts):
+        vote = torch.bincount(part.argmax(1), minlength=part.shape[1]).float()
+        votes.append(vote)
+        if rule == "vote":
+            scores.append(vote / len(part))
+        elif rule == "softmax":
+            scores.append(part.softmax(1).mean(0))
+        else:
+            scores.append(part.mean(0).softmax(0))
+    return torch.stack(scores), torch.stack(votes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(copies(), st.sampled_from(["vote", "softmax", "logits"]))
+def test_aggregation_rules_match_the_per_image_definition(case: tuple[torch.Tensor, list[int]], rule: str) -> None:
+    logits, counts = case
+    image_of_row = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    scores, votes = aggregate(logits, image_of_row, len(counts), rule)  # type: ignore[arg-type]
+    want_scores, want_votes = by_hand(logits, counts, rule)
+    assert torch.equal(votes, want_votes)
+    assert torch.allclose(scores, want_scores, atol=1e-5)
+    assert torch.allclose(scores.sum(1), torch.ones(len(counts)), atol=1e-5)
+    for prediction, m, vote in zip(summarize(logits, counts, rule), counts, want_votes, strict=True):  # type: ignore[arg-type]
+        assert prediction.samples == m
+        assert prediction.vote_share == pytest.approx(float(vote[prediction.label]) / m)
+
+
+@settings(max_examples=100, deadline=None)
+@given(copies(), st.permutations(range(4)))
+def test_aggregation_does_not_depend_on_row_order(case: tuple[torch.Tensor, list[int]], order: list[int]) -> None:
+    """Rows may reach ``aggregate`` in any order as long as each says its image (chunking, rounds)."""
+    logits, counts = case
+    image_of_row = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    shuffle = torch.randperm(len(logits), generator=torch.Generator().manual_seed(sum(order)))
+    for rule in ("vote", "softmax", "logits"):
+        a = aggregate(logits, image_of_row, len(counts), rule)  # type: ignore[arg-type]
+        b = aggregate(logits[shuffle], image_of_row[shuffle], len(counts), rule)  # type: ignore[arg-type]
+        assert torch.equal(a[1], b[1])
+        assert torch.allclose(a[0], b[0], atol=1e-5)
+
+
+# --- the KServe request reader ---------------------------------------------------------------------------
+
+SPEC = ModelSpec(smoothing=SmoothingSpec(sigma=0.25, default_samples=8))
+SETTINGS = Settings(max_samples=64, max_images=4, allow_seed=True)
+SIZE = SPEC.architecture.input_size
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+
+BAD_PARAMETERS = [
+    ("samples", 0), ("samples", SETTINGS.max_samples + 1), ("samples", 1.0), ("samples", True),
+    ("samples", "many"), ("samples", None), ("aggregation", "median"), ("aggregation", 1),
+    ("seed", -1), ("seed", 2**63), ("seed", 1.5), ("seed", True), ("seed", "7"),
+    ("confidence", 0.5), ("confidence", 1.0), ("confidence", 1), ("confidence", True), ("confidence", "high"),
+]
+EDGE_PARAMETERS = [("samples", 1), ("samples", SETTINGS.max_samples), ("seed", 0), ("seed", 2**63 - 1),
+                   ("confidence", 0.5000001), ("confidence", 0.9999999), ("aggregation", "vote")]
+
+
+@st.composite
+def near_valid_requests(draw: st.DrawFn) -> tuple[dict, set[str]]:
+    """Valid requests, and the same with one or two fields made wrong (and the names of those)."""
+    field = draw(st.sampled_from(["", "datatype", "shape", "data", "parameters", "outputs"]))
+    broken = {field} - {""}
+    datatype = draw(st.sampled_from(["FP32", "UINT8"]))
+    if "datatype" in broken:
+        datatype = draw(st.sampled_from(["FP64", "INT64", "", "fp32"]))
+    n = draw(st.integers(1, SETTINGS.max_images))
+    shape = [n, 3, SIZE, SIZE] if datatype == "FP32" else [n, SIZE, SIZE, 3]
+    if "shape" in broken:
+        shape = draw(st.sampled_from([[0, 3, SIZE, SIZE], [SETTINGS.max_images + 1, 3, SIZE, SIZE], [n, 3, 2, 2],
+                                      [n], [], [n, 3, SIZE, SIZE, 1], [-1, 3, SIZE, SIZE], [2**40, 3, SIZE, SIZE]]))
+    count = math.prod(shape) if all(d >= 0 for d in shape) and math.prod(shape) <= 20_000 else 3
+    fill: object = draw(st.sampled_from([0, 0.5, 1]) if datatype == "FP32" else st.integers(0, 255))
+    data: object = [fill] * count
+    if "data" in broken:
+        bad = draw(st.sampled_from([-0.1, 1.5, 255, float("inf")] if datatype == "FP32" else [256, -1, 1.5, 2**70])
+                   | st.sampled_from(["0", None, True, float("nan")]))
+        data = draw(st.sampled_from([[bad] * count, [fill] * (count - 1), [fill] * count + [fill], fill,
+                                     [[fill] * 2], None]))
+    parameters = {"samples": draw(st.integers(1, SETTINGS.max_samples)),
+                  "aggregation": draw(st.sampled_from(["vote", "softmax", "logits"]))}
+    if draw(st.booleans()):
+        parameters["confidence"] = draw(st.floats(0.51, 0.9999))
+    if draw(st.booleans()):
+        parameters["seed"] = draw(st.integers(0, 2**63 - 1))
+    if "parameters" in broken:
+        key, value = draw(st.sampled_from(BAD_PARAMETERS))
+        parameters[key] = value
+    request: dict = {"inputs": [{"name": "images", "datatype": datatype, "shape": shape, "data": data}],
+                     "parameters": parameters}
+    names = ["probabilities", "label", "vote_share"] + (["samples_used"] if "confidence" in parameters else [])
+    if "outputs" in broken:
+        request["outputs"] = draw(st.sampled_from([[{"name": "nope"}], [{"name": "logits"}], [{"a": 1}],
+                                                   {"a": 1}, "x"]))
+    elif draw(st.booleans()):
+        request["outputs"] = [{"name": name, "parameters": {"binary_data": draw(st.booleans())}}
+                              for name in draw(st.lists(st.sampled_from(names), max_size=3, unique=True))]
+    return request, broken
+
+
+def check_reading(body: bytes, header: str | None = None, valid: bool | None = None) -> None:
+    """Either a request the engine can run as is, or a client error with a 4xx status; a request known to
+    be ``valid`` (True) must pass, one known to be broken (False) must be refused."""
+    try:
+        call = read_infer(body, header, SPEC, SETTINGS)
+    except InputError as e:
+        assert valid is not True, f"a valid request was refused: {e}"
+        assert 400 <= e.status < 500 and str(e)
+        return
+    assert valid is not False, "a broken request was accepted"
+    images = call.images
+    assert images.dtype == torch.float32 and images.ndim == 4 and images.shape[1:] == (3, SIZE, SIZE)
+    assert 1 <= images.shape[0] <= SETTINGS.max_images
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    assert 1 <= call.samples <= SETTINGS.max_samples
+    assert call.aggregation in ("vote", "softmax", "logits")
+    assert call.seed is None or 0 <= call.seed < 2**63
+    assert call.confidence is None or 0.5 < call.confidence < 1
+    assert call.outputs and set(call.outputs) <= {"probabilities", "label", "vote_share", "samples_used", "decided"}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_valid_requests())
+def test_kserve_reader_accepts_valid_and_refuses_broken_requests(case: tuple[dict, set[str]]) -> None:
+    request, broken = case
+    check_reading(json.dumps(request).encode(), valid=not broken)
+
+
+@pytest.mark.parametrize(("key", "value", "valid"), [(*kv, False) for kv in BAD_PARAMETERS]
+                         + [(*kv, True) for kv in EDGE_PARAMETERS])
+def test_kserve_parameters_at_their_bounds(key: str, value: object, valid: bool) -> None:
+    request = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, SIZE, SIZE, 3],
+                           "data": [7] * (SIZE * SIZE * 3)}], "parameters": {key: value}}
+    check_reading(json.dumps(request).encode(), valid=valid)
+
+
+@pytest.mark.parametrize(("datatype", "value", "valid"), [
+    ("UINT8", 0, True), ("UINT8", 255, True), ("UINT8", 255.0, True), ("UINT8", 256, False), ("UINT8", -1, False),
+    ("UINT8", 1.5, False), ("UINT8", True, False), ("UINT8", "7", False), ("UINT8", None, False),
+    ("FP32", 0, True), ("FP32", 1, True), ("FP32", 0.25, True), ("FP32", 1.0001, False), ("FP32", -0.0001, False),
+    ("FP32", 1e39, False), ("FP32", True, False), ("FP32", "0.5", False)])
+def test_kserve_tensor_values_at_their_bounds(datatype: str, value: object, valid: bool) -> None:
+    shape = [1, 3, SIZE, SIZE] if datatype == "FP32" else [1, SIZE, SIZE, 3]
+    data = [value] * (SIZE * SIZE * 3)
+    request = {"inputs": [{"name": "images", "datatype": datatype, "shape": shape, "data": data}]}
+    check_reading(json.dumps(request).encode(), valid=valid)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_kserve_reader_accepts_or_refuses_any_json(value: object) -> None:
+    check_reading(json.dumps(value).encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64), st.none() | st.text(max_size=6) | st.integers(-3, 80).map(str))
+def test_kserve_reader_accepts_or_refuses_any_bytes_and_header(body: bytes, header: str | None) -> None:
+    check_reading(body, header)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 4), st.sampled_from(["FP32", "UINT8"]), st.integers(-8, 8))
+def test_kserve_binary_tail_must_match_the_shape(n: int, datatype: str, skew: int) -> None:
+    """With the binary extension the tail is read as the tensor only when its size says exactly that."""
+    shape = [n, 3, SIZE, SIZE] if datatype == "FP32" else [n, SIZE, SIZE, 3]
+    dtype = np.float32 if datatype == "FP32" else np.uint8
+    tail = np.full(math.prod(shape), 0.5 if datatype == "FP32" else 128, dtype=dtype).tobytes()
+    tail = tail[:len(tail) + skew] if skew < 0 else tail + b"\0" * skew
+    head = json.dumps({"inputs": [{"name": "images", "datatype": datatype, "shape": shape,
+                                   "parameters": {"binary_data_size": len(tail)}}]}).encode()
+    if skew == 0:
+        call = read_infer(head + tail, str(len(head)), SPEC, SETTINGS)
+        assert call.images.shape == (n, 3, SIZE, SIZE)
+        assert torch.allclose(call.images, torch.full_like(call.images, 0.5 if datatype == "FP32" else 128 / 255))
+    else:
+        with pytest.raises(InputError, match="binary_data_size") as e:
+            read_infer(head + tail, str(len(head)), SPEC, SETTINGS)
+        assert e.value.status == 400
