@@ -133,9 +133,14 @@ case "${SIAM_SMOKE_PIP:-wheels}" in
   *) fail "SIAM_SMOKE_PIP must be wheels or index, not ${SIAM_SMOKE_PIP}" ;;
 esac
 say "building $SIAM_IMAGE with $checkpoint: ${compose[*]} build siam-cpu"
+previous="$(docker image inspect --format '{{.Id}}' "$SIAM_IMAGE" 2>/dev/null || true)"
 "${compose[@]}" build siam-cpu >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; fail "docker-compose build"; }
 grep -m1 "install-deps:" "$work/build.log" | sed 's/^/[smoke] /' || true
 say "built $SIAM_IMAGE ($(docker image inspect --format '{{.Size}}' "$SIAM_IMAGE" | numfmt --to=iec))"
+# The tag moved to the new image: the one it named before (several GB) would stay behind untagged.
+if [[ -n "$previous" && "$previous" != "$(docker image inspect --format '{{.Id}}' "$SIAM_IMAGE")" ]]; then
+  if docker image rm "$previous" >/dev/null 2>&1; then say "removed the previous $SIAM_IMAGE (${previous:7:12})"; fi
+fi
 
 # Grafana has no Debian package: it runs only where its image is here or can be pulled.
 services=()  # all of them

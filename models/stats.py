@@ -19,9 +19,7 @@ def sign_test_p(k: int, n: int) -> float:
     if n < 1:
         raise ValueError(f"a binomial test needs at least one trial, got n = {n}")
     top = max(k, n - k)
-    if 2 * top == n:
-        return 1.0
-    upper = float(betainc(top, n - top + 1, 0.5))  # P(X >= top) for X ~ Binomial(n, 1/2)
+    upper = float(betainc(top, n - top + 1, 0.5))  # P(X >= top) for X ~ Binomial(n, 1/2); over 1/2 at a tie
     return min(1.0, 2 * upper)
 
 

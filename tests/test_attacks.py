@@ -9,7 +9,7 @@ from torch import nn
 
 from models import Smooth, SmoothingSpec
 from models.resnet import Classifier, Normalize
-from training.attacks import EPS, _loss_grad, fgsm, pgd, smoothed_log_probs, undecided
+from training.attacks import EPS, _loss_grad, cross_entropy, fgsm, pgd, smoothed_log_probs, undecided
 
 
 def separable_problem(n: int = 200, seed: int = 0) -> tuple[Classifier, torch.Tensor, torch.Tensor]:
@@ -170,3 +170,153 @@ def test_pgd_at_the_stopping_rule_levels_the_top_two_classes(problem: tuple[Clas
     clean, level, random = gap(x).median(), gap(stalled).median(), gap(shaken).median()
     assert level < 0.1 * clean, (clean, level)
     assert random > 0.5 * clean, (clean, random)
+
+
+# --- exact behaviour on a linear model, where every step can be computed by hand ------------------------
+
+
+class BoxedLinear(nn.Module):
+    """Logits ``[w . x, 0, -1]`` that refuse any input outside [0, 1] (an attack must clip before it
+    queries the model) and record each batch size. For label 0 the cross-entropy's gradient is
+    ``-(1 - p) w``: its sign is ``-sign(w)`` wherever ``w`` is not 0, and 0 where it is."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(w, requires_grad=False)  # a parameter: torchattacks reads the device off it
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.min() >= 0 and x.max() <= 1, "an attack queried the model outside [0, 1]"
+        self.batches.append(x.shape[0])
+        score = (x * self.w).flatten(1).sum(1)
+        return torch.stack([score, torch.zeros_like(score), -torch.ones_like(score)], 1)
+
+
+def linear_case(n: int = 4, edge: bool = False) -> tuple[BoxedLinear, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 8, 8, generator=g) * 0.01
+    w[0] = 0.0  # the first channel does not reach the loss: its gradient is exactly 0
+    x = 0.2 + 0.6 * torch.rand(n, 3, 8, 8, generator=g)
+    if edge:  # pixels at 0 and 1, where a random start must be clipped before the model sees it
+        x[:, 1, :4] = 0.0
+        x[:, 1, 4:] = 1.0
+    return BoxedLinear(w), x, torch.zeros(n, dtype=torch.long)
+
+
+def test_fgsm_is_one_signed_step_of_eps() -> None:
+    f, x, y = linear_case()
+    adv = fgsm(f, x, y)
+    expected = x - EPS * f.w.sign()
+    assert torch.allclose(adv, expected, atol=1e-7)  # zero gradient: the pixel does not move
+    assert f.batches == [4]  # one forward of the batch, no EOT copies
+    half = fgsm(f, x, y, step=EPS / 2)
+    assert torch.allclose(half, x - EPS / 2 * f.w.sign(), atol=1e-7)
+
+
+def test_fast_fgsm_starts_uniformly_in_the_ball_and_steps_one_and_a_quarter_eps() -> None:
+    """Wong et al.'s FGSM-RS: start x + U(-eps, eps), step 1.25 eps, project. Where the step is -eps'
+    sign, the final offset is max(u - 1.25 eps, -eps): pinned at -eps with probability 5/8, and
+    uniform on [-eps, -eps/4] otherwise."""
+    torch.manual_seed(0)
+    f, x, y = linear_case(n=64, edge=True)
+    adv = fgsm(f, x, y, random_start=True)
+    moving = (f.w < 0).expand_as(x) & (x > 0.1) & (x < 0.9)
+    offset = (adv - x)[moving] / EPS
+    assert offset.min() >= 0.25 - 1e-5 and offset.max() <= 1 + 1e-5
+    assert abs(float((offset > 1 - 1e-5).float().mean()) - 5 / 8) < 0.03
+    assert float(offset[offset < 1 - 1e-5].std()) > 0.15  # a spread, not one fixed step
+    frozen = (adv - x)[:, 0]  # zero gradient: only the random start moved these
+    assert frozen.abs().max() <= EPS + 1e-6 and float(frozen.std()) > 0.5 * EPS / 3**0.5
+
+
+def test_pgd_starts_uniformly_in_the_ball_clipped_to_the_box() -> None:
+    torch.manual_seed(0)
+    f, x, y = linear_case(n=64, edge=True)
+    start = pgd(f, x, y, steps=0)  # no step: the random start itself (default random_start=True)
+    offset = (start - x)[:, 0] / EPS  # away from the box's edges
+    assert offset.abs().max() <= 1 + 1e-6 and abs(float(offset.mean())) < 0.02
+    assert abs(float(offset.std()) - 1 / 3**0.5) < 0.02  # U(-1, 1) has standard deviation 1/sqrt(3)
+    assert start.min() >= 0 and start.max() <= 1
+    assert set(f.batches) == {64}  # eot=1 by default
+
+
+def test_pgd_moves_only_pixels_that_reach_the_loss_without_random_start() -> None:
+    f, x, y = linear_case()
+    adv = pgd(f, x, y, steps=7, random_start=False)
+    assert torch.equal(adv[:, 0], x[:, 0])
+    assert torch.allclose(adv[:, 1:], (x - EPS * f.w.sign())[:, 1:], atol=1e-6)  # 7 steps of 2/255, projected
+
+
+@pytest.mark.parametrize("eot", [1, 2])
+def test_pgd_keeps_each_images_restart_with_the_highest_loss_it_was_given(eot: int) -> None:
+    """Restarts are judged per image by the attack's own loss (here minus the cross-entropy, which no
+    restart of a plain attack would favour), averaged over the EOT draws."""
+    f, x, y = linear_case(n=6)
+
+    def closest(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return -cross_entropy(logits, labels)
+
+    torch.manual_seed(3)
+    got = pgd(f, x, y, steps=0, restarts=5, eot=eot, loss=closest)
+    torch.manual_seed(3)
+    starts = torch.stack([(x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0, 1) for _ in range(5)])
+    with torch.no_grad():
+        losses = torch.stack([closest(f(s), y) for s in starts])  # [restart, image]
+    want = starts[losses.argmax(0), torch.arange(6)]
+    assert torch.equal(got, want)
+
+
+def test_undecided_needs_only_the_top_two_classes() -> None:
+    logits = torch.tensor([[2.0, 5.0], [1.0, 1.0], [0.5, -3.0]])
+    assert torch.allclose(undecided(logits, torch.zeros(3, dtype=torch.long)), torch.tensor([-3.0, 0.0, -3.5]))
+
+
+def test_apgd_runs_autoattacks_protocol_and_queries_only_inside_the_ball(monkeypatch: pytest.MonkeyPatch,
+                                                                          ) -> None:
+    """The defaults are AutoAttack's protocol for randomized defenses (100 steps, EOT 20); the attack is
+    torchattacks' own, told the norm, eps and loss; and every point it queries lies in the eps ball."""
+    import inspect
+
+    import torchattacks
+
+    from training.attacks import apgd
+
+    f, x, y = linear_case()
+    calls: list[int] = []
+
+    def counted(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(batch.shape[0])
+        return f(batch)
+
+    apgd(counted, f, x, y)
+    assert len(calls) == (100 + 1) * 20  # each of 100 steps and the start, on 20 draws
+    assert inspect.signature(apgd).parameters["loss"].default == "ce"
+    made: list[dict] = []
+    real = torchattacks.APGD
+
+    def spy(*args: object, **kwargs: object) -> object:
+        made.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torchattacks, "APGD", spy)
+    eps = 3 / 255
+    seen: list[float] = []
+
+    def queried(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(float((batch - x.repeat(batch.shape[0] // x.shape[0], 1, 1, 1)).abs().max()))
+        return f(batch)
+
+    apgd(queried, f, x, y, loss="dlr", eps=eps, steps=3, eot=1)
+    assert made == [{"norm": "Linf", "eps": eps, "steps": 3, "loss": "dlr", "eot_iter": 1}]
+    assert max(seen) <= eps + 1e-6
+
+
+def test_apgd_says_how_to_install_torchattacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from training.attacks import apgd
+
+    monkeypatch.setitem(sys.modules, "torchattacks", None)
+    f, x, y = linear_case()
+    with pytest.raises(RuntimeError, match=r"pip install --no-deps torchattacks==3\.5\.1"):
+        apgd(f, f, x, y)
