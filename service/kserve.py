@@ -211,7 +211,7 @@ def json_numbers(data: Any, datatype: str) -> np.ndarray:
     """JSON ``data`` as a flat array of ``datatype``; UINT8 takes whole numbers in [0, 255] only, so that
     1.5 is refused rather than truncated to 1."""
     try:
-        values = np.asarray(data).reshape(-1)
+        values = np.asarray(data)
     except (TypeError, ValueError, OverflowError) as e:  # ragged nesting
         raise InputError(f"input data is not a list of {datatype} numbers ({e})", 400) from e
     if values.dtype.kind not in "iuf":  # strings, booleans, nulls, objects

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from models.smooth import ABSTAIN, Certificate
-from service.engine import DeadlineExceededError, Engine, OverloadedError, ShuttingDownError, consistent
+from service.engine import DeadlineExceededError, Engine, Job, OverloadedError, ShuttingDownError, consistent
 from service.metrics import Metrics
 
 
@@ -183,7 +184,7 @@ def test_a_request_that_cannot_meet_its_deadline_behind_the_queue_is_refused_at_
         engine.row_cost_s = 0.01  # as if measured: 100 rows/s
         first = asyncio.create_task(engine.predict(image(), 50, "softmax"))  # 0.5 s of work
         await wait_started(backend)
-        with pytest.raises(OverloadedError) as refused:
+        with pytest.raises(OverloadedError, match=r"noisy rows ahead .* past its 1 s deadline") as refused:
             await engine.predict(image(), 60, "softmax", timeout=1.0)  # 0.5 + 0.6 s > 1 s
         assert refused.value.retry_after_s >= 1
         fits = asyncio.create_task(engine.predict(image(), 20, "softmax", timeout=1.0))  # 0.5 + 0.2 s
@@ -212,10 +213,11 @@ def test_shed_answers_every_unfinished_request_503_and_stops_computing_them() ->
                 await task
         assert engine.queue_length == 0 and engine.estimated_wait_s() <= 6 * 0.01  # nothing queued any more
         assert engine.metrics.queue_length._value.get() == 0
-        with pytest.raises(ShuttingDownError):
-            await engine.predict(image(), 1, "softmax")
+        with pytest.raises(ShuttingDownError):  # refused at once, not queued behind the running batch
+            await asyncio.wait_for(engine.predict(image(), 1, "softmax"), 5)
         backend.gate.set()
         await engine.stop()
+        assert engine.estimated_wait_s() == 0.0  # no rows left anywhere: the queue's count was reset too
         return backend.calls
 
     assert asyncio.run(scenario()) == [[2]]  # the running request's other two groups were dropped
@@ -226,8 +228,24 @@ def test_a_certificate_for_a_class_the_answer_does_not_name_abstains() -> None:
     assert consistent(agreeing, 3) is agreeing
     other = consistent(agreeing, 4)
     assert other.abstained and other.radius == 0.0 and other.counts == agreeing.counts
+    assert other.p_lower == agreeing.p_lower  # the bound it had, for the record; the radius is what is withdrawn
     abstained = Certificate(ABSTAIN, 0.0, 0.3, [50, 50])
     assert consistent(abstained, 1) is abstained
+
+
+def test_expiry_fails_the_request_and_marks_it_for_the_worker_to_skip() -> None:
+    """At the deadline the timer itself answers 504 and flags the job, so the worker skips it even before the
+    waiting handler wakes up."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        job = Job(image(), 4, "softmax", None, None, 0, time.monotonic() + 60, loop.create_future())
+        assert job.alive()
+        Engine._expire(job, 0.25)
+        assert not job.alive()
+        with pytest.raises(DeadlineExceededError, match=r"no answer within 0\.25 s"):
+            await job.future
+
+    asyncio.run(scenario())
 
 
 class VotingBackend:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -200,16 +201,35 @@ def test_kserve_parameters_at_their_bounds(key: str, value: object, valid: bool)
     check_reading(json.dumps(request).encode(), valid=valid)
 
 
-@pytest.mark.parametrize(("datatype", "value", "valid"), [
-    ("UINT8", 0, True), ("UINT8", 255, True), ("UINT8", 255.0, True), ("UINT8", 256, False), ("UINT8", -1, False),
-    ("UINT8", 1.5, False), ("UINT8", True, False), ("UINT8", "7", False), ("UINT8", None, False),
-    ("FP32", 0, True), ("FP32", 1, True), ("FP32", 0.25, True), ("FP32", 1.0001, False), ("FP32", -0.0001, False),
-    ("FP32", 1e39, False), ("FP32", True, False), ("FP32", "0.5", False)])
-def test_kserve_tensor_values_at_their_bounds(datatype: str, value: object, valid: bool) -> None:
+@pytest.mark.parametrize(("datatype", "value", "refusal"), [
+    ("UINT8", 0, None), ("UINT8", 255, None), ("UINT8", 255.0, None),
+    ("UINT8", 256, (400, "whole numbers in [0, 255]")), ("UINT8", -1, (400, "whole numbers in [0, 255]")),
+    ("UINT8", 1.5, (400, "whole numbers in [0, 255]")), ("UINT8", True, (400, "not a list of UINT8 numbers")),
+    ("UINT8", "7", (400, "not a list of UINT8 numbers")), ("UINT8", None, (400, "not a list of UINT8 numbers")),
+    ("FP32", 0, None), ("FP32", 1, None), ("FP32", 0.25, None),
+    ("FP32", 1.0001, (422, "must be in [0, 1]")), ("FP32", -0.0001, (422, "must be in [0, 1]")),
+    ("FP32", 1e39, (422, "NaN or infinite")), ("FP32", True, (400, "not a list of FP32 numbers")),
+    ("FP32", "0.5", (400, "not a list of FP32 numbers"))])
+def test_kserve_tensor_values_at_their_bounds(datatype: str, value: object, refusal: tuple[int, str] | None) -> None:
     shape = [1, 3, SIZE, SIZE] if datatype == "FP32" else [1, SIZE, SIZE, 3]
     data = [value] * (SIZE * SIZE * 3)
-    request = {"inputs": [{"name": "images", "datatype": datatype, "shape": shape, "data": data}]}
-    check_reading(json.dumps(request).encode(), valid=valid)
+    body = json.dumps({"inputs": [{"name": "images", "datatype": datatype, "shape": shape, "data": data}]}).encode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an FP32 overflow is refused, not also logged as a numpy warning
+        check_reading(body, valid=refusal is None)
+        if refusal is not None:
+            with pytest.raises(InputError) as e:
+                read_infer(body, None, SPEC, SETTINGS)
+            assert (e.value.status, e.value.kind) == (refusal[0], "bad_request") and refusal[1] in str(e.value)
+
+
+def test_kserve_ragged_or_missing_data_is_a_400() -> None:
+    for data in ([[0.5, 0.5], [0.5]], None, {"a": 1}):
+        body = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, SIZE, SIZE],
+                                       "data": data}]}).encode()
+        with pytest.raises(InputError, match="not a list of FP32 numbers") as e:
+            read_infer(body, None, SPEC, SETTINGS)
+        assert e.value.status == 400
 
 
 @settings(max_examples=300, deadline=None)

@@ -57,8 +57,13 @@ def test_health_models_and_docs(client: TestClient) -> None:
     assert model["name"] == "tiny" and model["runtime"]["backend"] == "torch"
     assert model["spec"]["smoothing"]["sigma"] == 0.25
     assert client.get("/docs").status_code == 200
-    paths = client.get("/openapi.json").json()["paths"]
-    assert {"/predict", "/feedback", "/v2/models/{name}/infer"} <= set(paths)
+    document = client.get("/openapi.json").json()
+    assert {"/predict", "/feedback", "/v2/models/{name}/infer"} <= set(document["paths"])
+    # every reference resolves (the KServe body's nested models included), so generated clients can use it
+    schemas = document["components"]["schemas"]
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(document)))
+    assert {"InferRequestIn", "TensorIn", "OutputIn"} <= refs <= set(schemas)
+    assert "$defs" not in json.dumps(schemas["InferRequestIn"])
 
 
 @pytest.mark.parametrize("samples", [1, 16, 256])
@@ -167,7 +172,12 @@ def test_kserve_v2_json(client: TestClient) -> None:
     u8 = np.random.default_rng(1).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
     r = client.post("/v2/models/tiny/infer", json=v2_request(u8, "UINT8"))
     assert r.status_code == 200 and r.json()["parameters"]["samples"] == 8
-    assert client.get("/v2/models/other").status_code == 404
+    errors_before = metric_value(client.get("/metrics").text, "siam_errors_total", kind="not_found")
+    missing = client.get("/v2/models/other")
+    assert missing.status_code == 404 and "'other' is not served here" in missing.json()["error"]
+    wrong_version = client.post("/v2/models/tiny/versions/7/infer", json=v2_request(u8, "UINT8"))
+    assert wrong_version.status_code == 404 and "no version '7'" in wrong_version.json()["error"]
+    assert metric_value(client.get("/metrics").text, "siam_errors_total", kind="not_found") == errors_before + 2
 
 
 BAD_TENSORS = [
