@@ -117,12 +117,14 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, path: Path, manifest: Manifest, device: torch.device, chunk_rows: int,
-                 threads: int | None):
+                 threads: int | None, spin: str = "always"):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == "never" else "1")
+        options.add_session_config_entry("session.force_spinning_stop", "1" if spin == "in-run" else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if device.type == "cuda":
             providers: list[object] = [("CUDAExecutionProvider", {"device_id": device.index or 0}),
@@ -282,7 +284,7 @@ def load_backend(settings: Settings) -> tuple[Backend, Manifest]:
     if kind == "onnx":
         path = (int8_graph(manifest, settings.checkpoint) if settings.precision == "int8" else
                 onnx_graph(model, manifest, settings.checkpoint, settings.onnx_cache))
-        backend = OnnxBackend(path, manifest, device, chunk, settings.threads)
+        backend = OnnxBackend(path, manifest, device, chunk, settings.threads, settings.ort_spin)
         backend.precision = settings.precision
     else:
         backend = TorchBackend(model, manifest, device, settings.precision, chunk, settings.compile)

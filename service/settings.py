@@ -30,6 +30,10 @@ class Settings(BaseSettings):
         "fp32", description="model precision (fp16/bf16: CUDA, torch backend; int8: ONNX Runtime on the CPU, the "
         "graph `siam export --int8` wrote)")
     threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: all cores)")
+    ort_spin: Literal["always", "in-run", "never"] = Field(
+        "always", description="onnx backend: when ONNX Runtime's idle threads busy-wait for work. always: also "
+        "between calls (ORT's default; the idle threads then take CPU from the HTTP side), in-run: only while a "
+        "call runs, never: they sleep (slower hand-offs between operators)")
     compile: bool = Field(False, description="torch backend: wrap the model in torch.compile")
     onnx_cache: Path = Field(Path(".siam-cache/onnx"), description="where exported ONNX graphs are kept")
 

@@ -225,3 +225,11 @@ def test_startup_benchmark_times_first_and_later_starts(tiny_checkpoint: Path, t
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     for kind in ("first_start", "later_start"):
         assert 0 < results[kind]["median_s"] < 120 and len(results[kind]["runs_s"]) == 1
+
+
+def test_ort_spin_cells_parse_as_samples_by_clients() -> None:
+    from benchmarks.ort_spin import parse_cells
+
+    assert parse_cells("16x64,1x1") == [(16, 64), (1, 1)]
+    with pytest.raises(ValueError):
+        parse_cells("16")

@@ -67,7 +67,7 @@ def test_a_request_whose_client_left_is_never_computed() -> None:
         first = asyncio.create_task(engine.predict(image(), 2, "softmax"))
         await wait_started(backend)  # the worker is busy with the first request
         gone = asyncio.create_task(engine.predict(image(), 7, "softmax"))
-        await asyncio.sleep(0.01)
+        await until(lambda: engine.queue_length == 1)  # queued behind the first
         gone.cancel()
         with pytest.raises(asyncio.CancelledError):
             await gone
@@ -112,14 +112,13 @@ def test_late_and_abandoned_requests_free_their_queue_place_at_once() -> None:
             await engine.predict(image(), 5, "softmax", timeout=0.05)
         assert engine.queue_length == 0  # the worker is still busy, yet the late request left the queue
         gone = asyncio.create_task(engine.predict(image(), 6, "softmax"))
-        await asyncio.sleep(0.01)
-        assert engine.queue_length == 1
+        await until(lambda: engine.queue_length == 1)
         gone.cancel()
         with pytest.raises(asyncio.CancelledError):
             await gone
         assert engine.queue_length == 0
         queued = asyncio.create_task(engine.predict(image(), 3, "softmax"))  # accepted: the place is free
-        await asyncio.sleep(0.01)
+        await until(lambda: engine.queue_length == 1)
         backend.gate.set()
         await first
         assert (await queued)[0].prediction.samples == 3

@@ -397,3 +397,13 @@ def test_kserve_json_answer_echoes_the_id_and_names_the_version(client: TestClie
     out = {o["name"]: o for o in body["outputs"]}
     assert len(out["probabilities"]["data"]) == 20 and out["probabilities"]["shape"] == [2, 10]
     assert "id" not in client.post("/v2/models/tiny/infer", json=v2_request(x, "FP32", samples=4)).json()
+
+
+@pytest.mark.parametrize(("spin", "allow", "stop"), [("always", "1", "0"), ("in-run", "1", "1"), ("never", "0", "0")])
+def test_ort_spin_modes_reach_onnx_runtimes_session(checkpoint: Path, spin: str, allow: str, stop: str) -> None:
+    from service.backends import load_backend
+
+    backend, _ = load_backend(settings(checkpoint, backend="onnx", device="cpu", ort_spin=spin))
+    options = backend.session.get_session_options()  # type: ignore[attr-defined]
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == allow
+    assert options.get_session_config_entry("session.force_spinning_stop") == stop
