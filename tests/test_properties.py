@@ -262,3 +262,68 @@ def test_kserve_binary_tail_must_match_the_shape(n: int, datatype: str, skew: in
         with pytest.raises(InputError, match="binary_data_size") as e:
             read_infer(head + tail, str(len(head)), SPEC, SETTINGS)
         assert e.value.status == 400
+
+
+def u8_request(**extra: object) -> dict:
+    data = [7] * (SIZE * SIZE * 3)
+    return {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, SIZE, SIZE, 3], "data": data}], **extra}
+
+
+@pytest.mark.parametrize(("default", "outputs", "want"), [
+    (None, None, {"probabilities": False, "label": False, "vote_share": False}),
+    (True, None, {"probabilities": True, "label": True, "vote_share": True}),
+    (False, [{"name": "label", "parameters": {"binary_data": True}}, {"name": "probabilities"}],
+     {"label": True, "probabilities": False}),
+    (True, [{"name": "vote_share", "parameters": {"binary_data": False}}, {"name": "label"},
+            {"name": "probabilities", "parameters": {}}],
+     {"vote_share": False, "label": True, "probabilities": True}),
+])
+def test_kserve_outputs_are_binary_per_output_else_by_the_request_default(
+        default: bool | None, outputs: list | None, want: dict[str, bool]) -> None:
+    request = u8_request(parameters={} if default is None else {"binary_data_output": default})
+    if outputs is not None:
+        request["outputs"] = outputs
+    assert read_infer(json.dumps(request).encode(), None, SPEC, SETTINGS).outputs == want
+
+
+def test_kserve_unknown_output_names_the_known_ones() -> None:
+    body = json.dumps(u8_request(outputs=[{"name": "logits"}])).encode()
+    known = r"unknown output 'logits'; outputs are probabilities, label, vote_share$"
+    with pytest.raises(InputError, match=known) as e:
+        read_infer(body, None, SPEC, SETTINGS)
+    assert e.value.status == 400
+
+
+@pytest.mark.parametrize(("datatype", "shape", "status", "kind", "message"), [
+    ("FP32", [1, 3, 8, 8], 422, "bad_request", "FP32 input must have shape [N, 3, 32, 32], got [1, 3, 8, 8]"),
+    ("UINT8", [1, 3, 32, 32], 422, "bad_request", "UINT8 input must have shape [N, 32, 32, 3], got [1, 3, 32, 32]"),
+    ("FP32", [9], 422, "bad_request", "FP32 input must have shape [N, 3, 32, 32] with N <= 4, got [9]"),
+    ("UINT8", [9], 422, "bad_request", "UINT8 input must have shape [N, 32, 32, 3] with N <= 4, got [9]"),
+    ("FP32", [4, 4, 32, 32], 422, "bad_request", "with N <= 4"),  # refused from the shape, before any data is read
+    ("FP32", [5, 3, 32, 32], 413, "payload_too_large", "with N <= 4"),
+    ("UINT8", [5, 32, 32, 3], 413, "payload_too_large", "with N <= 4"),
+])
+def test_kserve_shape_refusals(datatype: str, shape: list[int], status: int, kind: str, message: str) -> None:
+    data = [0] * math.prod(shape) if math.prod(shape) <= 3 * SIZE * SIZE else None
+    body = json.dumps({"inputs": [{"name": "images", "datatype": datatype, "shape": shape, "data": data}]}).encode()
+    with pytest.raises(InputError) as e:
+        read_infer(body, None, SPEC, SETTINGS)
+    assert (e.value.status, e.value.kind) == (status, kind) and message in str(e.value)
+
+
+def test_kserve_takes_exactly_max_images() -> None:
+    n = SETTINGS.max_images
+    request = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [n, SIZE, SIZE, 3],
+                           "data": [1] * (n * SIZE * SIZE * 3)}]}
+    assert read_infer(json.dumps(request).encode(), None, SPEC, SETTINGS).images.shape[0] == n
+
+
+@pytest.mark.parametrize("size", [True, 3072.0, "3072"])
+def test_kserve_binary_data_size_must_be_an_integer(size: object) -> None:
+    shape = [1, 1, 1, 1] if size is True else [1, SIZE, SIZE, 3]
+    tail = b"\x07" * math.prod(shape)
+    head = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": shape,
+                                   "parameters": {"binary_data_size": size}}]}).encode()
+    with pytest.raises(InputError, match="binary_data_size") as e:
+        read_infer(head + tail, str(len(head)), SPEC, SETTINGS)
+    assert e.value.status == 400
