@@ -110,7 +110,8 @@ class Engine:
     """Dynamic batching over one backend; ``await engine.predict(...)`` from request handlers."""
 
     def __init__(self, backend: Backend, model_name: str, sigma: float, metrics: Metrics,
-                 max_batch_rows: int = 4096, max_wait_ms: float = 1.0, max_queue: int = 256):
+                 max_batch_rows: int, max_wait_ms: float, max_queue: int):
+        """The limits come from :class:`service.settings.Settings` (one place for their defaults)."""
         self.backend = backend
         self.model_name = model_name
         self.sigma = sigma

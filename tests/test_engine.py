@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import generate_latest
 
 from models.smooth import ABSTAIN, Certificate
 from service.engine import DeadlineExceededError, Engine, Job, OverloadedError, ShuttingDownError, consistent
@@ -22,20 +23,23 @@ class GatedBackend:
     def __init__(self, chunk_rows: int = 4096) -> None:
         self.chunk_rows = chunk_rows  # rows per group the engine hands over between liveness checks
         self.calls: list[list[int]] = []
+        self.seeds: list[list[int | None]] = []
         self.gate = threading.Event()
         self.started = threading.Event()
 
     def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
         self.calls.append(list(samples))
+        self.seeds.append(list(seeds))
         self.started.set()
         assert self.gate.wait(10), "the test never opened the gate"
         return torch.zeros(sum(samples), 10)
 
 
-def engine_with(backend: GatedBackend, max_queue: int = 16) -> Engine:
-    engine = Engine(backend, "stub", 0.25, Metrics(), max_batch_rows=4096, max_wait_ms=0,  # type: ignore[arg-type]
-                    max_queue=max_queue)
-    engine.start()
+def engine_with(backend: GatedBackend, max_queue: int = 16, max_wait_ms: float = 0, start: bool = True) -> Engine:
+    engine = Engine(backend, "stub", 0.25, Metrics(), max_batch_rows=4096,  # type: ignore[arg-type]
+                    max_wait_ms=max_wait_ms, max_queue=max_queue)
+    if start:
+        engine.start()
     return engine
 
 
@@ -276,7 +280,8 @@ def test_served_certificate_is_cohens_bound_on_the_estimation_copies_only(agree:
     sigma, samples, selection, alpha = 0.25, 100, 16, 0.01
 
     async def scenario() -> Certificate:
-        engine = Engine(VotingBackend(selection, agree), "stub", sigma, Metrics(), max_wait_ms=0)  # type: ignore[arg-type]
+        engine = Engine(VotingBackend(selection, agree), "stub", sigma, Metrics(),  # type: ignore[arg-type]
+                        max_batch_rows=4096, max_wait_ms=0, max_queue=16)
         engine.start()
         answer = (await engine.predict(image(), samples, "vote", certify_alpha=alpha, selection_samples=selection))[0]
         await engine.stop()
@@ -321,3 +326,91 @@ def test_the_tuned_chunk_size_is_measured_once_per_machine_and_remembered(tmp_pa
     broken = Counting()
     remembered_chunk_rows(broken, 8, "ab" * 32, cache)  # type: ignore[arg-type]
     assert broken.calls > 5
+
+
+def test_the_engine_takes_work_only_between_start_and_stop_and_stop_finishes_what_it_accepted() -> None:
+    async def scenario() -> None:
+        backend = GatedBackend()
+        engine = engine_with(backend, start=False)
+        with pytest.raises(ShuttingDownError):
+            await asyncio.wait_for(engine.predict(image(), 1, "softmax"), 5)
+        engine.start()
+        accepted = asyncio.create_task(engine.predict(image(), 3, "softmax"))
+        await wait_started(backend)
+        stopping = asyncio.create_task(engine.stop())
+        await until(lambda: engine._closing)
+        with pytest.raises(ShuttingDownError):  # closed to new work at once
+            await asyncio.wait_for(engine.predict(image(), 1, "softmax"), 5)
+        assert not stopping.done()  # still waiting for the accepted request
+        backend.gate.set()
+        assert (await accepted)[0].prediction.samples == 3
+        await asyncio.wait_for(stopping, 5)
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_engine_prices_a_request_by_its_rows_alone() -> None:
+    engine = engine_with(GatedBackend(), start=False)
+    assert engine.estimated_wait_s(10) is None  # nothing measured yet
+    engine.row_cost_s = 0.01
+    assert engine.estimated_wait_s(10) == pytest.approx(0.1)
+    assert engine.estimated_wait_s() == 0.0
+
+
+def test_max_wait_gathers_requests_that_arrive_within_it_into_one_batch() -> None:
+    async def scenario() -> tuple[list[list[int]], float]:
+        backend = GatedBackend()
+        backend.gate.set()
+        engine = engine_with(backend, max_wait_ms=300)
+        start = time.perf_counter()
+        first = asyncio.create_task(engine.predict(image(), 2, "softmax"))
+        await asyncio.sleep(0.05)  # well inside the 300 ms window, on any machine
+        second = asyncio.create_task(engine.predict(image(), 5, "softmax"))
+        await asyncio.gather(first, second)
+        waited = time.perf_counter() - start
+        await engine.stop()
+        return backend.calls, waited
+
+    calls, waited = asyncio.run(scenario())
+    assert calls == [[2, 5]]
+    assert 0.29 <= waited < 5  # the window is milliseconds, not seconds
+
+
+def test_a_round_of_copies_is_seeded_and_admitted_like_a_request() -> None:
+    """``copy_logits`` (one round of sequential sampling) passes its seed to the backend and is admitted like
+    a request (refused when the queue cannot meet its deadline), unless ``admit=False`` (a later round)."""
+    async def scenario() -> None:
+        backend = GatedBackend()
+        engine = engine_with(backend)
+        engine.row_cost_s = 0.01
+        first = asyncio.create_task(engine.predict(image(), 50, "softmax"))  # 0.5 s of work ahead
+        await wait_started(backend)
+        with pytest.raises(OverloadedError):
+            await engine.copy_logits(image(), 60, seed=None, timeout=1.0)
+        later = asyncio.create_task(engine.copy_logits(image(), 60, seed=11, timeout=1.0, admit=False))
+        await until(lambda: engine.queue_length == 1)
+        backend.gate.set()
+        await first
+        (logits,) = await later
+        assert logits.shape == (60, 10)
+        assert backend.seeds[-1] == [11]
+        await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_answers_are_counted_under_the_models_name() -> None:
+    async def scenario() -> Metrics:
+        backend = GatedBackend()
+        backend.gate.set()
+        engine = Engine(backend, "resnet-x", 0.25, Metrics(), max_batch_rows=4096,  # type: ignore[arg-type]
+                        max_wait_ms=0, max_queue=4)
+        engine.start()
+        await engine.predict(torch.rand(3, 3, 8, 8), 4, "softmax")
+        await engine.stop()
+        return engine.metrics
+
+    metrics = asyncio.run(scenario())
+    text = generate_latest(metrics.registry).decode()
+    assert 'siam_predictions_total{model="resnet-x",samples="2-4"} 3.0' in text
+    assert 'siam_rows_total{model="resnet-x"} 12.0' in text
