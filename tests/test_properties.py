@@ -327,3 +327,24 @@ def test_kserve_binary_data_size_must_be_an_integer(size: object) -> None:
     with pytest.raises(InputError, match="binary_data_size") as e:
         read_infer(head + tail, str(len(head)), SPEC, SETTINGS)
     assert e.value.status == 400
+
+
+def test_kserve_header_length_and_empty_bodies() -> None:
+    head = json.dumps(u8_request()).encode()
+    assert read_infer(head, str(len(head)), SPEC, SETTINGS).images.shape[0] == 1  # the header may cover it all
+    for header in (str(len(head) + 1), "-1", "1e3", "9" * 13):
+        with pytest.raises(InputError, match=r"inference-header-content-length .* does not fit a body of") as e:
+            read_infer(head, header, SPEC, SETTINGS)
+        assert e.value.status == 400
+    for body, header in ((b"", None), (head, "0")):
+        with pytest.raises(InputError, match="empty body: send an inference request") as e:
+            read_infer(body, header, SPEC, SETTINGS)
+        assert e.value.status == 400
+
+
+def test_kserve_binary_data_size_without_the_header_has_no_tail_to_read() -> None:
+    request = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 1, 2, 2],
+                           "parameters": {"binary_data_size": 4}}]}
+    with pytest.raises(InputError, match=r"binary_data_size 4 does not match .* and the 0 bytes sent") as e:
+        read_infer(json.dumps(request).encode(), None, SPEC, SETTINGS)
+    assert e.value.status == 400
