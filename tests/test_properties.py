@@ -198,7 +198,22 @@ def test_kserve_reader_accepts_valid_and_refuses_broken_requests(case: tuple[dic
 def test_kserve_parameters_at_their_bounds(key: str, value: object, valid: bool) -> None:
     request = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, SIZE, SIZE, 3],
                            "data": [7] * (SIZE * SIZE * 3)}], "parameters": {key: value}}
-    check_reading(json.dumps(request).encode(), valid=valid)
+    body = json.dumps(request).encode()
+    check_reading(body, valid=valid)
+    if not valid:
+        with pytest.raises(InputError) as e:
+            read_infer(body, None, SPEC, SETTINGS)
+        says = {"samples": "samples must be", "aggregation": "aggregation must be one of vote, softmax, logits",
+                "seed": "parameter seed must be an integer in [0, 2^63)",
+                "confidence": "parameter confidence must be a number in (0.5, 1)"}[key]
+        assert (e.value.status, e.value.kind) == (422, "bad_request") and says in str(e.value)
+
+
+def test_kserve_seed_is_refused_with_403_where_the_server_does_not_allow_it() -> None:
+    body = json.dumps(u8_request(parameters={"seed": 3})).encode()
+    with pytest.raises(InputError, match=r"seed is disabled on this server \(SIAM_ALLOW_SEED=true enables it\)") as e:
+        read_infer(body, None, SPEC, Settings(max_samples=64, max_images=4, allow_seed=False))
+    assert e.value.status == 403
 
 
 @pytest.mark.parametrize(("datatype", "value", "refusal"), [
