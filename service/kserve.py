@@ -254,9 +254,9 @@ def infer_confidence(request: InferRequestIn) -> float | None:
     return float(confidence)
 
 
-def wants_binary(request: InferRequestIn, sequential: bool = False) -> dict[str, bool]:
+def wants_binary(request: InferRequestIn, sequential: bool) -> dict[str, bool]:
     """Which outputs to return, and whether each is binary."""
-    default = bool((request.parameters or {}).get("binary_data_output", False))
+    default = bool((request.parameters or {}).get("binary_data_output"))
     names: tuple[str, ...] = ("probabilities", "label", "vote_share")
     if sequential:
         names += ("samples_used", "decided")
