@@ -191,6 +191,12 @@ def check_reading(body: bytes, header: str | None = None, valid: bool | None = N
 def test_kserve_reader_accepts_valid_and_refuses_broken_requests(case: tuple[dict, set[str]]) -> None:
     request, broken = case
     check_reading(json.dumps(request).encode(), valid=not broken)
+    if not broken:  # and its parameters reach the engine as sent
+        call = read_infer(json.dumps(request).encode(), None, SPEC, SETTINGS)
+        params = request["parameters"]
+        assert (call.samples, call.aggregation) == (params["samples"], params["aggregation"])
+        assert (call.seed, call.confidence) == (params.get("seed"), params.get("confidence"))
+        assert call.images.shape[0] == request["inputs"][0]["shape"][0]
 
 
 @pytest.mark.parametrize(("key", "value", "valid"), [(*kv, False) for kv in BAD_PARAMETERS]
