@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -50,3 +51,10 @@ def summary_line(info: dict[str, object]) -> str:
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
     return (f"{info['cpu']}, {info['cores']} cores{gpu}; torch {info['torch']}, onnxruntime {info['onnxruntime']}, "
             f"litserve {info['litserve'] or 'not installed'}; load average {info['load_average_at_start']}")
+
+
+def save_results(results: dict[str, object], path: Path | None) -> None:
+    """Write a benchmark's results as JSON (nothing without a path)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")

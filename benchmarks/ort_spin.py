@@ -15,7 +15,6 @@ and each mode's ratio to ``always``.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from benchmarks.load import run_in_process
-from benchmarks.machine import describe, summary_line
+from benchmarks.machine import describe, save_results, summary_line
 from benchmarks.servers import ServerProcess, SystemSpec
 from service.settings import DEFAULT_CHECKPOINT
 
@@ -94,9 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for cell, v in table[mode].items()))
     results = {"command": command, "machine": info, "checkpoint": str(args.checkpoint), "medians": table,
                "runs": runs}
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=1) + "\n")
+    save_results(results, args.output)
     return results
 
 

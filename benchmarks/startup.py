@@ -15,7 +15,6 @@ turning ready. Readiness is polled every 20 ms.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.machine import describe, summary_line
+from benchmarks.machine import describe, save_results, summary_line
 from benchmarks.servers import ServerProcess, SystemSpec
 from service.settings import DEFAULT_CHECKPOINT
 
@@ -68,9 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "first_start": summary(first), "later_start": summary(later)}
     print(f"ready in: first start {results['first_start']['median_s']:.2f} s (median of {args.repeats}), "
           f"later starts {results['later_start']['median_s']:.2f} s")
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=1) + "\n")
+    save_results(results, args.output)
     return results
 
 
