@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,9 +53,10 @@ def test_official_layout_refuses_code_in_pickles(tiny_cifar_official: Path, tmp_
         def __reduce__(self) -> tuple[object, tuple[str]]:
             return (print, ("pwned",))
 
-    (tiny_cifar_official / "test_batch").write_bytes(pickle.dumps({"data": Evil(), "labels": []}))
+    folder = shutil.copytree(tiny_cifar_official, tmp_path / "cifar-10-batches-py")  # the fixture is shared
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": Evil(), "labels": []}))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        load_split(tiny_cifar_official, "test", cache_dir=None)
+        load_split(folder, "test", cache_dir=None)
 
 
 def test_unknown_layout_is_a_clear_error(tmp_path: Path) -> None:
