@@ -303,7 +303,7 @@ def test_apgd_runs_autoattacks_protocol_and_queries_only_inside_the_ball(monkeyp
     seen: list[float] = []
 
     def queried(batch: torch.Tensor) -> torch.Tensor:
-        seen.append(float((batch - x.repeat(batch.shape[0] // x.shape[0], 1, 1, 1)).abs().max()))
+        seen.append(float((batch.detach() - x.repeat(batch.shape[0] // x.shape[0], 1, 1, 1)).abs().max()))
         return f(batch)
 
     apgd(queried, f, x, y, loss="dlr", eps=eps, steps=3, eot=1)
