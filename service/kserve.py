@@ -208,7 +208,7 @@ def input_array(request: InferRequestIn, tail: bytes, max_images: int, size: int
 
 
 def json_numbers(data: Any, datatype: str) -> np.ndarray:
-    """JSON ``data`` as a flat array of ``datatype``; UINT8 takes whole numbers in [0, 255] only, so that
+    """JSON ``data`` (flat or nested) as an array of ``datatype``; UINT8 takes whole numbers in [0, 255] only, so that
     1.5 is refused rather than truncated to 1."""
     try:
         values = np.asarray(data)
