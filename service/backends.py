@@ -117,7 +117,7 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, path: Path, manifest: Manifest, device: torch.device, chunk_rows: int,
-                 threads: int | None, spin: str = "always"):
+                 threads: int | None, spin: str):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
