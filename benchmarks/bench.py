@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fastapi-mode", default="sync", choices=["sync", "async"], help="plain FastAPI endpoint kind")
     p.add_argument("--litserve-batch", type=int, default=64, help="LitServe max_batch_size [64]")
     p.add_argument("--litserve-timeout", type=float, default=0.005, help="LitServe batch_timeout, s [0.005]")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of every HTTP cell on every system, the systems' order rotating between runs; the "
+                        "table shows medians and their min-max [1]")
     p.add_argument("--all-cells", action="store_true", help="do not skip cells too long for --duration")
     p.add_argument("--onnx-cache", type=Path, default=Settings.model_fields["onnx_cache"].default)
     p.add_argument("--confidence", type=float, default=None,
@@ -104,6 +107,8 @@ def apply_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, small if quick else full)
     if args.engine_callers is None:
         args.engine_callers = max(args.concurrency)
+    if args.repeats < 1:
+        raise SystemExit("siam bench: --repeats must be at least 1")
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"siam bench: unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
@@ -246,10 +251,15 @@ def run_http(args: argparse.Namespace, device: torch.device, limit: float,
                     print(f"  skip m={m} clients={clients}: fewer than 2 rounds fit", flush=True)
                     continue
                 warmup = warmup_for(clients, m, limit, args.warmup, args.duration)
-                cells += [measure(server, m, clients, args.duration, warmup, images_dir) for server in servers]
-                cells += [measure(server, m, clients, args.duration, warmup, images_dir, args.confidence)
-                          for server in servers
-                          if args.confidence is not None and m >= 16 and server.spec.name.startswith("siam")]
+                kinds = [(server, None) for server in servers] + [
+                    (server, args.confidence) for server in servers
+                    if args.confidence is not None and m >= 16 and server.spec.name.startswith("siam")]
+                runs: list[list[dict[str, Any]]] = [[] for _ in kinds]
+                for r in range(args.repeats):  # rotated, so no system always runs first after a pause
+                    for k in ((r + i) % len(kinds) for i in range(len(kinds))):
+                        server, confidence = kinds[k]
+                        runs[k].append(measure(server, m, clients, args.duration, warmup, images_dir, confidence))
+                cells += [report.combine_runs(r) for r in runs]
     finally:
         for server in servers:
             server.stop()

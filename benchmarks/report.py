@@ -7,6 +7,7 @@ busier machine moves the numerator and the denominator together.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 Results = dict[str, Any]
@@ -22,6 +23,29 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def cell_index(cells: list[dict[str, Any]]) -> dict[tuple[int, int, str], dict[str, Any]]:
     return {(c["samples"], c["concurrency"], c["system"]): c for c in cells}
+
+
+MEDIAN_FIELDS = ("predictions_per_s", "rows_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms")
+
+
+def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell from repeated runs of it on one system: the median of each rate and percentile, the
+    per-run values under ``runs`` and their min and max under ``spread``. Counts (completed, errors) add
+    up, so an error in any run shows. A single run is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    cell = dict(runs[0])
+    for name in MEDIAN_FIELDS:
+        values = [r[name] for r in runs]
+        cell[name] = statistics.median(values)
+        cell.setdefault("spread", {})[name] = [min(values), max(values)]
+    cell["completed"] = sum(r["completed"] for r in runs)
+    cell["errors"] = sum(r["errors"] for r in runs)
+    cell["first_error"] = next((r["first_error"] for r in runs if r["first_error"]), None)
+    if all(r.get("mean_samples_used") is not None for r in runs):
+        cell["mean_samples_used"] = statistics.median(r["mean_samples_used"] for r in runs)
+    cell["runs"] = [{name: r[name] for name in ("rows_per_s", "p50_ms", "p99_ms")} for r in runs]
+    return cell
 
 
 def add_ratios(results: Results) -> None:
@@ -146,27 +170,34 @@ def times(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-HEADER = ("what", "samples", "clients", "pred/s", "rows/s", "% limit", "p50 ms", "p99 ms",
-          *(f"vs {b}" for b in BASELINES))
+HEADER = ("what", "samples", "clients", "pred/s", "rows/s", "rows/s min-max", "% limit", "p50 ms", "p50 min-max",
+          "p99 ms", *(f"vs {b}" for b in BASELINES))
+
+
+def span(cell: dict[str, Any], name: str, spec: str) -> str:
+    """``min-max`` of a median over repeated runs, "-" for a single run."""
+    low_high = cell.get("spread", {}).get(name)
+    return "-" if low_high is None else f"{low_high[0]:{spec}}-{low_high[1]:{spec}}"
 
 
 def table_rows(results: Results) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for b in results["limit"]["backends"]:
         what = f"limit {b['backend']} (chunk {b['best_chunk']})" if not b.get("error") else f"limit {b['backend']}"
-        rows.append((what, "-", "-", "-", fmt(b["best_rows_per_s"]), pct(b.get("ratio_to_limit")), "-", "-",
+        rows.append((what, "-", "-", "-", fmt(b["best_rows_per_s"]), "-", pct(b.get("ratio_to_limit")), "-", "-", "-",
                      *("-" for _ in BASELINES)))
     eng = results["engine"]
     for r in eng["results"]:
         rows.append((f"engine {eng['backend']}", str(r["samples"]), str(r["concurrency"]), fmt(r["predictions_per_s"]),
-                     fmt(r["rows_per_s"]), pct(r["ratio_to_limit"]), fmt(r["p50_ms"], ".1f"), fmt(r["p99_ms"], ".1f"),
-                     *(times(r.get(f"vs_{b}")) for b in BASELINES)))
+                     fmt(r["rows_per_s"]), "-", pct(r["ratio_to_limit"]), fmt(r["p50_ms"], ".1f"), "-",
+                     fmt(r["p99_ms"], ".1f"), *(times(r.get(f"vs_{b}")) for b in BASELINES)))
     for c in results["http"]["cells"]:
         what = f"http {c['system']}"
         if c.get("mean_samples_used") is not None:
             what += f" ({c['mean_samples_used']:.1f} copies, {times(c.get('vs_fixed'))} fixed pred/s)"
         rows.append((what, str(c["samples"]), str(c["concurrency"]), fmt(c["predictions_per_s"]),
-                     fmt(c["rows_per_s"]), pct(c["ratio_to_limit"]), fmt(c["p50_ms"], ".1f"), fmt(c["p99_ms"], ".1f"),
+                     fmt(c["rows_per_s"]), span(c, "rows_per_s", ".0f"), pct(c["ratio_to_limit"]),
+                     fmt(c["p50_ms"], ".1f"), span(c, "p50_ms", ".1f"), fmt(c["p99_ms"], ".1f"),
                      *(times(c.get(f"vs_{b}")) for b in BASELINES)))
     return rows
 

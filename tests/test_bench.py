@@ -93,6 +93,41 @@ def test_bench_serves_sequential_cells_beside_fixed_ones_on_real_images(tiny_che
     assert goal["value"] == pytest.approx(sequential["vs_fixed"]) and "copies per image" in goal["detail"]
 
 
+@pytest.mark.timeout(120)
+def test_repeated_cells_report_the_median_and_spread_of_their_runs(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    bench_main(["--quick", "--checkpoint", str(tiny_checkpoint), "--samples", "2", "--concurrency", "1",
+                "--duration", "0.3", "--warmup", "0.1", "--chunks", "32", "--limit-budget", "0.05", "--threads", "1",
+                "--all-cells", "--systems", "siam,fastapi-onnx", "--repeats", "3",
+                "--onnx-cache", str(tmp_path / "onnx"), "--output", str(output)])
+    results = json.loads(output.read_text())
+    cells = {c["system"]: c for c in results["http"]["cells"]}
+    assert set(cells) == {"siam", "fastapi-onnx"}  # one cell per system, not one per run
+    for cell in cells.values():
+        runs = cell["runs"]
+        assert len(runs) == 3 and cell["completed"] >= 3 and cell["errors"] == 0
+        for name in ("rows_per_s", "p50_ms"):
+            values = sorted(r[name] for r in runs)
+            assert cell[name] == values[1] and cell["spread"][name] == [values[0], values[2]]
+    assert cells["siam"]["vs_fastapi-onnx"] == pytest.approx(cells["siam"]["rows_per_s"]
+                                                              / cells["fastapi-onnx"]["rows_per_s"])
+    assert "rows/s min-max" in report.render_table(report.table_rows(results))
+
+
+def test_combined_runs_add_their_counts_and_keep_any_error() -> None:
+    def run(rows: float, errors: int = 0) -> dict:
+        return {"system": "siam", "samples": 4, "concurrency": 8, "predictions_per_s": rows / 4, "rows_per_s": rows,
+                "p50_ms": 1000 / rows, "p90_ms": 1.0, "p99_ms": 2.0, "max_ms": 3.0, "completed": 10,
+                "errors": errors, "first_error": "HTTP 503" if errors else None, "mean_samples_used": None}
+
+    assert report.combine_runs([run(100)]) == run(100)  # one run: as measured
+    cell = report.combine_runs([run(300), run(100), run(200, errors=2), run(400)])
+    assert cell["rows_per_s"] == 250 and cell["predictions_per_s"] == 62.5  # even count: the mean of the middle two
+    assert cell["spread"]["rows_per_s"] == [100, 400] and cell["spread"]["p50_ms"] == [2.5, 10.0]
+    assert cell["completed"] == 40 and cell["errors"] == 2 and cell["first_error"] == "HTTP 503"
+    assert cell["mean_samples_used"] is None
+
+
 def fake_results(siam_rows: float, litserve_rows: float, limit: float = 1000.0) -> dict:
     """A results dict shaped like the bench's, with chosen numbers."""
     def cell(system: str, samples: int, clients: int, rows: float, p50: float, p99: float) -> dict:
