@@ -13,7 +13,15 @@ import torch
 from prometheus_client import generate_latest
 
 from models.smooth import ABSTAIN, Certificate
-from service.engine import DeadlineExceededError, Engine, Job, OverloadedError, ShuttingDownError, consistent
+from service.engine import (
+    DeadlineExceededError,
+    Engine,
+    Job,
+    OverloadedError,
+    QueueFullError,
+    ShuttingDownError,
+    consistent,
+)
 from service.metrics import Metrics
 
 
@@ -132,7 +140,8 @@ def test_late_and_abandoned_requests_free_their_queue_place_at_once() -> None:
     assert asyncio.run(scenario()) == [[2], [3]]
 
 
-def test_a_model_failure_answers_its_batch_with_the_error_and_the_engine_carries_on() -> None:
+def test_a_model_failure_answers_its_batch_with_the_error_and_the_engine_carries_on(
+        caplog: pytest.LogCaptureFixture) -> None:
     class FailingOnce(GatedBackend):
         def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
             if not self.calls:
@@ -151,7 +160,11 @@ def test_a_model_failure_answers_its_batch_with_the_error_and_the_engine_carries
         await engine.stop()
         return backend.calls
 
-    assert asyncio.run(scenario()) == [[1, 2], [3]]
+    with caplog.at_level("ERROR", logger="siam.engine"):
+        assert asyncio.run(scenario()) == [[1, 2], [3]]
+    (record,) = caplog.records  # the operator sees the failure once, with its size and traceback
+    assert record.getMessage() == "batch of 2 requests failed"
+    assert record.exc_info is not None and str(record.exc_info[1]) == "out of memory"
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -180,6 +193,120 @@ def test_a_request_that_expires_while_its_batch_runs_is_dropped_at_the_next_grou
     assert asyncio.run(scenario()) == [[4], [4]]  # the late request's group was never computed
 
 
+def test_a_batch_whose_last_requests_expired_still_answers_the_rest_and_goes_on() -> None:
+    async def scenario() -> list[list[int]]:
+        backend = GatedBackend(chunk_rows=4)
+        engine = engine_with(backend)
+        first, late = (asyncio.create_task(engine.predict(image(), 4, "softmax", timeout=t)) for t in (10.0, 0.2))
+        await wait_started(backend)  # one batch: the first request's group runs, the late one's comes last
+        queued = asyncio.create_task(engine.predict(image(), 3, "softmax"))  # waits for the next batch
+        await until(late.done)
+        backend.gate.set()
+        assert (await asyncio.wait_for(first, 10))[0].prediction.samples == 4
+        assert (await asyncio.wait_for(queued, 10))[0].prediction.samples == 3
+        await engine.stop()
+        return backend.calls
+
+    assert asyncio.run(scenario()) == [[4], [3]]
+
+
+class PixelBackend:
+    """Each copy's logits put 10 on the class its image's first pixel names (pixel * 10, rounded down)."""
+
+    def __init__(self, chunk_rows: int) -> None:
+        self.chunk_rows = chunk_rows
+        self.calls: list[list[int]] = []
+
+    def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+        self.calls.append(list(samples))
+        classes = (images[:, 0, 0, 0] * 10).long().clamp(0, 9)
+        return torch.nn.functional.one_hot(classes.repeat_interleave(torch.tensor(samples)), 10).float() * 10
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 4096])
+def test_every_image_is_answered_from_its_own_pixels_whatever_the_grouping(chunk_rows: int) -> None:
+    def picture(label: int) -> torch.Tensor:
+        return torch.full((1, 3, 8, 8), (label + 0.5) / 10)
+
+    async def scenario() -> tuple[list[list[int]], list[int], list[int]]:
+        backend = PixelBackend(chunk_rows)
+        engine = engine_with(backend)  # type: ignore[arg-type]
+        several = torch.cat([picture(label) for label in (7, 2, 9)])
+        answers = await asyncio.gather(engine.predict(picture(4), 1, "vote"), engine.predict(several, 2, "logits"),
+                                       engine.predict(picture(0), 3, "softmax"))
+        await engine.stop()
+        return backend.calls, [a.prediction.label for a in answers[1]], [answers[0][0].prediction.label,
+                                                                           answers[2][0].prediction.label]
+
+    calls, labels, singles = asyncio.run(scenario())
+    assert labels == [7, 2, 9] and singles == [4, 0]
+    expected = {1: [[1], [2], [2], [2], [3]], 5: [[1, 2, 2], [2, 3]], 4096: [[1, 2, 2, 2, 3]]}
+    assert calls == expected[chunk_rows]  # groups of about chunk_rows rows, whole images, in order
+
+
+def test_batch_metrics_count_what_was_computed() -> None:
+    async def scenario() -> tuple[Metrics, float]:
+        backend = GatedBackend(chunk_rows=4)
+        backend.gate.set()
+        engine = engine_with(backend)
+        start = time.perf_counter()
+        await asyncio.gather(engine.predict(torch.rand(3, 3, 8, 8), 2, "softmax"), engine.predict(image(), 5, "vote"))
+        took = time.perf_counter() - start
+        await engine.stop()
+        return engine.metrics, took
+
+    metrics, took = asyncio.run(scenario())
+
+    def value(name: str, suffix: str) -> float:
+        return metrics.registry.get_sample_value(name + suffix) or 0.0
+
+    assert value("siam_batch_images", "_sum") == 4 and value("siam_batch_images", "_count") == 1
+    assert value("siam_batch_rows", "_sum") == 11
+    assert value("siam_queue_wait_seconds", "_count") == 2
+    assert 0 <= value("siam_queue_wait_seconds", "_sum") <= 2 * took
+    assert value("siam_model_compute_seconds", "_count") == 1
+    assert 0 <= value("siam_batch_formation_seconds", "_sum") <= took
+    assert 0 <= value("siam_model_compute_seconds", "_sum") <= took
+
+
+class ClockedBackend:
+    """Advances a fake clock by ``cost`` per row it computes: the engine's row-cost estimate can be checked
+    exactly."""
+
+    chunk_rows = 4
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock, self.cost = clock, 0.01
+
+    def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+        self.clock[0] += self.cost * sum(samples)
+        return torch.zeros(sum(samples), 10)
+
+
+def test_the_row_cost_is_measured_on_batches_of_a_chunk_or_more_and_smoothed(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("service.engine.time.perf_counter", lambda: clock[0])
+
+    async def scenario() -> list[float | None]:
+        backend = ClockedBackend(clock)
+        engine = engine_with(backend)  # type: ignore[arg-type]
+        seen = [engine.row_cost_s]
+        await engine.predict(image(), 3, "vote")  # under a chunk: fixed costs would overprice a row
+        seen.append(engine.row_cost_s)
+        await engine.predict(image(), 4, "vote")  # exactly a chunk: 0.04 s for 4 rows
+        seen.append(engine.row_cost_s)
+        backend.cost = 0.02
+        await engine.predict(image(), 8, "vote")  # slower now: the estimate moves a fifth of the way
+        seen.append(engine.row_cost_s)
+        await engine.stop()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[:2] == [None, None]
+    assert seen[2] == pytest.approx(0.01, rel=1e-9)
+    assert seen[3] == pytest.approx(0.8 * 0.01 + 0.2 * 0.02, rel=1e-9)
+
+
 def test_a_request_that_cannot_meet_its_deadline_behind_the_queue_is_refused_at_once() -> None:
     async def scenario() -> None:
         backend = GatedBackend()
@@ -187,9 +314,9 @@ def test_a_request_that_cannot_meet_its_deadline_behind_the_queue_is_refused_at_
         engine.row_cost_s = 0.01  # as if measured: 100 rows/s
         first = asyncio.create_task(engine.predict(image(), 50, "softmax"))  # 0.5 s of work
         await wait_started(backend)
-        with pytest.raises(OverloadedError, match=r"noisy rows ahead .* past its 1 s deadline") as refused:
+        with pytest.raises(OverloadedError, match=r"the 50 noisy rows ahead .* past its 1 s deadline") as refused:
             await engine.predict(image(), 60, "softmax", timeout=1.0)  # 0.5 + 0.6 s > 1 s
-        assert refused.value.retry_after_s >= 1
+        assert refused.value.retry_after_s == 1  # whole seconds past the deadline, rounded up
         fits = asyncio.create_task(engine.predict(image(), 20, "softmax", timeout=1.0))  # 0.5 + 0.2 s
         await until(lambda: engine.queue_length == 1)
         backend.gate.set()
@@ -216,7 +343,7 @@ def test_shed_answers_every_unfinished_request_503_and_stops_computing_them() ->
                 await task
         assert engine.queue_length == 0 and engine.estimated_wait_s() <= 6 * 0.01  # nothing queued any more
         assert engine.metrics.queue_length._value.get() == 0
-        with pytest.raises(ShuttingDownError):  # refused at once, not queued behind the running batch
+        with pytest.raises(ShuttingDownError, match=r"^the server is shutting down$"):  # at once, not queued
             await asyncio.wait_for(engine.predict(image(), 1, "softmax"), 5)
         backend.gate.set()
         await engine.stop()
@@ -291,6 +418,7 @@ def test_served_certificate_is_cohens_bound_on_the_estimation_copies_only(agree:
 
     cert = asyncio.run(scenario())
     assert cert.counts[2] == agree and cert.counts[5] == samples - agree and sum(cert.counts) == samples
+    assert len(cert.counts) == 10  # one count per class, also for the classes no copy voted for
     p_lower = clopper_pearson_lower(agree, samples, alpha)
     assert cert.p_lower == pytest.approx(p_lower, rel=1e-12)
     if abstains:
@@ -374,6 +502,180 @@ def test_max_wait_gathers_requests_that_arrive_within_it_into_one_batch() -> Non
     calls, waited = asyncio.run(scenario())
     assert calls == [[2, 5]]
     assert 0.29 <= waited < 5  # the window is milliseconds, not seconds
+
+
+def test_while_a_batch_gathers_admission_and_shed_count_the_queue_alone() -> None:
+    """While requests gather for max_wait (the worker idle, a batch done before), the rows ahead of a request are
+    the queued ones exactly, a request that fills ``max_batch_rows`` does not wait, and shed answers the queue."""
+    async def scenario() -> list[list[int]]:
+        backend = GatedBackend()
+        backend.gate.set()
+        engine = Engine(backend, "stub", 0.25, Metrics(), max_batch_rows=50,  # type: ignore[arg-type]
+                        max_wait_ms=60_000, max_queue=16)
+        engine.start()
+        full = await asyncio.wait_for(engine.predict(image(), 50, "softmax"), 10)  # a full batch goes at once
+        assert full[0].prediction.samples == 50
+        engine.row_cost_s = 0.01
+        waiting = [asyncio.create_task(engine.predict(image(), m, "softmax")) for m in (30, 10)]  # under 50 rows
+        await until(lambda: engine.queue_length == 2)
+        assert engine.estimated_wait_s() == pytest.approx(0.4)
+        with pytest.raises(OverloadedError, match=r"the 40 noisy rows ahead of this request"):
+            await engine.predict(image(), 70, "softmax", timeout=1.0)
+        assert engine.shed() == 2
+        for task in waiting:
+            with pytest.raises(ShuttingDownError):
+                await task
+        await engine.stop()
+        return backend.calls
+
+    assert asyncio.run(scenario()) == [[50]]  # the shed requests were never computed
+
+
+def test_a_request_that_exactly_fits_its_deadline_is_admitted_and_a_full_queue_refuses() -> None:
+    async def scenario() -> None:
+        engine = engine_with(GatedBackend(), max_queue=2, max_wait_ms=60_000)  # requests gather, none runs
+        engine.row_cost_s = 0.25  # exact in binary: the estimate below is exactly 1 s
+        first = asyncio.create_task(engine.predict(image(), 1, "softmax"))
+        await until(lambda: engine.queue_length == 1)
+        with pytest.raises(DeadlineExceededError, match=r"^no time left before the deadline$"):
+            await engine.predict(image(), 1, "softmax", timeout=0)
+        fits = asyncio.create_task(engine.predict(image(), 3, "softmax", timeout=1.0))  # (1 + 3) x 0.25 s = 1 s
+        await until(lambda: engine.queue_length == 2)
+        with pytest.raises(QueueFullError, match=r"2 requests are waiting \(limit 2\)"):
+            await engine.predict(image(), 1, "softmax")
+        assert engine.shed() == 2
+        for task in (first, fits):  # admitted: shed, not refused as overloaded
+            with pytest.raises(ShuttingDownError):
+                await task
+        await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_batches_are_cut_at_max_batch_rows_oldest_first() -> None:
+    async def scenario() -> list[list[int]]:
+        backend = GatedBackend()
+        engine = Engine(backend, "stub", 0.25, Metrics(), max_batch_rows=6,  # type: ignore[arg-type]
+                        max_wait_ms=0, max_queue=16)
+        engine.start()
+        first = asyncio.create_task(engine.predict(image(), 1, "softmax"))
+        await wait_started(backend)
+        queued = [asyncio.create_task(engine.predict(image(), m, "softmax")) for m in (3, 2, 1, 4, 7)]
+        await until(lambda: engine.queue_length == 5)
+        backend.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, *queued), 10)
+        await engine.stop()
+        return backend.calls
+
+    # 3 + 2 + 1 rows fill 6 exactly; 4 + 7 would pass it, so 7 goes alone, over the limit as a request must.
+    assert asyncio.run(scenario()) == [[1], [3, 2, 1], [4], [7]]
+
+
+def test_a_cancelled_queued_request_gives_its_rows_back_to_the_estimate() -> None:
+    async def scenario() -> None:
+        engine = engine_with(GatedBackend(), max_wait_ms=60_000)
+        engine.row_cost_s = 0.01
+        kept = asyncio.create_task(engine.predict(image(), 20, "softmax"))
+        gone = asyncio.create_task(engine.predict(image(), 30, "softmax"))
+        await until(lambda: engine.queue_length == 2)
+        assert engine.estimated_wait_s() == pytest.approx(0.5)
+        gone.cancel()
+        await until(lambda: engine.queue_length == 1)
+        assert engine.estimated_wait_s() == pytest.approx(0.2)
+        assert engine.shed() == 1
+        with pytest.raises(ShuttingDownError):
+            await kept
+        await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_queued_job_past_its_deadline_is_failed_when_the_batch_is_formed() -> None:
+    """The worker may form a batch before the loop's expiry timer fires: such a job is dropped and failed there,
+    and a job whose batch ran past its deadline is failed when the batch returns (both race paths, driven
+    directly)."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        engine = engine_with(GatedBackend())
+        late = Job(image(), 3, "softmax", None, None, 0, time.monotonic() - 1, loop.create_future())
+        alive = Job(image(), 2, "softmax", None, None, 0, time.monotonic() + 60, loop.create_future())
+        engine._pending.extend([late, alive])
+        engine._queued_rows = 5
+        assert engine._take_batch() == [alive]
+        assert late.taken and late.abandoned and engine._queued_rows == 0
+        with pytest.raises(DeadlineExceededError, match=r"^deadline passed while queued$"):
+            await late.future
+        ran = loop.create_future()
+        ran.set_result([None])
+        engine._finish([alive], ran)
+        with pytest.raises(DeadlineExceededError, match=r"^deadline passed while its batch ran$"):
+            await alive.future
+
+    asyncio.run(scenario())
+
+
+def test_the_model_runs_on_the_engines_own_thread_one_batch_at_a_time() -> None:
+    class Watching(GatedBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.threads: set[str] = set()
+            self.inside = self.most = 0
+
+        def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+            self.threads.add(threading.current_thread().name)
+            time.sleep(0.001)
+            self.inside -= 1
+            return super().logits(images, samples, seeds)
+
+    async def scenario() -> Watching:
+        backend = Watching()
+        backend.gate.set()
+        engine = engine_with(backend)
+        for _ in range(3):
+            await asyncio.gather(*(engine.predict(image(), m, "softmax", seed=m) for m in range(1, 6)))
+        await engine.stop()
+        return backend
+
+    backend = asyncio.run(scenario())
+    assert backend.most == 1
+    assert len(backend.threads) == 1 and next(iter(backend.threads)).startswith("siam-model")
+    assert backend.seeds[-1] == [1, 2, 3, 4, 5]  # each request's seed reaches the backend with its rows
+
+
+def test_the_services_own_traffic_is_kept_out_of_the_prediction_metrics() -> None:
+    async def scenario() -> Metrics:
+        backend = GatedBackend()
+        backend.gate.set()
+        engine = engine_with(backend)
+        await engine.predict(image(), 4, "softmax", internal=True)
+        await engine.predict(image(), 4, "softmax", certify_alpha=0.01, selection_samples=2)
+        await engine.stop()
+        return engine.metrics
+
+    metrics = asyncio.run(scenario())
+    assert metrics.registry.get_sample_value("siam_predictions_total", {"model": "stub", "samples": "2-4"}) == 1
+    assert metrics.registry.get_sample_value("siam_rows_total", {"model": "stub"}) == 10  # both computed
+    assert metrics.registry.get_sample_value("siam_vote_share_count", {"model": "stub"}) == 1
+    assert metrics.registry.get_sample_value("siam_certifications_total", {"model": "stub"}) == 1
+    # All copies voted class 0 in the zero logits: 4 of 4, a lower bound under one half at 4 copies.
+    assert metrics.registry.get_sample_value("siam_abstentions_total", {"model": "stub"}) == 1
+
+
+def test_sequential_answers_record_the_copies_they_used_by_whether_the_vote_was_decided() -> None:
+    from models.smooth import Prediction
+    from service.engine import Answer
+
+    engine = engine_with(GatedBackend(), start=False)
+    engine.record([Answer(Prediction(3, [0.0] * 10, 0.9, 32), decided=True),
+                   Answer(Prediction(1, [0.0] * 10, 0.5, 256), decided=False),
+                   Answer(Prediction(2, [0.0] * 10, 1.0, 16), decided=True)], samples=256)
+    value = engine.metrics.registry.get_sample_value
+    assert value("siam_samples_used_count", {"model": "stub", "decided": "true"}) == 2
+    assert value("siam_samples_used_sum", {"model": "stub", "decided": "true"}) == 48
+    assert value("siam_samples_used_sum", {"model": "stub", "decided": "false"}) == 256
+    assert value("siam_predictions_total", {"model": "stub", "samples": "65-256"}) == 3  # counted at the budget
 
 
 def test_a_round_of_copies_is_seeded_and_admitted_like_a_request() -> None:

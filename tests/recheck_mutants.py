@@ -1,0 +1,109 @@
+"""Run every mutant of one module against the given test files, directly, without mutmut's test map.
+
+mutmut 3 runs, for each mutant, only the tests its stats run saw calling the mutated function. Calls
+made on other threads (the engine's worker, TestClient's event loop) are missed or credited to the
+wrong test, so mutmut reports survivors that the tests do kill. This runner switches each mutant on
+with MUTANT_UNDER_TEST inside `mutants/` and runs all the given test files (-x), in a child forked
+from a parent that has already imported the heavy libraries, so a mutant costs its tests only.
+
+    mutmut run            # generates mutants/ (stop it once "Running clean tests" shows, if you like)
+    python tests/recheck_mutants.py service.engine tests/test_engine.py
+    python tests/recheck_mutants.py service.engine tests/test_engine.py tests/test_service_api.py --survivors
+
+Results are written to mutants/recheck-<module>.json as they come (a re-run resumes) and summed at
+the end: killed (a test failed), timeout (killed by the time bound), survived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+PYTEST_ARGS = ["-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", "-m", "not subprocess"]
+
+
+def mutant_names(module: str) -> list[str]:
+    """All mutant names mutmut generated for `module` (from its .meta file)."""
+    meta = Path(*module.split(".")).with_suffix(".py.meta")
+    return sorted(json.loads(meta.read_text())["exit_code_by_key"])
+
+
+def run_child(mutant: str, tests: list[str]) -> int:
+    """Fork; the child runs pytest with the mutant on and exits with pytest's code."""
+    pid = os.fork()
+    if pid == 0:
+        os.environ["MUTANT_UNDER_TEST"] = mutant
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.setsid()
+        import pytest
+
+        code = pytest.main([*PYTEST_ARGS, *tests])
+        os._exit(int(code))
+    return pid
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("module", help="dotted module whose mutants to run, e.g. service.engine")
+    parser.add_argument("tests", nargs="+", help="test files, relative to the checkout")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run at once")
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds before a mutant counts as a timeout")
+    parser.add_argument("--survivors", action="store_true",
+                        help="run the recorded survivors again (with more test files, or tests added since)")
+    args = parser.parse_args()
+
+    os.chdir("mutants")
+    sys.path.insert(0, os.getcwd())
+    # The heavy imports happen once, here; no torch op runs in the parent, so forking stays safe.
+    import fastapi  # noqa: F401
+    import torch  # noqa: F401
+
+    record_path = Path(f"recheck-{args.module}.json")
+    record: dict[str, str] = json.loads(record_path.read_text()) if record_path.exists() else {}
+
+    # A test newer than the mutants' source would fail on every mutant and pass them all off as
+    # killed: the tests must pass with no mutant switched on first.
+    baseline_start = time.monotonic()
+    pid = run_child("none", args.tests)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        print("the tests fail on mutants/ with no mutant switched on: regenerate the mutants", file=sys.stderr)
+        return 2
+    print(f"baseline passes in {time.monotonic() - baseline_start:.1f} s", flush=True)
+
+    todo = [m for m in mutant_names(args.module) if m not in record or (args.survivors and record[m] == "survived")]
+    running: dict[int, tuple[str, float]] = {}
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            mutant = todo.pop(0)
+            running[run_child(mutant, args.tests)] = (mutant, time.monotonic())
+        time.sleep(0.2)
+        for pid, (mutant, started) in list(running.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == 0 and time.monotonic() - started > args.timeout:
+                os.killpg(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                outcome = "timeout"
+            elif done == 0:
+                continue
+            else:
+                outcome = "survived" if os.waitstatus_to_exitcode(status) == 0 else "killed"
+            del running[pid]
+            record[mutant] = outcome
+            record_path.write_text(json.dumps(record, indent=1, sort_keys=True))
+            print(f"{outcome:8s} {mutant}  ({len(record)} done, {len(todo)} to go)", flush=True)
+
+    counts = {k: sum(v == k for v in record.values()) for k in ("killed", "timeout", "survived")}
+    print(f"{args.module}: {len(record)} mutants: {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
