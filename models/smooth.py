@@ -163,32 +163,31 @@ class Smooth:
         return self.model(rows, normalized_noise=noise)
 
     def noisy_logits(self, images: torch.Tensor, samples: Sequence[int],
-                     seeds: Sequence[int | None] | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     seeds: Sequence[int | None] | None = None) -> torch.Tensor:
         """Logits of every noisy copy, ``[sum(samples), C]``, image by image in order.
 
         Seeded images draw from per-copy generators (so their rows are identical whatever shares
-        the batch); the others draw from ``generator`` or the device's default generator.
+        the batch); the others draw from the device's default generator.
         """
         if len(samples) != images.shape[0]:
             raise ValueError(f"{len(samples)} sample counts for {images.shape[0]} images")
         if seeds is not None and any(s is not None for s in seeds):
-            return self._mixed_seed_logits(images, samples, seeds, generator)
+            return self._mixed_seed_logits(images, samples, seeds)
         out = []
         with torch.inference_mode():
             for chunk in plan_chunks(samples, self.chunk_rows):
                 rows = torch.cat([images[i : i + 1].expand(stop - start, -1, -1, -1)
                                   for i, start, stop in chunk])
-                out.append(self._forward_rows(rows, DeviceNoise(rows.shape[0], rows.device, generator)))
+                out.append(self._forward_rows(rows, DeviceNoise(rows.shape[0], rows.device)))
         return torch.cat(out) if out else images.new_zeros((0, self.num_classes))
 
     def _mixed_seed_logits(self, images: torch.Tensor, samples: Sequence[int],
-                           seeds: Sequence[int | None], generator: torch.Generator | None) -> torch.Tensor:
+                           seeds: Sequence[int | None]) -> torch.Tensor:
         seeded = [i for i, s in enumerate(seeds) if s is not None]
         unseeded = [i for i, s in enumerate(seeds) if s is None]
         pieces: dict[int, torch.Tensor] = {}
         if unseeded:
-            logits = self.noisy_logits(images[unseeded], [samples[i] for i in unseeded], None, generator)
+            logits = self.noisy_logits(images[unseeded], [samples[i] for i in unseeded])
             pieces.update(zip(unseeded, logits.split([samples[i] for i in unseeded]), strict=True))
         out = []
         with torch.inference_mode():

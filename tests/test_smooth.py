@@ -12,7 +12,8 @@ from torch import nn
 from models import ABSTAIN, Smooth, SmoothingSpec
 from models.noise import row_seed
 from models.resnet import Classifier, Normalize
-from models.smooth import aggregate, plan_chunks
+from models.smooth import aggregate, certify_from_counts, plan_chunks
+from models.stats import clopper_pearson_lower, sign_test_p
 from tests.conftest import make_model
 
 CHUNKS = [1, 7, 64]
@@ -27,13 +28,13 @@ def linear_classifier(seed: int = 0) -> Classifier:
 class ConstantNet(nn.Module):
     """Always votes for one class, whatever the noise."""
 
-    def __init__(self, label: int):
+    def __init__(self, label: int, classes: int = 10):
         super().__init__()
-        self.label = label
+        self.label, self.classes = label, classes
         self.dummy = nn.Parameter(torch.zeros(1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(z.shape[0], 10)
+        out = torch.zeros(z.shape[0], self.classes)
         out[:, self.label] = 1.0
         return out
 
@@ -237,3 +238,63 @@ def test_clopper_pearson_lower_bound_is_zero_only_without_successes() -> None:
     assert clopper_pearson_lower(1, 10, 0.05) == pytest.approx(beta.ppf(0.05, 1, 10)) and \
         clopper_pearson_lower(1, 10, 0.05) > 0
     assert clopper_pearson_lower(10, 10, 0.05) == pytest.approx(0.05 ** (1 / 10))
+
+
+def test_forward_noisy_adds_sigma_times_one_draw_per_row_in_the_rows_dtype() -> None:
+    """The attacks' and training's view of the model: x + sigma * N(0, I) per row, drawn from the given
+    generator in the rows' own dtype, and differentiable."""
+    model = linear_classifier(3).double()
+    smooth = Smooth(model, SmoothingSpec(sigma=0.3), 10)
+    rows = torch.rand(5, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    out = smooth.forward_noisy(rows, torch.Generator().manual_seed(11))
+    noise = torch.randn((5, 3, 32, 32), dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = model(rows + 0.3 * noise)
+    assert out.dtype == torch.float64 and torch.equal(out.detach(), expected)
+    out[:, 0].sum().backward()
+    assert rows.grad is not None and torch.allclose(rows.grad[0], rows.grad[4])  # a linear model's gradient
+
+
+def test_pni_weight_noise_is_drawn_per_copy_unless_asked_per_forward() -> None:
+    """Serving gives every copy its own PNI weight draw; ``per_row_weight_noise=False`` keeps PNI's
+    training behaviour, one weight draw for the whole forward (here sigma = 0, so only weights vary)."""
+    model, spec = make_model(pni="layer", sigma=0.0)
+    rows = torch.rand(1, 3, 32, 32).repeat(6, 1, 1, 1)
+    with torch.no_grad():
+        per_copy = Smooth(model, spec.smoothing, 10).forward_noisy(rows)
+        per_forward = Smooth(model, spec.smoothing, 10, per_row_weight_noise=False).forward_noisy(rows)
+    assert torch.unique(per_copy[:, 0]).numel() == 6
+    assert torch.allclose(per_forward, per_forward[:1].expand_as(per_forward))
+    assert not torch.allclose(per_forward[0], Smooth(model, spec.smoothing, 10, per_row_weight_noise=False)
+                              .forward_noisy(rows[:1]).detach()[0])  # a new weight draw each forward
+
+
+def test_noisy_logits_of_no_images_is_empty_and_mismatched_counts_are_refused() -> None:
+    smooth = Smooth(linear_classifier(), SmoothingSpec(sigma=0.1), 10)
+    assert smooth.noisy_logits(torch.rand(0, 3, 32, 32), []).shape == (0, 10)
+    with pytest.raises(ValueError, match=r"^2 sample counts for 3 images$"):
+        smooth.noisy_logits(torch.rand(3, 3, 32, 32), [1, 2])
+    for samples in ([1, 2], [1, 0, 3]):
+        with pytest.raises(ValueError, match=r"^need one sample count >= 1 per image$"):
+            smooth.predict_batch(torch.rand(3, 3, 32, 32), samples)
+    with pytest.raises(ValueError, match=r"^chunk_rows must be >= 1$"):
+        list(plan_chunks([1], 0))
+
+
+def test_predict_decides_when_the_sign_test_p_equals_alpha_and_works_with_two_classes() -> None:
+    """Cohen's PREDICT abstains only when p > alpha; ten votes out of ten give p = 2 / 2^10 exactly."""
+    model = Classifier(Normalize((0, 0, 0), (1, 1, 1)), ConstantNet(1, classes=2)).eval()
+    smooth = Smooth(model, SmoothingSpec(sigma=0.5), 2)
+    x = torch.rand(3, 32, 32)
+    alpha = sign_test_p(10, 10)
+    assert alpha == 2 / 2 ** 10
+    assert smooth.predict(x, 10, alpha) == 1
+    assert smooth.predict(x, 10, alpha * 0.99) == ABSTAIN
+
+
+def test_an_abstaining_certificate_still_reports_its_bound_and_counts() -> None:
+    """The selection picks the class; its lower bound comes from the estimation counts, even when it is
+    below one half."""
+    cert = certify_from_counts(torch.tensor([1, 3, 0]), torch.tensor([30, 25, 5]), 0.001, 0.5)
+    assert cert.abstained and cert.radius == 0.0 and cert.counts == [30, 25, 5]
+    assert cert.p_lower == clopper_pearson_lower(25, 60, 0.001)
