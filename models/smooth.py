@@ -96,12 +96,31 @@ def aggregate(logits: torch.Tensor, image_of_row: torch.Tensor, num_images: int,
     return scores, votes
 
 
+def aggregate_equal(per_image: torch.Tensor, aggregation: Aggregation) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`aggregate` for images with equally many copies, ``[images, m, C]``: the same scores and votes
+    in half the tensor operations (a serving batch's images all have their request's m)."""
+    per_image = per_image.float()
+    votes = F.one_hot(per_image.argmax(2), per_image.shape[2]).sum(1).float()
+    if aggregation == "vote":
+        scores = votes / per_image.shape[1]
+    elif aggregation == "softmax":
+        scores = per_image.softmax(2).mean(1)
+    elif aggregation == "logits":
+        scores = per_image.mean(1).softmax(1)
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected vote, softmax or logits")
+    return scores, votes
+
+
 def summarize(logits: torch.Tensor, counts: Sequence[int], aggregation: Aggregation) -> list[Prediction]:
     """One :class:`Prediction` per image from the logits of its ``counts[i]`` consecutive noisy copies."""
-    image_of_row = torch.repeat_interleave(
-        torch.arange(len(counts), device=logits.device),
-        torch.as_tensor(counts, device=logits.device))
-    scores, votes = aggregate(logits, image_of_row, len(counts), aggregation)
+    if counts and all(m == counts[0] for m in counts):
+        scores, votes = aggregate_equal(logits.view(len(counts), counts[0], -1), aggregation)
+    else:
+        image_of_row = torch.repeat_interleave(
+            torch.arange(len(counts), device=logits.device),
+            torch.as_tensor(counts, device=logits.device))
+        scores, votes = aggregate(logits, image_of_row, len(counts), aggregation)
     labels = scores.argmax(1)
     shares = votes.gather(1, labels[:, None]).squeeze(1) / torch.as_tensor(
         counts, dtype=torch.float32, device=votes.device)

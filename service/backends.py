@@ -148,6 +148,8 @@ class OnnxBackend:
 
     def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
         images = images.float().cpu()
+        if all(s is None for s in seeds):  # the usual batch: the copies in order, the noise drawn in the graph
+            return self._chunked_array(np.repeat(images.numpy(), samples, axis=0), self.sigma)
         out: list[torch.Tensor | None] = [None] * len(samples)
         unseeded = [i for i, s in enumerate(seeds) if s is None]
         seeded = [i for i, s in enumerate(seeds) if s is not None]
@@ -165,10 +167,12 @@ class OnnxBackend:
         return torch.cat([t for t in out if t is not None])
 
     def _chunked(self, rows: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
-        array = rows.numpy()
+        return self._chunked_array(rows.numpy(), sigma)
+
+    def _chunked_array(self, array: np.ndarray, sigma: np.ndarray) -> torch.Tensor:
         parts = [self._run(array[start:start + self.chunk_rows], sigma)
                  for start in range(0, array.shape[0], self.chunk_rows)]
-        return torch.from_numpy(np.concatenate(parts))
+        return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "device": str(self.device), "precision": self.precision,

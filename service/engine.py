@@ -21,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import queue
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -121,7 +122,10 @@ class Engine:
         self.max_queue = max_queue
         self._pending: deque[Job] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="siam-model")
+        # The model's own thread, fed through a queue and answering through call_soon_threadsafe: one hand-off
+        # each way, without an executor's futures chained into the loop's.
+        self._work: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
         self._timer: asyncio.TimerHandle | None = None  # a batch gathering for max_wait
         self._gathering_since = 0.0
         self._closing = False
@@ -138,6 +142,8 @@ class Engine:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._worker = threading.Thread(target=self._work_loop, name="siam-model", daemon=True)
+        self._worker.start()
 
     async def stop(self) -> None:
         """Refuse new work, finish what was accepted, then stop the worker."""
@@ -146,7 +152,9 @@ class Engine:
             await asyncio.sleep(0.01)
         if self._timer is not None:
             self._timer.cancel()
-        self._executor.shutdown(wait=True)
+        if self._worker is not None:
+            self._work.put(None)
+            await asyncio.to_thread(self._worker.join)
 
     def shed(self) -> int:
         """Answer every accepted request not finished yet with :class:`ShuttingDownError` (503) and stop
@@ -270,20 +278,32 @@ class Engine:
             return
         self._busy, self._running = True, batch
         self._busy_rows, self._busy_since = sum(job.rows for job in batch), time.perf_counter()
-        done = self._loop.run_in_executor(self._executor, self._compute, batch)
-        done.add_done_callback(lambda future: self._finish(batch, future))
+        self._work.put(batch)
 
-    def _finish(self, batch: list[Job], done: asyncio.Future[list[list[Answer] | list[torch.Tensor] | None]]) -> None:
+    def _work_loop(self) -> None:
+        """The model's thread: compute each batch handed over, and post the answers (or the error) back to the loop."""
+        assert self._loop is not None
+        while (batch := self._work.get()) is not None:
+            try:
+                answers, error = self._compute(batch), None
+            except Exception as e:  # answered to every request of the batch by _finish
+                answers, error = [], e
+            try:
+                self._loop.call_soon_threadsafe(self._finish, batch, answers, error)
+            except RuntimeError:  # the loop was closed without stopping the engine: nobody is waiting
+                return
+
+    def _finish(self, batch: list[Job], answers: list[list[Answer] | list[torch.Tensor] | None],
+                error: Exception | None = None) -> None:
         """Answer every request of the batch (a model failure answers each with the error), then go on."""
         self._busy, self._running, self._busy_rows = False, [], 0
-        error = done.exception()
         if error is not None:
             log.error("batch of %d requests failed", len(batch), exc_info=error)
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(error)
         else:
-            for job, answer in zip(batch, done.result(), strict=True):
+            for job, answer in zip(batch, answers, strict=True):
                 if job.future.done():
                     continue
                 if answer is None:  # dropped by the worker: its deadline passed while the batch ran

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.spec import Aggregation
+
 
 class PredictRequest(BaseModel):
     """One base64 PNG/JPEG image, or several."""
@@ -60,3 +62,17 @@ class FeedbackOut(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str | list[dict[str, object]]
+
+
+class PredictParams(BaseModel):
+    """The query parameters of ``POST /predict``, validated as one model (one pydantic call per request
+    instead of one dependency-solver pass per parameter)."""
+
+    samples: int | None = Field(None, description="noisy copies m (default: the checkpoint's)")
+    aggregation: Aggregation | None = Field(None, description="vote, softmax or logits (default: the checkpoint's)")
+    certify: bool = Field(False, description="also run Cohen's CERTIFY (abstain / L2 radius)")
+    alpha: float = Field(0.001, gt=0, lt=0.5, description="certify: failure probability")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="fix the noise (only if the server allows it)")
+    confidence: float | None = Field(None, gt=0.5, lt=1, description="sequential sampling: `samples` becomes a "
+                                     "budget; each image stops once its vote is decided at this confidence "
+                                     "(answers add `samples_used`, `decided`)")

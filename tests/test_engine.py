@@ -605,9 +605,7 @@ def test_a_queued_job_past_its_deadline_is_failed_when_the_batch_is_formed() -> 
         assert late.taken and late.abandoned and engine._queued_rows == 0
         with pytest.raises(DeadlineExceededError, match=r"^deadline passed while queued$"):
             await late.future
-        ran = loop.create_future()
-        ran.set_result([None])
-        engine._finish([alive], ran)
+        engine._finish([alive], [None])
         with pytest.raises(DeadlineExceededError, match=r"^deadline passed while its batch ran$"):
             await alive.future
 
@@ -629,18 +627,19 @@ def test_the_model_runs_on_the_engines_own_thread_one_batch_at_a_time() -> None:
             self.inside -= 1
             return super().logits(images, samples, seeds)
 
-    async def scenario() -> Watching:
+    async def scenario() -> tuple[Watching, threading.Thread | None]:
         backend = Watching()
         backend.gate.set()
         engine = engine_with(backend)
         for _ in range(3):
             await asyncio.gather(*(engine.predict(image(), m, "softmax", seed=m) for m in range(1, 6)))
         await engine.stop()
-        return backend
+        return backend, engine._worker
 
-    backend = asyncio.run(scenario())
+    backend, worker = asyncio.run(scenario())
     assert backend.most == 1
-    assert len(backend.threads) == 1 and next(iter(backend.threads)).startswith("siam-model")
+    assert len(backend.threads) == 1 and next(iter(backend.threads)) == "siam-model"
+    assert worker is not None and not worker.is_alive()  # stop ended the model's thread
     assert backend.seeds[-1] == [1, 2, 3, 4, 5]  # each request's seed reaches the backend with its rows
 
 

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.smooth import aggregate, plan_chunks, summarize
+from models.smooth import aggregate, aggregate_equal, plan_chunks, summarize
 from models.spec import ModelSpec, SmoothingSpec
 from service.images import InputError
 from service.kserve import read_infer
@@ -85,6 +85,36 @@ def test_aggregation_rules_match_the_per_image_definition(case: tuple[torch.Tens
     for prediction, m, vote in zip(summarize(logits, counts, rule), counts, want_votes, strict=True):  # type: ignore[arg-type]
         assert prediction.samples == m
         assert prediction.vote_share == pytest.approx(float(vote[prediction.label]) / m)
+
+
+@st.composite
+def equal_copies(draw: st.DrawFn) -> tuple[torch.Tensor, list[int]]:
+    """Logits of a few images with the same number of copies each: a serving request's images."""
+    images, m, classes = draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(2, 5))
+    values = draw(st.lists(logits_values, min_size=images * m * classes, max_size=images * m * classes))
+    return torch.tensor(values, dtype=torch.float32).reshape(images * m, classes), [m] * images
+
+
+@settings(max_examples=300, deadline=None)
+@given(equal_copies(), st.sampled_from(["vote", "softmax", "logits"]))
+def test_equal_copy_counts_take_a_shorter_path_to_the_same_answers(case: tuple[torch.Tensor, list[int]],
+                                                                   rule: str) -> None:
+    logits, counts = case
+    want_scores, want_votes = by_hand(logits, counts, rule)
+    scores, votes = aggregate_equal(logits.view(len(counts), counts[0], -1), rule)  # type: ignore[arg-type]
+    assert torch.equal(votes, want_votes)
+    assert torch.allclose(scores, want_scores, atol=1e-5)
+    for prediction, want, vote in zip(summarize(logits, counts, rule), want_scores, want_votes,  # type: ignore[arg-type]
+                                      strict=True):
+        assert prediction.probabilities == pytest.approx(want.tolist(), abs=1e-5)
+        assert float(want[prediction.label]) >= float(want.max()) - 1e-5  # the top class (ties either way)
+        assert prediction.vote_share == pytest.approx(float(vote[prediction.label]) / counts[0])
+        assert prediction.samples == counts[0]
+
+
+def test_equal_copy_counts_refuse_an_unknown_rule() -> None:
+    with pytest.raises(ValueError, match=r"^unknown aggregation 'median'; expected vote, softmax or logits$"):
+        aggregate_equal(torch.zeros(1, 2, 10), "median")  # type: ignore[arg-type]
 
 
 @settings(max_examples=100, deadline=None)

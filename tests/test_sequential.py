@@ -264,3 +264,33 @@ def test_under_the_logits_rule_a_unanimous_vote_for_class_one_is_decided() -> No
     vote = SequentialVote(16, 0.99, 2, "logits")
     vote.add(torch.tensor([[0.0, 5.0]] * 16))
     assert vote.decided and int(vote.counts.argmax()) == 1
+
+
+class FifteenToOneNet(torch.nn.Module):
+    """In every 16 rows of a forward, 15 copies prefer class 0 by a little and the 16th prefers class 1
+    enormously: the vote names class 0, the mean softmax class 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(z.shape[0], 10)
+        out[:, 0], out[:, 1] = 1.0, 0.9
+        strong = torch.arange(z.shape[0]) % 16 == 15
+        out[strong, 0], out[strong, 1] = 0.0, 100.0
+        return out
+
+
+@pytest.mark.parametrize(("spec_rule", "asked", "label", "decided", "used"),
+                         [("vote", None, 0, True, 32), ("softmax", None, 1, False, 64),
+                          ("softmax", "vote", 0, True, 32), ("vote", "softmax", 1, False, 64)])
+def test_smooth_predict_sequential_decides_and_answers_under_the_rule_asked_else_the_models(
+        spec_rule: str, asked: str | None, label: int, decided: bool, used: int) -> None:
+    """30 votes to 2 decide the vote at 0.999 after two rounds; under the softmax rule the answer is class 1,
+    which the vote does not back, so it is never decided and uses the whole budget."""
+    smooth = Smooth(classifier(FifteenToOneNet()), SmoothingSpec(sigma=0.25, aggregation=spec_rule), 10)
+    (prediction, was_decided), = smooth.predict_sequential(torch.rand(1, 3, 32, 32), 64, 0.999, asked)
+    assert (prediction.label, was_decided, prediction.samples) == (label, decided, used)
+    if (asked or spec_rule) == "vote":
+        assert prediction.probabilities[:2] == [30 / 32, 2 / 32] and prediction.vote_share == 30 / 32

@@ -272,8 +272,8 @@ def test_pni_weight_noise_is_drawn_per_copy_unless_asked_per_forward() -> None:
 def test_noisy_logits_of_no_images_is_empty_and_mismatched_counts_are_refused() -> None:
     smooth = Smooth(linear_classifier(), SmoothingSpec(sigma=0.1), 10)
     assert smooth.noisy_logits(torch.rand(0, 3, 32, 32), []).shape == (0, 10)
-    with pytest.raises(ValueError, match=r"^2 sample counts for 3 images$"):
-        smooth.noisy_logits(torch.rand(3, 3, 32, 32), [1, 2])
+    with pytest.raises(ValueError, match=r"^2 sample counts for 4 images$"):
+        smooth.noisy_logits(torch.rand(4, 3, 32, 32), [1, 2])
     for samples in ([1, 2], [1, 0, 3]):
         with pytest.raises(ValueError, match=r"^need one sample count >= 1 per image$"):
             smooth.predict_batch(torch.rand(3, 3, 32, 32), samples)
