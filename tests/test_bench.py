@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,15 @@ def test_ort_spin_cells_parse_as_samples_by_clients() -> None:
     assert parse_cells("16x64,1x1") == [(16, 64), (1, 1)]
     with pytest.raises(ValueError):
         parse_cells("16")
+
+
+def test_asgi_overhead_times_predict_through_the_whole_app(tiny_checkpoint: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.asgi_overhead import main as overhead_main
+
+    overhead_main([str(tiny_checkpoint), "--samples", "2", "--requests", "20", "--warmup", "2", "--threads", "1",
+                   "--backend", "torch"])
+    out = capsys.readouterr().out
+    assert out.startswith("command: python -m benchmarks.asgi_overhead ")
+    median = re.search(r"/predict\?samples=2 in-process, 20 requests: median (\d+) us", out)
+    assert median is not None and 0 < int(median.group(1)) < 5_000_000, out
