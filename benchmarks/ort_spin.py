@@ -1,12 +1,13 @@
-"""What ``SIAM_ORT_SPIN`` buys: ``siam serve`` with each of ONNX Runtime's spinning modes, side by side in
-one run, over HTTP cells from the load generator in its own process.
+"""What ``SIAM_ORT_SPIN`` and ``SIAM_ORT_THREADS`` buy: ``siam serve`` with each of ONNX Runtime's threading
+modes, side by side in one run, over HTTP cells from the load generator in its own process.
 
 ONNX Runtime's idle threads busy-wait for the next piece of work. Inside a call that makes the hand-offs
 between operators quick; between calls (``always``, ORT's default) it takes CPU from the event loop that
 parses requests and writes answers, which on a machine with few cores is the same CPU. ``in-run`` stops
-the spinning when a call returns, ``never`` lets the threads sleep. Modes alternate within each round
-(``--rounds``), so a slow moment of a shared machine hits them all; medians and spread are reported,
-and each mode's ratio to ``always``.
+the spinning when a call returns, ``never`` lets the threads sleep. ``per-chunk`` gives every call one
+thread and runs a batch's chunks on all the threads at once (``SIAM_ORT_THREADS=per-chunk``). Modes
+alternate within each round (``--rounds``), so a slow moment of a shared machine hits them all; medians
+and spread are reported, and each mode's ratio to ``always``.
 
     python -m benchmarks.ort_spin checkpoints/resnet20-pgd7 --rounds 3 \\
         --output benchmarks/results/ort-spin-cpu-epyc.json
@@ -28,7 +29,8 @@ from benchmarks.machine import describe, save_results, summary_line
 from benchmarks.servers import ServerProcess, SystemSpec
 from service.settings import DEFAULT_CHECKPOINT
 
-MODES = ("always", "in-run", "never")
+MODES = {"always": ["--ort-spin", "always"], "in-run": ["--ort-spin", "in-run"], "never": ["--ort-spin", "never"],
+         "per-chunk": ["--ort-threads", "per-chunk"]}
 
 
 def parse_cells(text: str) -> list[tuple[int, int]]:
@@ -43,7 +45,7 @@ def parse_cells(text: str) -> list[tuple[int, int]]:
 def measure_mode(checkpoint: Path, mode: str, cells: list[tuple[int, int]], duration: float,
                  extra: list[str]) -> dict[str, dict[str, float]]:
     spec = SystemSpec("siam", ["service.cli", str(checkpoint), "--port", "{port}", "--log-level", "warning",
-                               "--ort-spin", mode, *extra], "/health/ready", "query")
+                               *MODES[mode], *extra], "/health/ready", "query")
     out = {}
     with ServerProcess(spec) as server:
         for samples, clients in cells:
@@ -63,21 +65,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=3, help="rounds, every mode once each (default: %(default)s)")
     p.add_argument("--duration", type=float, default=6.0, help="measured seconds per cell (default: %(default)s)")
     p.add_argument("--serve-args", default="--chunk-rows 64", help="extra `siam serve` flags (default: %(default)s)")
+    p.add_argument("--modes", default=",".join(MODES), help="which modes, comma-separated; the first is the "
+                   "reference of the ratios (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    if unknown := [m for m in modes if m not in MODES]:
+        p.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     command = "python -m benchmarks.ort_spin " + shlex.join(argv)
     info = describe(torch.device("cpu"))
     print(f"{command}\nmachine: {summary_line(info)}", flush=True)
     cells = parse_cells(args.cells)
-    runs: dict[str, list[dict[str, dict[str, float]]]] = {mode: [] for mode in MODES}
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {mode: [] for mode in modes}
     for round_ in range(1, args.rounds + 1):
-        for mode in MODES:
+        for mode in modes:
             runs[mode].append(measure_mode(args.checkpoint, mode, cells, args.duration, shlex.split(args.serve_args)))
             print(f"  round {round_} {mode:>6}: " + ", ".join(
                 f"{cell} {v['rows_per_s']:.0f} rows/s p50 {v['p50_ms']:.2f} ms" for cell, v in runs[mode][-1].items()),
                 flush=True)
     table: dict[str, dict[str, dict[str, float]]] = {}
-    for mode in MODES:
+    for mode in modes:
         table[mode] = {}
         for cell in runs[mode][0]:
             rates = [run[cell]["rows_per_s"] for run in runs[mode]]
@@ -85,11 +92,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             table[mode][cell] = {"rows_per_s": statistics.median(rates), "rows_per_s_min": min(rates),
                                  "rows_per_s_max": max(rates), "p50_ms": statistics.median(p50s),
                                  "p50_ms_min": min(p50s), "p50_ms_max": max(p50s)}
-    print(f"\nmedians of {args.rounds} rounds (ratio to always):")
-    for mode in MODES:
+    print(f"\nmedians of {args.rounds} rounds (ratio to {modes[0]}):")
+    for mode in modes:
         print(f"  {mode:>6}: " + ", ".join(
-            f"{cell} {v['rows_per_s']:.0f} rows/s ({v['rows_per_s'] / table['always'][cell]['rows_per_s']:.2f}x), "
-            f"p50 {v['p50_ms']:.2f} ms ({v['p50_ms'] / table['always'][cell]['p50_ms']:.2f}x)"
+            f"{cell} {v['rows_per_s']:.0f} rows/s ({v['rows_per_s'] / table[modes[0]][cell]['rows_per_s']:.2f}x), "
+            f"p50 {v['p50_ms']:.2f} ms ({v['p50_ms'] / table[modes[0]][cell]['p50_ms']:.2f}x)"
             for cell, v in table[mode].items()))
     results = {"command": command, "machine": info, "checkpoint": str(args.checkpoint), "medians": table,
                "runs": runs}

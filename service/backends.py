@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -117,11 +119,16 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, path: Path, manifest: Manifest, device: torch.device, chunk_rows: int,
-                 threads: int | None, spin: str):
+                 threads: int | None, spin: str, per_chunk: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        if threads:
+        # per-chunk: one thread per call, and up to `workers` calls at once on the chunks of a batch.
+        self.workers = (threads or os.cpu_count() or 1) if per_chunk and device.type == "cpu" else 1
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="siam-ort") if self.workers > 1 else None
+        if self._pool is not None:
+            options.intra_op_num_threads = 1
+        elif threads:
             options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == "never" else "1")
         options.add_session_config_entry("session.force_spinning_stop", "1" if spin == "in-run" else "0")
@@ -170,13 +177,20 @@ class OnnxBackend:
         return self._chunked_array(rows.numpy(), sigma)
 
     def _chunked_array(self, array: np.ndarray, sigma: np.ndarray) -> torch.Tensor:
-        parts = [self._run(array[start:start + self.chunk_rows], sigma)
-                 for start in range(0, array.shape[0], self.chunk_rows)]
+        size = self.chunk_rows
+        if self._pool is not None:  # every worker gets a share, even of a batch smaller than a chunk
+            size = max(1, min(size, -(-array.shape[0] // self.workers)))
+        starts = range(0, array.shape[0], size)
+        if self._pool is not None and len(starts) > 1:
+            parts = list(self._pool.map(lambda start: self._run(array[start:start + size], sigma), starts))
+        else:
+            parts = [self._run(array[start:start + size], sigma) for start in starts]
         return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "device": str(self.device), "precision": self.precision,
-                "provider": self.provider, "providers": self.session.get_providers(), "graph": str(self.path)}
+                "provider": self.provider, "providers": self.session.get_providers(), "graph": str(self.path),
+                "ort_threads": "per-chunk" if self._pool is not None else "per-call", "workers": self.workers}
 
 
 def onnx_graph(model: Classifier, manifest: Manifest, checkpoint: Path, cache: Path) -> Path:
@@ -239,8 +253,9 @@ def machine_key(backend: Backend, weights_sha256: str) -> str:
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                     if line.startswith("model name")), cpu)
     gpu = torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else ""
+    parallel = [f"per-chunk x{backend.workers}"] if getattr(backend, "workers", 1) > 1 else []  # type: ignore[attr-defined]
     return "|".join([weights_sha256[:16], backend.name, str(backend.device), backend.precision, gpu, cpu,
-                     str(torch.get_num_threads()), torch.__version__])
+                     str(torch.get_num_threads()), torch.__version__, *parallel])
 
 
 def remembered_chunk_rows(backend: Backend, size: int, weights_sha256: str, cache: Path) -> int:
@@ -288,7 +303,8 @@ def load_backend(settings: Settings) -> tuple[Backend, Manifest]:
     if kind == "onnx":
         path = (int8_graph(manifest, settings.checkpoint) if settings.precision == "int8" else
                 onnx_graph(model, manifest, settings.checkpoint, settings.onnx_cache))
-        backend = OnnxBackend(path, manifest, device, chunk, settings.threads, settings.ort_spin)
+        backend = OnnxBackend(path, manifest, device, chunk, settings.threads, settings.ort_spin,
+                              per_chunk=settings.ort_threads == "per-chunk")
         backend.precision = settings.precision
     else:
         backend = TorchBackend(model, manifest, device, settings.precision, chunk, settings.compile)

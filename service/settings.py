@@ -34,6 +34,10 @@ class Settings(BaseSettings):
         "always", description="onnx backend: when ONNX Runtime's idle threads busy-wait for work. always: also "
         "between calls (ORT's default; the idle threads then take CPU from the HTTP side), in-run: only while a "
         "call runs, never: they sleep (slower hand-offs between operators)")
+    ort_threads: Literal["per-call", "per-chunk"] = Field(
+        "per-call", description="onnx backend on the CPU: how the model's threads share a batch. per-call: every "
+        "ONNX Runtime call uses all of them (intra-op threads, ORT's usual way); per-chunk: each call runs on one "
+        "thread and a batch's chunks run on all of them at once (no threads left spinning between calls)")
     compile: bool = Field(False, description="torch backend: wrap the model in torch.compile")
     onnx_cache: Path = Field(Path(".siam-cache/onnx"), description="where exported ONNX graphs are kept")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -475,6 +477,44 @@ def test_the_engine_takes_work_only_between_start_and_stop_and_stop_finishes_wha
         await asyncio.wait_for(stopping, 5)
 
     asyncio.run(scenario())
+
+
+def test_stop_answers_a_request_still_gathering_for_max_wait_and_an_unstarted_engine_stops_at_once() -> None:
+    async def scenario() -> None:
+        never_started = engine_with(GatedBackend(), start=False)
+        await asyncio.wait_for(never_started.stop(), 5)
+        backend = GatedBackend()
+        backend.gate.set()
+        engine = engine_with(backend, max_wait_ms=200)
+        gathering = asyncio.create_task(engine.predict(image(), 4, "softmax"))
+        await until(lambda: engine._timer is not None)  # queued, the worker idle, the batch not launched yet
+        await asyncio.wait_for(engine.stop(), 5)
+        assert (await gathering)[0].prediction.samples == 4
+        assert backend.calls == [[4]]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.subprocess
+def test_an_engine_never_stopped_does_not_keep_the_process_alive() -> None:
+    """The model's thread is a daemon: a process that exits without stopping its engine (a crash in start-up
+    code, a script) still exits."""
+    script = (
+        "import asyncio, torch\n"
+        "from service.engine import Engine\n"
+        "from service.metrics import Metrics\n"
+        "class Zeros:\n"
+        "    chunk_rows = 64\n"
+        "    def logits(self, images, samples, seeds): return torch.zeros(sum(samples), 10)\n"
+        "async def main():\n"
+        "    engine = Engine(Zeros(), 'stub', 0.25, Metrics(), max_batch_rows=64, max_wait_ms=0, max_queue=4)\n"
+        "    engine.start()\n"
+        "    await engine.predict(torch.rand(1, 3, 8, 8), 2, 'softmax')\n"
+        "asyncio.run(main())\n"
+        "print('exiting')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "exiting", done.stderr
 
 
 def test_an_idle_engine_prices_a_request_by_its_rows_alone() -> None:

@@ -407,3 +407,26 @@ def test_ort_spin_modes_reach_onnx_runtimes_session(checkpoint: Path, spin: str,
     options = backend.session.get_session_options()  # type: ignore[attr-defined]
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == allow
     assert options.get_session_config_entry("session.force_spinning_stop") == stop
+
+
+@pytest.mark.parametrize("rows", [[1], [3, 5], [40, 1, 23]])
+def test_per_chunk_onnx_threads_give_every_copy_its_own_row_in_order(checkpoint: Path, rows: list[int]) -> None:
+    """SIAM_ORT_THREADS=per-chunk: one thread per ONNX Runtime call, a batch's chunks on two threads at once;
+    seeded copies come back exactly as the per-call session computes them, in order."""
+    from service.backends import load_backend
+
+    per_call, _ = load_backend(settings(checkpoint, backend="onnx", device="cpu", threads=2, chunk_rows=8))
+    per_chunk, _ = load_backend(settings(checkpoint, backend="onnx", device="cpu", threads=2, chunk_rows=8,
+                                         ort_threads="per-chunk"))
+    assert per_chunk.describe()["ort_threads"] == "per-chunk" and per_chunk.describe()["workers"] == 2
+    assert per_call.describe()["ort_threads"] == "per-call"
+    options = per_chunk.session.get_session_options()  # type: ignore[attr-defined]
+    assert options.intra_op_num_threads == 1
+    images = torch.rand(len(rows), 3, 32, 32)
+    seeds = list(range(100, 100 + len(rows)))
+    want = per_call.logits(images, rows, seeds)
+    got = per_chunk.logits(images, rows, seeds)
+    assert got.shape == (sum(rows), 10)
+    assert torch.allclose(got, want, atol=1e-5)
+    unseeded = per_chunk.logits(images, rows, [None] * len(rows))  # fresh noise, same shape, every row distinct
+    assert unseeded.shape == (sum(rows), 10) and torch.unique(unseeded[:, 0]).numel() == sum(rows)
