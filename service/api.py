@@ -84,9 +84,9 @@ def decode_request(body: bytes, content_type: str, state: ServiceState) -> tuple
 
 
 def read_params(request: Request) -> PredictParams:
-    """The query parameters, validated as one pydantic model in one call. Declared as FastAPI parameters
-    they cost about 60 us a request in FastAPI's dependency solver on the CPU this was measured on, a
-    tenth of an m = 1 forward (docs/speed.md); refusals are the 422s FastAPI would give."""
+    """The query parameters, validated as one pydantic model in one call. Declared as six FastAPI
+    parameters they cost about 120 us a request in FastAPI's dependency solver on the 2-core CPU this was
+    measured on, a sixth of an m = 1 forward (docs/speed.md); refusals are the 422s FastAPI would give."""
     try:
         return PredictParams.model_validate(dict(request.query_params))
     except ValidationError as e:
