@@ -41,7 +41,7 @@ from service.settings import DEFAULT_CHECKPOINT, Settings
 from training.data import DEFAULT_DATA, load_split
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEMS = ("siam", "siam-torch", "fastapi", "fastapi-onnx", "litserve")
+SYSTEMS = ("siam", "siam-torch", "siam-workers", "fastapi", "fastapi-onnx", "litserve")
 DEFAULT_SYSTEMS = ("siam", "fastapi", "fastapi-onnx", "litserve")
 
 
@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the service and the engine run [auto: the service's own default]")
     p.add_argument("--systems", type=str_list, default=list(DEFAULT_SYSTEMS),
                    help="servers to load: siam (the service as shipped), siam-torch (on the PyTorch backend), "
-                   "fastapi (plain, PyTorch), fastapi-onnx (plain, the service's ONNX graph), litserve "
+                   "siam-workers (with --workers HTTP worker processes), fastapi (plain, PyTorch), fastapi-onnx "
+                   "(plain, the service's ONNX graph), litserve "
                    "[siam,fastapi,fastapi-onnx,litserve]")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of every system [all cores]")
+    p.add_argument("--workers", type=int, default=2, help="HTTP worker processes of the siam-workers system [2]")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     p.add_argument("--engine-callers", type=int, default=None, help="engine callers [most --concurrency]")
     p.add_argument("--chunks", type=int_list, default=None, help="chunk sizes for the limit [16..1024; quick 32,128]")
@@ -172,6 +174,9 @@ def system_specs(args: argparse.Namespace, device: torch.device) -> list[SystemS
         elif name == "siam-torch":
             specs.append(service_spec(args.checkpoint, args.threads, "torch", str(device), args.onnx_cache,
                                       name="siam-torch"))
+        elif name == "siam-workers":
+            specs.append(service_spec(args.checkpoint, args.threads, args.service_backend, str(device),
+                                      args.onnx_cache, name="siam-workers", workers=args.workers))
         elif name in ("fastapi", "fastapi-onnx"):
             backend = "onnx" if name == "fastapi-onnx" else "torch"
             specs.append(fastapi_spec(args.checkpoint, args.threads, str(device), args.fastapi_mode, backend,

@@ -11,7 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-COLORS = {"siam": "tab:blue", "siam-torch": "tab:cyan", "fastapi": "tab:orange", "fastapi-onnx": "tab:red",
+COLORS = {"siam": "tab:blue", "siam-torch": "tab:cyan", "siam-workers": "tab:brown", "fastapi": "tab:orange",
+          "fastapi-onnx": "tab:red",
           "litserve": "tab:green", "engine": "tab:purple"}
 
 

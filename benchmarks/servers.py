@@ -41,11 +41,13 @@ class SystemSpec:
 
 
 def service_spec(checkpoint: Path, threads: int, backend: str, device: str, onnx_cache: Path,
-                 name: str = "siam") -> SystemSpec:
-    """``siam serve`` as shipped: chunk size tuned at start-up (``auto``), default batching settings."""
+                 name: str = "siam", workers: int = 1) -> SystemSpec:
+    """``siam serve`` as shipped: chunk size tuned at start-up (``auto``), default batching settings;
+    ``workers`` > 1: that many HTTP worker processes in front of the model process."""
     args = ["service.cli", str(checkpoint), "--port", "{port}", "--threads", str(threads), "--backend", backend,
-            "--device", device, "--log-level", "warning", "--onnx-cache", str(onnx_cache)]
-    return SystemSpec(name, args, "/health/ready", "query", {"backend": backend, "chunk_rows": "auto"})
+            "--device", device, "--log-level", "warning", "--onnx-cache", str(onnx_cache), "--workers", str(workers)]
+    return SystemSpec(name, args, "/health/ready", "query",
+                      {"backend": backend, "chunk_rows": "auto", "http_workers": workers})
 
 
 def fastapi_spec(checkpoint: Path, threads: int, device: str, mode: str = "sync", backend: str = "torch",

@@ -11,7 +11,6 @@ import torch
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from service.auth import require_access
@@ -101,20 +100,16 @@ def check_samples(samples: int | None, default: int, limit: int) -> int:
 
 
 def to_out(answer: Answer, state: ServiceState, aggregation: str, elapsed_ms: float, samples: int) -> PredictionOut:
-    p, c = answer.prediction, answer.certificate
-    label = p.label if c is None else c.label  # the engine makes a certificate abstain or agree with p.label
+    p, c, label = answer.prediction, answer.certificate, answer.label
     names = state.manifest.spec.class_names  # type: ignore[union-attr]
     sequential = answer.decided is not None
-    out = PredictionOut(
-        id=uuid.uuid4().hex, label=label, class_name=names[label] if label >= 0 else None,
+    return PredictionOut(
+        id=answer.id or uuid.uuid4().hex, label=label, class_name=names[label] if label >= 0 else None,
         probabilities=p.probabilities, vote_share=p.vote_share, samples=samples, model=state.model_name,
         latency_ms=round(elapsed_ms, 3), aggregation=aggregation,
         abstained=None if c is None else c.abstained, radius=None if c is None else c.radius,
         p_lower=None if c is None else c.p_lower,
         samples_used=p.samples if sequential else None, decided=answer.decided)
-    if state.feedback is not None and label >= 0:
-        state.feedback.add(out.id, label, samples, state.model_name)
-    return out
 
 
 @router.post("/predict", response_model=PredictionOut | PredictionsOut, response_model_exclude_none=True,
@@ -155,6 +150,12 @@ async def predict(request: Request) -> Response:
     elapsed_ms = (time.perf_counter() - start) * 1000
     state.metrics.prediction_duration.labels(samples_bucket(m)).observe(elapsed_ms / 1000)
     outs = [to_out(a, state, rule, elapsed_ms, m) for a in answers]
+    # Kept before answering, so that feedback may follow at once (an answer with an id was kept already, by
+    # the model process of `siam serve --workers N`).
+    fresh = [(o.id, o.label, m, state.model_name) for a, o in zip(answers, outs, strict=True)
+             if a.id is None and o.label >= 0]
+    if fresh and state.feedback is not None:
+        await state.feedback.remember(fresh)
     body = PredictionsOut(predictions=outs) if as_list else outs[0]
     # Already validated when built: serialise once here rather than have FastAPI validate it again.
     return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
@@ -169,7 +170,7 @@ async def feedback(body: FeedbackIn, request: Request) -> FeedbackOut | JSONResp
     classes = len(state.manifest.spec.class_names) if state.manifest else None
     if classes is not None and body.label >= classes:
         raise InputError(f"label must be a class index in [0, {classes}), got {body.label}")
-    issued = state.feedback.take(body.id) if state.feedback else None
+    issued = await state.feedback.recall(body.id) if state.feedback else None
     if issued is None:
         state.metrics.errors.labels("feedback_unknown_id").inc()
         return JSONResponse({"detail": f"prediction id {body.id!r} is unknown, expired, or already has feedback"},
@@ -217,4 +218,5 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    text, media_type = state_of(request).metrics.exposition()
+    return Response(text, media_type=media_type)

@@ -29,6 +29,7 @@ from service.engine import DeadlineExceededError, Engine, OverloadedError, Queue
 from service.feedback import FeedbackStore
 from service.images import InputError
 from service.observe import ObserveMiddleware
+from service.remote_engine import RemoteEngine, RemoteRuntime, connect
 from service.settings import Settings
 from service.state import ClientGoneError, ServiceState, ServiceUnavailableError
 
@@ -91,19 +92,45 @@ async def start(state: ServiceState) -> None:
     state.feedback = FeedbackStore(s.feedback_capacity, s.feedback_ttl_s)
     info = {k: str(v) for k, v in backend.describe().items() if k in ("backend", "device", "precision", "provider")}
     state.metrics.prepare(manifest.name)
-    state.metrics.model.info({"name": manifest.name, "checksum": manifest.weights.sha256, **info})
+    state.metrics.describe_model({"name": manifest.name, "checksum": manifest.weights.sha256, **info})
     state.ready = True
     log.info("ready", extra={"fields": {"model": manifest.name, "chunk_rows": backend.chunk_rows, **info}})
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+async def start_worker(state: ServiceState, model_socket: Path) -> None:
+    """An HTTP worker of ``siam serve --workers N``: connect to the model process, which loads the model,
+    batches, and keeps the feedback store; ready once it has loaded (service/model_process.py)."""
+    state.access = build_access(state.settings)
+    reader, writer, hello = await connect(model_socket)
+    if not hello["ready"]:
+        state.load_error = hello["load_error"]
+        writer.close()
+        return
+    manifest = Manifest.model_validate(hello["manifest"])
+
+    def lost() -> None:
+        state.ready = False
+        state.load_error = "the model process stopped"
+
+    engine = RemoteEngine(reader, writer, manifest.name, state.metrics, on_lost=lost)
+    state.manifest, state.engine, state.feedback = manifest, engine, engine
+    state.backend = RemoteRuntime(hello["backend"], hello["chunk_rows"], hello["runtime"])
+    state.metrics.prepare(manifest.name)
+    state.ready = True
+
+
+def create_app(settings: Settings | None = None, model_socket: Path | None = None) -> FastAPI:
+    """The service; with ``model_socket``, an HTTP worker that sends its requests to that model process."""
     state = ServiceState(settings or Settings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await start(state)
+        if model_socket is None:
+            await start(state)
+        else:
+            await start_worker(state, model_socket)
         canary = None
-        if state.ready and state.settings.canary_interval_s > 0:
+        if state.ready and state.settings.canary_interval_s > 0 and model_socket is None:  # else the model process's
             canary = asyncio.create_task(run_canary_forever(state), name="siam-canary")
         yield
         state.draining = True

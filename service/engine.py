@@ -64,6 +64,14 @@ class Answer:
     prediction: Prediction
     certificate: Certificate | None = None
     decided: bool | None = None  # sequential sampling only: the vote was settled before the budget ran out
+    # Set by the model process of `siam serve --workers N`, which keeps the id for feedback before answering.
+    id: str | None = None
+
+    @property
+    def label(self) -> int:
+        """The class answered: the certificate's when certifying (the engine makes it agree with the
+        prediction or abstain), else the prediction's."""
+        return self.prediction.label if self.certificate is None else self.certificate.label
 
 
 @dataclass(eq=False)  # identity, not field equality: jobs are found in the queue by identity
@@ -399,13 +407,17 @@ class Engine:
 
     def record(self, answers: list[Answer], samples: int) -> None:
         """Count answered client predictions (``samples``: the m asked for, or the budget)."""
-        self.metrics.predictions.labels(self.model_name, samples_bucket(samples)).inc(len(answers))
-        for a in answers:
-            self.metrics.vote_share.labels(self.model_name).observe(a.prediction.vote_share)
-            if a.certificate is not None:
-                self.metrics.certifications.labels(self.model_name).inc()
-                if a.certificate.abstained:
-                    self.metrics.abstentions.labels(self.model_name).inc()
-            if a.decided is not None:
-                self.metrics.samples_used.labels(self.model_name, str(a.decided).lower()).observe(
-                    a.prediction.samples)
+        record_answers(self.metrics, self.model_name, answers, samples)
+
+
+def record_answers(metrics: Metrics, model_name: str, answers: list[Answer], samples: int) -> None:
+    """The prediction, vote-share, certification and sequential-sampling metrics of client answers."""
+    metrics.predictions.labels(model_name, samples_bucket(samples)).inc(len(answers))
+    for a in answers:
+        metrics.vote_share.labels(model_name).observe(a.prediction.vote_share)
+        if a.certificate is not None:
+            metrics.certifications.labels(model_name).inc()
+            if a.certificate.abstained:
+                metrics.abstentions.labels(model_name).inc()
+        if a.decided is not None:
+            metrics.samples_used.labels(model_name, str(a.decided).lower()).observe(a.prediction.samples)

@@ -38,5 +38,16 @@ class FeedbackStore:
             return None
         return issued
 
+    # The routers' calls: awaitable, so that a worker process can ask the model process's store instead
+    # (service/remote_engine.py), and feedback for a prediction may reach any worker.
+
+    async def remember(self, entries: list[tuple[str, int, int, str]]) -> None:
+        """Keep (id, label, samples, model) of each answered prediction."""
+        for entry in entries:
+            self.add(*entry)
+
+    async def recall(self, prediction_id: str) -> Issued | None:
+        return self.take(prediction_id)
+
     def __len__(self) -> int:
         return len(self._items)

@@ -7,7 +7,10 @@ and label-free signals (vote share of the winner, abstentions) per prediction.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Sub-millisecond (a cached m=1 answer) to tens of seconds (m=1024 on a CPU under load).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -19,6 +22,7 @@ SHARE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 ERROR_KINDS = ("bad_request", "payload_too_large", "unsupported_media_type", "not_found", "feedback_unknown_id",
                "unauthorized", "rate_limited", "queue_full", "overloaded", "not_ready", "shutting_down", "deadline",
                "client_disconnected", "internal")
+MODEL_LABELS = ("name", "checksum", "backend", "device", "precision", "provider")
 SAMPLE_BUCKETS = ((1, "1"), (4, "2-4"), (16, "5-16"), (64, "17-64"), (256, "65-256"))
 
 
@@ -49,8 +53,11 @@ class Metrics:
                                        "aggregation)", buckets=LATENCY_BUCKETS, registry=r)
         self.batch_images = Histogram("siam_batch_images", "Images per batch", buckets=IMAGE_BUCKETS, registry=r)
         self.batch_rows = Histogram("siam_batch_rows", "Noisy rows per batch", buckets=ROW_BUCKETS, registry=r)
-        self.in_flight = Gauge("siam_in_flight_requests", "Requests being handled", registry=r)
-        self.queue_length = Gauge("siam_queue_length", "Requests waiting for the worker", registry=r)
+        # The gauges' multiprocess modes say how `siam serve --workers N` sums them over its processes.
+        self.in_flight = Gauge("siam_in_flight_requests", "Requests being handled", registry=r,
+                               multiprocess_mode="livesum")
+        self.queue_length = Gauge("siam_queue_length", "Requests waiting for the worker", registry=r,
+                                  multiprocess_mode="livesum")
         self.rows = Counter("siam_rows", "Noisy rows run through the model", ["model"], registry=r)
         self.predictions = Counter("siam_predictions", "Images answered", ["model", "samples"], registry=r)
         self.errors = Counter("siam_errors", "Failed requests by kind", ["kind"], registry=r)
@@ -67,10 +74,25 @@ class Metrics:
         self.feedback_correct = Counter("siam_feedback_correct", "Fed-back predictions that were right",
                                         ["model", "samples"], registry=r)
         self.canary_accuracy = Gauge("siam_canary_accuracy", "Accuracy on the canary set at the last run",
-                                     ["model", "samples", "attack"], registry=r)
+                                     ["model", "samples", "attack"], registry=r, multiprocess_mode="mostrecent")
         self.canary_last_run = Gauge("siam_canary_last_run_timestamp_seconds", "When the canary last finished",
-                                     registry=r)
-        self.model = Info("siam_model", "The model being served", registry=r)
+                                     registry=r, multiprocess_mode="mostrecent")
+        # An info metric as a gauge at 1 (what prometheus-client's Info writes), since Info cannot be shared
+        # between processes.
+        self.model = Gauge("siam_model_info", "The model being served", MODEL_LABELS, registry=r,
+                           multiprocess_mode="max")
+
+    def describe_model(self, info: dict[str, str]) -> None:
+        self.model.labels(*(info.get(name, "") for name in MODEL_LABELS)).set(1)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text Prometheus scrapes: this registry's, or, under ``siam serve --workers N`` (which sets
+        PROMETHEUS_MULTIPROC_DIR), every process's metrics summed as the gauges' modes say."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def prepare(self, model: str) -> None:
         """Create every labelled series at zero, so ``rate()`` and ratios see the first events.

@@ -17,9 +17,10 @@ from models.sequential import SequentialVote, round_seed
 from models.smooth import summarize
 from models.spec import Aggregation
 from service.engine import Answer, Engine
+from service.remote_engine import RemoteEngine
 
 
-async def predict_sequential(engine: Engine, images: torch.Tensor, budget: int, confidence: float,
+async def predict_sequential(engine: Engine | RemoteEngine, images: torch.Tensor, budget: int, confidence: float,
                              aggregation: Aggregation, seed: int | None, timeout: float,
                              num_classes: int) -> list[Answer]:
     """Each image's answer from the copies it used (``prediction.samples``), and whether it was decided."""

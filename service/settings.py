@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers: int = Field(1, ge=1, description="HTTP worker processes; above 1 they feed one model process (which "
+                         "batches all their requests together) through a Unix socket, so that request parsing, "
+                         "JSON and HTTP are not bound to one Python process")
     warmup: bool = Field(True, description="run the model once before reporting ready")
     exit_on_load_error: bool = Field(True, description="exit (status 1) when the checkpoint cannot be loaded, as "
                                      "Triton does; off: keep running, not ready, and say why on /health/ready")

@@ -17,6 +17,7 @@ from service.engine import Engine
 from service.feedback import FeedbackStore
 from service.images import InputError
 from service.metrics import Metrics
+from service.remote_engine import RemoteEngine, RemoteRuntime
 from service.settings import Settings
 
 
@@ -25,9 +26,9 @@ class ServiceState:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     manifest: Manifest | None = None
-    backend: Backend | None = None
-    engine: Engine | None = None
-    feedback: FeedbackStore | None = None
+    backend: Backend | RemoteRuntime | None = None
+    engine: Engine | RemoteEngine | None = None  # RemoteEngine: an HTTP worker of `siam serve --workers N`
+    feedback: FeedbackStore | RemoteEngine | None = None
     access: Access | None = None
     ready: bool = False
     draining: bool = False
@@ -51,7 +52,7 @@ class ServiceUnavailableError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
-def serving(request: Request) -> tuple[ServiceState, Engine, Manifest]:
+def serving(request: Request) -> tuple[ServiceState, Engine | RemoteEngine, Manifest]:
     """The state, engine and manifest of a service that can take predictions now (else 503)."""
     state = state_of(request)
     if state.draining:

@@ -1,0 +1,158 @@
+"""An HTTP worker's view of the model process (``SIAM_WORKERS`` > 1): the engine's request interface,
+answered over the model process's Unix socket.
+
+The routers cannot tell :class:`RemoteEngine` from :class:`service.engine.Engine`: the same calls, the
+same answers, the same refusals (503 queue full or overloaded, 504 past the deadline). A request whose
+client leaves is cancelled in the model process too, so its rows are dropped there. The feedback store
+lives in the model process, so feedback for a prediction may reach any worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.spec import Aggregation
+from service.engine import Answer, DeadlineExceededError, ShuttingDownError, record_answers
+from service.feedback import Issued
+from service.metrics import Metrics
+from service.wire import decode_answers, decode_error, frame, read_frame, tensor_bytes, tensor_from
+
+log = logging.getLogger("siam.worker")
+# A request's own deadline is kept by the model process's engine; this margin past it only guards against
+# a model process that stopped answering without closing its socket.
+SILENCE_MARGIN_S = 5.0
+
+
+class RemoteRuntime:
+    """What the routers read of the backend (``/v1/models``, KServe metadata), as the model process told it."""
+
+    def __init__(self, name: str, chunk_rows: int, runtime: dict[str, Any]):
+        self.name, self.chunk_rows, self._runtime = name, chunk_rows, runtime
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._runtime)
+
+
+async def connect(path: Path, retry_s: float = 0.05) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                                               dict[str, Any]]:
+    """Connect to the model process (retrying while it starts) and read its hello, sent once it has loaded."""
+    while True:
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            await asyncio.sleep(retry_s)
+    header, _ = await read_frame(reader)
+    return reader, writer, header
+
+
+class RemoteEngine:
+    """``predict``, ``copy_logits``, ``record``, ``shed`` and ``stop`` of :class:`service.engine.Engine`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, model_name: str,
+                 metrics: Metrics, on_lost: Callable[[], None] = lambda: None):
+        self.model_name, self.metrics = model_name, metrics
+        self._reader, self._writer = reader, writer
+        self._ids = itertools.count()
+        self._waiting: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
+        self._lost = False
+        self._on_lost = on_lost
+        self._listener = asyncio.create_task(self._listen(), name="siam-model-link")
+
+    async def _listen(self) -> None:
+        try:
+            while True:
+                header, payload = await read_frame(self._reader)
+                future = self._waiting.pop(header["id"], None)
+                if future is not None and not future.done():
+                    future.set_result((header, payload))
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            self._lost = True
+            log.error("the model process closed its connection: %s", type(e).__name__)
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(ShuttingDownError("the model process stopped"))
+            self._waiting.clear()
+            self._on_lost()
+
+    async def _call(self, header: dict[str, Any], payload: bytes = b"",
+                    timeout: float = 30.0) -> tuple[dict[str, Any], bytes]:
+        if self._lost:
+            raise ShuttingDownError("the model process stopped")
+        rid = next(self._ids)
+        loop = asyncio.get_running_loop()
+        future = self._waiting[rid] = loop.create_future()
+        self._writer.write(frame({"id": rid, **header}, payload))
+        silence = loop.call_later(timeout + SILENCE_MARGIN_S, self._give_up, rid, timeout)
+        try:
+            answer, data = await future
+        except asyncio.CancelledError:  # the client left (or shutdown): the model process drops the rows too
+            if self._waiting.pop(rid, None) is not None and not self._lost:
+                self._writer.write(frame({"op": "cancel", "id": rid}))
+            raise
+        finally:
+            silence.cancel()
+        if "error" in answer:
+            raise decode_error(answer)
+        return answer, data
+
+    def _give_up(self, rid: int, timeout: float) -> None:
+        future = self._waiting.pop(rid, None)
+        if future is not None and not future.done():
+            future.set_exception(DeadlineExceededError(f"no answer from the model process within {timeout:g} s"))
+
+    async def predict(self, images: torch.Tensor, samples: int, aggregation: Aggregation,
+                      seed: int | None = None, certify_alpha: float | None = None,
+                      selection_samples: int = 64, timeout: float = 30.0, internal: bool = False) -> list[Answer]:
+        shape, data = tensor_bytes(images)
+        answer, _ = await self._call({"op": "predict", "shape": shape, "samples": samples, "aggregation": aggregation,
+                                      "seed": seed, "alpha": certify_alpha, "selection": selection_samples,
+                                      "timeout": timeout, "internal": internal}, data, timeout)
+        return decode_answers(answer["answers"])
+
+    async def copy_logits(self, images: torch.Tensor, copies: int, seed: int | None, timeout: float,
+                          admit: bool = True) -> list[torch.Tensor]:
+        shape, data = tensor_bytes(images)
+        answer, logits = await self._call({"op": "logits", "shape": shape, "samples": copies, "seed": seed,
+                                           "timeout": timeout, "admit": admit}, data, timeout)
+        return list(tensor_from(answer["shape"], logits).unbind(0))
+
+    def record(self, answers: list[Answer], samples: int) -> None:
+        record_answers(self.metrics, self.model_name, answers, samples)
+
+    def shed(self) -> int:
+        """Answer every request still waiting on the model process 503 (the grace period is ending)."""
+        shed = 0
+        for rid, future in list(self._waiting.items()):
+            if not future.done():
+                future.set_exception(ShuttingDownError("the server is shutting down; this request was not "
+                                                       "finished within the grace period"))
+                shed += 1
+                if not self._lost:
+                    self._writer.write(frame({"op": "cancel", "id": rid}))
+        self._waiting.clear()
+        return shed
+
+    async def stop(self) -> None:
+        """Wait for the answers still owed (uvicorn has finished or shed the requests by now), then close."""
+        while self._waiting and not self._lost:
+            await asyncio.sleep(0.01)
+        self._listener.cancel()
+        self._writer.close()
+
+    # the feedback store, kept by the model process
+
+    async def remember(self, entries: list[tuple[str, int, int, str]]) -> None:
+        await self._call({"op": "remember", "entries": entries})
+
+    async def recall(self, prediction_id: str) -> Issued | None:
+        answer, _ = await self._call({"op": "recall", "prediction": prediction_id})
+        issued = answer["issued"]
+        return None if issued is None else Issued(issued[0], issued[1], issued[2], 0.0)

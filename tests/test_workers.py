@@ -1,0 +1,297 @@
+"""`siam serve --workers N`: HTTP workers in front of one model process.
+
+In-process: the model process's server (service/model_process.py) and a worker's RemoteEngine on one event
+loop, against a local engine on the same checkpoint. Subprocess: the whole thing, answering, sharing
+feedback and metrics between workers, draining on SIGTERM, and failing as a whole."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from service.backends import load_backend
+from service.engine import DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
+from service.metrics import Metrics
+from service.model_process import serve_model
+from service.remote_engine import RemoteEngine, connect
+from service.settings import Settings
+from service.state import ServiceState
+from service.wire import ModelProcessError, decode_answers, decode_error, encode_answers, encode_error, frame
+from tests.service_helpers import ROOT, Server, b64, image_bytes
+
+BODY = {"image": b64(image_bytes(0))}
+
+
+def settings_for(checkpoint: Path, **overrides: object) -> Settings:
+    fields: dict[str, object] = {"checkpoint": checkpoint, "backend": "torch", "chunk_rows": 64, "threads": 1,
+                                 "warmup": False, "allow_seed": True, **overrides}
+    return Settings(**fields)  # type: ignore[arg-type]
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+async def until(condition: object, timeout: float = 30.0) -> None:
+    """Poll ``condition()`` until true, within a bound."""
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+class ModelProcessInLoop:
+    """serve_model on this loop with a RemoteEngine connected to it; ``state`` is the model process's."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.folder = tempfile.TemporaryDirectory(prefix="siam-test-")
+        self.path = Path(self.folder.name, "model.sock")
+        self.state = ServiceState(settings)
+        self.control, self.model_end = multiprocessing.Pipe()
+
+    async def __aenter__(self) -> RemoteEngine:
+        self.task = asyncio.create_task(serve_model(self.settings, self.path, self.model_end, self.state))
+        reader, writer, hello = await asyncio.wait_for(connect(self.path), 60)
+        assert hello["ready"], hello
+        assert hello["manifest"]["name"] == "tiny" and hello["chunk_rows"] == 64
+        self.remote = RemoteEngine(reader, writer, "tiny", Metrics())
+        return self.remote
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.remote.stop()
+        self.control.send(("stop", None))
+        assert await asyncio.wait_for(self.task, 30) == 0
+        self.folder.cleanup()
+
+
+def test_remote_engine_answers_what_a_local_engine_answers(checkpoint: Path) -> None:
+    """Same seed, same backend: the answers that cross the socket are the local engine's, number for number
+    (plain, certified, and a sequential-sampling round's raw logits)."""
+    settings = settings_for(checkpoint)
+
+    async def scenario() -> None:
+        backend, manifest = load_backend(settings)
+        local = Engine(backend, "tiny", manifest.spec.smoothing.sigma, Metrics(), 4096, 0.0, 64)
+        local.start()
+        async with ModelProcessInLoop(settings) as remote:
+            x = images(3)
+            for kwargs in ({"seed": 5}, {"seed": 6, "certify_alpha": 0.01, "selection_samples": 8}):
+                mine = await local.predict(x, 16, "softmax", **kwargs)  # type: ignore[arg-type]
+                theirs = await remote.predict(x, 16, "softmax", **kwargs)  # type: ignore[arg-type]
+                assert [replace(a, id=None) for a in theirs] == mine
+                assert len({a.id for a in theirs}) == 3 and None not in {a.id for a in theirs}
+            assert [a.certificate is not None for a in theirs] == [True] * 3
+            mine_logits = await local.copy_logits(x, 7, 9, 30.0)
+            theirs_logits = await remote.copy_logits(x, 7, 9, 30.0)
+            assert len(theirs_logits) == 3 and all(t.shape == (7, 10) for t in theirs_logits)
+            assert all(torch.equal(a, b) for a, b in zip(mine_logits, theirs_logits, strict=True))
+            # unseeded requests from one worker are batched together in the model process
+            answers = await asyncio.gather(*(remote.predict(images(1, s), 4, "vote") for s in range(6)))
+            assert all(len(a) == 1 and a[0].prediction.samples == 4 for a in answers)
+        await local.stop()
+
+    asyncio.run(scenario())
+
+
+def test_refusals_cross_as_the_same_errors(checkpoint: Path) -> None:
+    async def scenario() -> None:
+        async with ModelProcessInLoop(settings_for(checkpoint, max_queue=1)) as remote:
+            with pytest.raises(DeadlineExceededError, match="no time left"):
+                await remote.predict(images(1), 4, "softmax", timeout=0)
+            results = await asyncio.gather(*(remote.predict(images(1), 256, "softmax") for _ in range(4)),
+                                           return_exceptions=True)
+            assert any(isinstance(r, QueueFullError) for r in results), results
+            assert any(isinstance(r, list) for r in results), results
+
+    asyncio.run(scenario())
+
+
+def test_wire_round_trips_answers_and_errors() -> None:
+    from models.smooth import Certificate, Prediction
+    from service.engine import Answer
+
+    answers = [Answer(Prediction(3, [0.1, 0.2 / 3, 1 - 0.1 - 0.2 / 3], 0.75, 16), Certificate(3, 0.25, 0.6, [1, 15]),
+                      None),
+               Answer(Prediction(-1, [0.5, 0.5], 0.5, 40), None, False)]
+    import json
+    assert decode_answers(json.loads(json.dumps(encode_answers(answers)))) == answers
+    overloaded = decode_error(encode_error(OverloadedError("busy", 7)))
+    assert isinstance(overloaded, OverloadedError) and overloaded.retry_after_s == 7 and str(overloaded) == "busy"
+    for error in (QueueFullError("full"), DeadlineExceededError("late"), ShuttingDownError("bye")):
+        assert type(decode_error(encode_error(error))) is type(error)
+    failure = decode_error(encode_error(ValueError("bad weights")))
+    assert isinstance(failure, ModelProcessError) and str(failure) == "ValueError: bad weights"
+
+
+def test_a_cancelled_request_is_dropped_by_the_model_process(checkpoint: Path) -> None:
+    """A client that leaves cancels its request in the worker; the model process must stop computing it
+    (it drops images between chunks: 64 images of 64 copies, one image per chunk)."""
+    rows = 64 * 64
+
+    async def scenario() -> None:
+        model = ModelProcessInLoop(settings_for(checkpoint))
+        async with model as remote:
+            engine = model.state.engine
+            assert isinstance(engine, Engine)
+            request = asyncio.create_task(remote.predict(images(64), 64, "softmax"))
+            await until(lambda: engine._busy)
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            await until(lambda: not engine._busy)
+            computed = model.state.metrics.registry.get_sample_value("siam_rows_total", {"model": "tiny"})
+            assert computed is not None and computed < rows / 2, computed
+
+    asyncio.run(scenario())
+
+
+def test_feedback_is_kept_by_the_model_process(checkpoint: Path) -> None:
+    """Predictions are kept under their ids before the worker has them; the worker's own (sequential
+    sampling's) are sent to be kept; each id takes feedback once."""
+
+    async def scenario() -> None:
+        async with ModelProcessInLoop(settings_for(checkpoint)) as remote:
+            answers = await remote.predict(images(2), 8, "vote")
+            for a in answers:
+                issued = await remote.recall(a.id)  # type: ignore[arg-type]
+                assert issued is not None and (issued.label, issued.samples) == (a.label, 8)
+            canary = await remote.predict(images(1), 8, "vote", internal=True)
+            assert canary[0].id is None  # the service's own traffic takes no feedback
+            await remote.remember([("a", 3, 16, "tiny"), ("b", 1, 4, "tiny")])
+            issued = await remote.recall("a")
+            assert issued is not None and (issued.label, issued.samples, issued.model) == (3, 16, "tiny")
+            assert await remote.recall("a") is None  # once only
+            assert await remote.recall("nobody") is None
+
+    asyncio.run(scenario())
+
+
+def test_a_lost_model_process_fails_waiting_requests_with_503() -> None:
+    """The model process answers hello, takes a request, then dies: the request and every later one get
+    ShuttingDownError (503 with Retry-After), and the worker turns not-ready."""
+
+    async def scenario() -> None:
+        folder = tempfile.TemporaryDirectory(prefix="siam-test-")
+        path = Path(folder.name, "model.sock")
+
+        async def dying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(frame({"ready": True}))
+            await reader.readexactly(8)
+            writer.close()
+
+        server = await asyncio.start_unix_server(dying, path=str(path))
+        reader, writer, _ = await connect(path)
+        lost: list[bool] = []
+        remote = RemoteEngine(reader, writer, "tiny", Metrics(), on_lost=lambda: lost.append(True))
+        with pytest.raises(ShuttingDownError, match="model process stopped"):
+            await asyncio.wait_for(remote.predict(images(1), 4, "softmax"), 10)
+        assert lost == [True]
+        with pytest.raises(ShuttingDownError):
+            await remote.predict(images(1), 4, "softmax")
+        await remote.stop()
+        server.close()
+        folder.cleanup()
+
+    asyncio.run(scenario())
+
+
+# --- the whole thing, in processes of its own ----------------------------------------------------------
+
+
+def post(url: str, samples: int, query: str = "", timeout: float = 60) -> tuple[int, dict]:
+    r = httpx.post(f"{url}/predict?samples={samples}{query}", json=BODY, timeout=timeout)  # new connection each
+    return r.status_code, r.json()
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.mark.subprocess
+def test_workers_answer_share_feedback_and_sum_metrics(checkpoint: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(settings_for(checkpoint, warmup=True))) as one_process:
+        expected = one_process.post("/predict?samples=16&seed=11&certify=true", json=BODY).json()
+    with Server(checkpoint, "--workers", "2", "--backend", "torch", "--chunk-rows", "64", "--allow-seed") as server:
+        status, answer = post(server.url, 16, "&seed=11&certify=true")
+        assert status == 200
+        for key in ("label", "probabilities", "vote_share", "radius", "p_lower", "abstained"):
+            assert answer[key] == expected[key], key
+        # Connections spread over the workers; a prediction id must take feedback through any of them.
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: post(server.url, 4), range(16)))
+        assert [s for s, _ in answers] == [200] * 16
+        feedback = [httpx.post(f"{server.url}/feedback", json={"id": a["id"], "label": 0}, timeout=10)
+                    for _, a in answers]
+        assert [r.status_code for r in feedback] == [200] * 16, [r.text for r in feedback]
+        # Counters from every process, summed: 17 predictions, 16 with feedback, whichever worker answers.
+        assert metric(server.url, "siam_predictions_total") == 17
+        assert metric(server.url, "siam_feedback_total") == 16
+        assert metric(server.url, "siam_model_info{") == 1
+        models = httpx.get(f"{server.url}/v1/models", timeout=5).json()["models"]
+        assert models[0]["name"] == "tiny" and models[0]["runtime"]["backend"] == "torch"
+        sequential = httpx.post(f"{server.url}/predict?samples=64&confidence=0.99", json=BODY, timeout=30).json()
+        assert sequential["samples_used"] <= 64 and "decided" in sequential
+
+
+@pytest.mark.subprocess
+def test_workers_finish_accepted_requests_on_sigterm_then_exit(checkpoint: Path) -> None:
+    server = Server(checkpoint, "--workers", "2", "--backend", "torch", "--chunk-rows", "256")
+    with server:
+        with ThreadPoolExecutor(4) as pool:
+            pending = [pool.submit(post, server.url, 1024) for _ in range(4)]
+            deadline = time.monotonic() + 30
+            while metric(server.url, "siam_in_flight_requests") < 4 + 1:  # summed over workers; /metrics is one
+                assert time.monotonic() < deadline, "the requests were not all accepted"
+                time.sleep(0.02)
+            server.proc.send_signal(signal.SIGTERM)  # the supervisor alone, as `docker stop` does
+            answers = [f.result() for f in pending]
+        assert [a[0] for a in answers] == [200] * 4, answers
+        assert server.proc.wait(60) == 0, server.output()[-3000:]
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{server.url}/health/live", timeout=2)
+
+
+def serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args, "--port", "0"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.subprocess
+def test_workers_exit_on_a_load_error_and_refuse_a_per_process_rate_limit(tmp_path: Path) -> None:
+    done = serve(str(tmp_path / "nonexistent"), "--workers", "2")
+    assert done.returncode == 1 and "could not load" in done.stderr, done.stderr[-2000:]
+    done = serve(str(tmp_path), "--workers", "2", "--rate-limit-per-s", "5", timeout=30)
+    assert done.returncode == 1 and "rate-limit" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.subprocess
+def test_a_dead_model_process_stops_the_service(checkpoint: Path) -> None:
+    """Workers without their model cannot answer: the whole service exits 1 for the orchestrator to restart."""
+    server = Server(checkpoint, "--workers", "2", "--backend", "torch", "--log-level", "info")
+    with server:
+        found = re.search(r"model process (\d+), 2 HTTP workers", server.output())
+        assert found, server.output()[-3000:]
+        import os
+
+        os.kill(int(found.group(1)), signal.SIGKILL)
+        assert server.proc.wait(60) == 1
+        assert "siam-model exited with status -9" in server.output()
