@@ -67,8 +67,8 @@ class ModelProcessInLoop:
         self.task = asyncio.create_task(serve_model(self.settings, self.path, self.model_end, self.state))
         reader, writer, hello = await asyncio.wait_for(connect(self.path), 60)
         assert hello["ready"], hello
-        assert hello["manifest"]["name"] == "tiny" and hello["chunk_rows"] == 64
-        self.remote = RemoteEngine(reader, writer, "tiny", Metrics())
+        assert hello["chunk_rows"] == 64
+        self.remote = RemoteEngine(reader, writer, hello["manifest"]["name"], Metrics())
         return self.remote
 
     async def __aexit__(self, *exc: object) -> None:
