@@ -4,7 +4,8 @@ In one run on this machine it measures (1) the limit: the base model's forward t
 per backend at its best chunk size; (2) the batching engine alone at each ``--samples``; (3) the
 service end to end over HTTP, a load generator in its own process driving 1..N closed-loop clients;
 (4) the same load against the obvious FastAPI service (on PyTorch, and on the service's own ONNX graph)
-and LitServe, serving the same checkpoint with the same smoothing. It prints a table whose every row
+and LitServe, serving the same checkpoint with the same smoothing, and against a server that answers at
+once, which shows the load generator's own ceiling. It prints a table whose every row
 carries its ratio to the limit and to the baselines, the targets of issue 6, and writes
 ``<output>.json`` (with the machine described) and ``<output>.png``.
 
@@ -35,14 +36,23 @@ from benchmarks import machine, report
 from benchmarks.engine_bench import build_backend, measure_engine
 from benchmarks.load import run_in_process
 from benchmarks.plot import plot_results
-from benchmarks.servers import ServerProcess, SystemSpec, fastapi_spec, litserve_spec, model_info, service_spec
+from benchmarks.servers import (
+    CEILING,
+    ServerProcess,
+    SystemSpec,
+    fastapi_spec,
+    instant_spec,
+    litserve_spec,
+    model_info,
+    service_spec,
+)
 from service.backends import resolve_device
 from service.settings import DEFAULT_CHECKPOINT, Settings
 from training.data import DEFAULT_DATA, load_split
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEMS = ("siam", "siam-torch", "siam-workers", "fastapi", "fastapi-onnx", "litserve")
-DEFAULT_SYSTEMS = ("siam", "fastapi", "fastapi-onnx", "litserve")
+SYSTEMS = ("siam", "siam-torch", "siam-workers", "fastapi", "fastapi-onnx", "litserve", CEILING)
+DEFAULT_SYSTEMS = ("siam", "fastapi", "fastapi-onnx", "litserve", CEILING)
 
 
 def int_list(text: str) -> list[int]:
@@ -72,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", type=str_list, default=list(DEFAULT_SYSTEMS),
                    help="servers to load: siam (the service as shipped), siam-torch (on the PyTorch backend), "
                    "siam-workers (with --workers HTTP worker processes), fastapi (plain, PyTorch), fastapi-onnx "
-                   "(plain, the service's ONNX graph), litserve "
-                   "[siam,fastapi,fastapi-onnx,litserve]")
+                   "(plain, the service's ONNX graph), litserve, instant (answers at once, no model: the load "
+                   "generator's own ceiling, measured at the first --samples only) "
+                   "[siam,fastapi,fastapi-onnx,litserve,instant]")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of every system [all cores]")
     p.add_argument("--workers", type=int, default=2, help="HTTP worker processes of the siam-workers system [2]")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
@@ -177,6 +188,8 @@ def system_specs(args: argparse.Namespace, device: torch.device) -> list[SystemS
         elif name == "siam-workers":
             specs.append(service_spec(args.checkpoint, args.threads, args.service_backend, str(device),
                                       args.onnx_cache, name="siam-workers", workers=args.workers))
+        elif name == CEILING:
+            specs.append(instant_spec())
         elif name in ("fastapi", "fastapi-onnx"):
             backend = "onnx" if name == "fastapi-onnx" else "torch"
             specs.append(fastapi_spec(args.checkpoint, args.threads, str(device), args.fastapi_mode, backend,
@@ -256,7 +269,9 @@ def run_http(args: argparse.Namespace, device: torch.device, limit: float,
                     print(f"  skip m={m} clients={clients}: fewer than 2 rounds fit", flush=True)
                     continue
                 warmup = warmup_for(clients, m, limit, args.warmup, args.duration)
-                kinds = [(server, None) for server in servers] + [
+                # The ceiling does not depend on m (no model): measured once per client count.
+                kinds = [(server, None) for server in servers
+                         if server.spec.name != CEILING or m == args.samples[0]] + [
                     (server, args.confidence) for server in servers
                     if args.confidence is not None and m >= 16 and server.spec.name.startswith("siam")]
                 runs: list[list[dict[str, Any]]] = [[] for _ in kinds]

@@ -26,7 +26,7 @@ def best_depth(cells: list[dict[str, Any]], system: str) -> dict[int, dict[str, 
 
 
 def plot_results(results: dict[str, Any], path: Path, latency_samples: int = 16) -> Path:
-    cells = results["http"]["cells"]
+    cells = [c for c in results["http"]["cells"] if c["system"] != "instant"]  # no model: nothing to plot
     systems = list(dict.fromkeys(c["system"] for c in cells))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6.5))
 

@@ -29,6 +29,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+CEILING = "instant"  # the system that measures the load generator's own ceiling
+
+
 @dataclass
 class SystemSpec:
     """How to start one system and talk to it."""
@@ -57,6 +60,12 @@ def fastapi_spec(checkpoint: Path, threads: int, device: str, mode: str = "sync"
             "--device", device, "--mode", mode, "--backend", backend, "--onnx-cache", str(onnx_cache)]
     name = "fastapi" if backend == "torch" else f"fastapi-{backend}"
     return SystemSpec(name, args, "/health", "query", {"backend": backend, "mode": mode})
+
+
+def instant_spec() -> SystemSpec:
+    """The load generator's ceiling: a server that answers every request at once (no model)."""
+    return SystemSpec(CEILING, ["benchmarks.baselines.instant_server", "--port", "{port}"], "/health", "query",
+                      {"what": "an instant fixed answer: the most the load generator can measure here"})
 
 
 def litserve_spec(checkpoint: Path, threads: int, device: str, max_batch_size: int,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -108,9 +110,10 @@ async def start_worker(state: ServiceState, model_socket: Path) -> None:
         return
     manifest = Manifest.model_validate(hello["manifest"])
 
-    def lost() -> None:
+    def lost() -> None:  # nothing left to serve: turn not-ready and drain, as on SIGTERM (orphans exit too)
         state.ready = False
         state.load_error = "the model process stopped"
+        os.kill(os.getpid(), signal.SIGTERM)
 
     engine = RemoteEngine(reader, writer, manifest.name, state.metrics, on_lost=lost)
     state.manifest, state.engine, state.feedback = manifest, engine, engine

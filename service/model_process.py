@@ -83,6 +83,8 @@ class WorkerLink:
                     raise ValueError(f"unknown operation {op!r}")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker exited
+        except Exception:  # a frame this code did not write: drop the connection, say why
+            log.exception("bad frame from a worker; closing its connection")
         finally:
             for task in list(self.tasks.values()):
                 task.cancel()  # nobody is left to read these answers: the engine drops their rows

@@ -23,6 +23,7 @@ import signal
 import socket
 import tempfile
 from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
@@ -44,7 +45,7 @@ def run_worker(settings: Settings, model_socket: str, sockets: list[socket.socke
     GracefulServer(uvicorn_config(app, settings), app).run(sockets=sockets)
 
 
-def stop_process(process: multiprocessing.process.BaseProcess, timeout: float) -> None:
+def stop_process(process: BaseProcess, timeout: float) -> None:
     """Wait for ``process`` to end, killing it if it takes longer than ``timeout`` seconds."""
     process.join(timeout)
     if process.is_alive():
@@ -53,75 +54,103 @@ def stop_process(process: multiprocessing.process.BaseProcess, timeout: float) -
         process.join()
 
 
+class Supervisor:
+    """Starts the model process and the workers, watches them, and stops them in order."""
+
+    def __init__(self, settings: Settings, folder: Path, signalled: list[int]):
+        self.settings, self.signalled = settings, signalled
+        self.model_socket = str(folder / "model.sock")
+        self.ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no threads or CUDA state forked
+        self.model: BaseProcess | None = None
+        self.workers: list[BaseProcess] = []
+        self.listener: socket.socket | None = None
+
+    def start(self) -> None:
+        from service.model_process import run_model_process
+
+        s = self.settings
+        # Bound first: a port in use fails the start before any process is made.
+        self.listener = uvicorn.Config("service.app:create_app", host=s.host, port=s.port).bind_socket()
+        self.control, model_end = self.ctx.Pipe()
+        self.model = self.ctx.Process(target=run_model_process, args=(s, self.model_socket, model_end),
+                                      name="siam-model")
+        self.model.start()
+        model_end.close()
+        self.workers = [self.ctx.Process(target=run_worker, args=(s, self.model_socket, [self.listener]),
+                                         name=f"siam-http-{i}") for i in range(s.workers)]
+        for worker in self.workers:
+            worker.start()
+        log.info("model process %d, %d HTTP workers on %s:%d", self.model.pid, len(self.workers), s.host,
+                 self.listener.getsockname()[1])
+
+    def watch(self) -> str | None:
+        """Until a signal (None) or a failure (its message): a process that died, or a model that did not load."""
+        assert self.model is not None
+        watched = [self.control, self.model.sentinel, *(w.sentinel for w in self.workers)]
+        while not self.signalled:
+            ready = wait(watched, timeout=0.5)
+            if self.control in ready:
+                try:
+                    kind, detail = self.control.recv()
+                except EOFError:  # the model process is exiting: its sentinel says how
+                    watched.remove(self.control)
+                    kind, detail = "gone", None
+                if kind == "load_error":
+                    log.error("could not load %s: %s", self.settings.checkpoint, detail)
+                    if self.settings.exit_on_load_error:
+                        return f"siam serve: could not load {self.settings.checkpoint}: {detail}"
+            dead = [p for p in (self.model, *self.workers) if p.sentinel in ready and not p.is_alive()]
+            if dead:
+                return "siam serve: " + ", ".join(f"{p.name} exited with status {p.exitcode}" for p in dead)
+        log.info("signal %d: draining the workers, then the model process", self.signalled[0])
+        return None
+
+    def stop(self) -> None:
+        """The workers first (each finishes its accepted requests), then the model process."""
+        from prometheus_client import multiprocess
+
+        grace = self.settings.graceful_timeout_s + 5
+        for worker in self.workers:
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)  # type: ignore[arg-type]
+        for worker in self.workers:
+            stop_process(worker, grace)
+            multiprocess.mark_process_dead(worker.pid)
+        if self.model is not None:
+            with contextlib.suppress(OSError):  # the model process may be gone already
+                self.control.send(("stop", None))
+            stop_process(self.model, grace)
+        if self.listener is not None:
+            self.listener.close()
+
+
 def serve_workers(settings: Settings) -> int | str:
     """Run the model process and the workers until a signal (status 0) or a failure (a message, status 1)."""
     if settings.rate_limit_per_s > 0:
         return ("siam serve: --rate-limit-per-s counts per process, so N workers would allow N times the rate; "
                 "run one worker, or rate-limit at the proxy in front")
-    from prometheus_client import multiprocess
+    signalled: list[int] = []
 
-    from service.model_process import run_model_process
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        signalled.append(sig)
 
+    # Before any child starts: a signal must never leave children behind without their supervisor.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     multiprocessing.allow_connection_pickling()  # the listening socket goes to each worker
-    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no threads or CUDA state forked
     with tempfile.TemporaryDirectory(prefix="siam-") as folder:
         metrics_folder = Path(folder, "metrics")
         metrics_folder.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_folder)  # read by the children at import
-        model_socket = str(Path(folder, "model.sock"))
-        control, model_end = ctx.Pipe()
-        model = ctx.Process(target=run_model_process, args=(settings, model_socket, model_end), name="siam-model")
-        model.start()
-        model_end.close()
-        listener = uvicorn.Config("service.app:create_app", host=settings.host, port=settings.port).bind_socket()
-        workers = [ctx.Process(target=run_worker, args=(settings, model_socket, [listener]), name=f"siam-http-{i}")
-                   for i in range(settings.workers)]
-        for worker in workers:
-            worker.start()
-        log.info("model process %d, %d HTTP workers on %s:%d", model.pid, len(workers), settings.host,
-                 listener.getsockname()[1])
-
-        signalled: list[int] = []
-
-        def on_signal(sig: int, frame: FrameType | None) -> None:
-            signalled.append(sig)
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        failure: str | None = None
+        supervisor = Supervisor(settings, Path(folder), signalled)
         try:
-            while not signalled and failure is None:
-                ready = wait([control, model.sentinel, *(w.sentinel for w in workers)], timeout=0.5)
-                if control in ready:
-                    try:
-                        kind, detail = control.recv()
-                    except EOFError:
-                        kind, detail = "gone", None
-                    if kind == "load_error":
-                        log.error("could not load %s: %s", settings.checkpoint, detail)
-                        if settings.exit_on_load_error:
-                            failure = f"siam serve: could not load {settings.checkpoint}: {detail}"
-                    elif kind == "ready":
-                        log.info("model process ready")
-                dead = [p for p in (model, *workers) if p.sentinel in ready and not p.is_alive()]
-                if dead and failure is None:
-                    failure = "siam serve: " + ", ".join(f"{p.name} exited with status {p.exitcode}" for p in dead)
-            if signalled:
-                log.info("signal %d: draining the workers, then the model process", signalled[0])
-            grace = settings.graceful_timeout_s + 5
-            for worker in workers:
-                if worker.is_alive():
-                    os.kill(worker.pid, signal.SIGTERM)  # type: ignore[arg-type]
-            for worker in workers:
-                stop_process(worker, grace)
-                multiprocess.mark_process_dead(worker.pid)
-            with contextlib.suppress(OSError):  # the model process may be gone already
-                control.send(("stop", None))
-            stop_process(model, grace)
+            supervisor.start()
+            failure = supervisor.watch()
         finally:
+            supervisor.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            listener.close()
             del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-        if failure is None and model.exitcode not in (0, None):
-            failure = f"siam serve: the model process exited with status {model.exitcode}"
-        return failure or 0
+    model = supervisor.model
+    if failure is None and model is not None and model.exitcode not in (0, None):
+        failure = f"siam serve: the model process exited with status {model.exitcode}"
+    return failure or 0

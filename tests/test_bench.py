@@ -21,7 +21,7 @@ HAS_LITSERVE = importlib.util.find_spec("litserve") is not None
 
 @pytest.mark.timeout(120)
 def test_quick_bench_writes_every_section_with_measured_ratios(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    systems = "siam,fastapi,fastapi-onnx" + (",litserve" if HAS_LITSERVE else "")
+    systems = "siam,fastapi,fastapi-onnx,instant" + (",litserve" if HAS_LITSERVE else "")
     output = tmp_path / "bench.json"
     bench_main(["--quick", "--checkpoint", str(tiny_checkpoint), "--samples", "1,4", "--concurrency", "1,2",
                 "--duration", "0.4", "--warmup", "0.1", "--chunks", "16,32", "--limit-budget", "0.05",
@@ -53,10 +53,21 @@ def test_quick_bench_writes_every_section_with_measured_ratios(tiny_checkpoint: 
         assert r["rows_per_s"] == pytest.approx(r["predictions_per_s"] * r["samples"])
         assert r["ratio_to_limit"] == pytest.approx(r["rows_per_s"] / limit)
 
-    cells = results["http"]["cells"]
-    assert {c["system"] for c in cells} == set(systems.split(","))
-    assert len(cells) == 2 * 2 * len(systems.split(","))
+    all_cells = results["http"]["cells"]
+    assert {c["system"] for c in all_cells} == set(systems.split(","))
+    # The load generator's ceiling (an instant server) once per client count, at the first m only.
+    ceiling = [c for c in all_cells if c["system"] == "instant"]
+    assert sorted((c["samples"], c["concurrency"]) for c in ceiling) == [(1, 1), (1, 2)]
+    assert all(c["errors"] == 0 and c["completed"] > 0 and "ratio_to_limit" not in c for c in ceiling)
+    cells = [c for c in all_cells if c["system"] != "instant"]
+    assert len(cells) == 2 * 2 * (len(systems.split(",")) - 1)
     by_key = {(c["samples"], c["concurrency"], c["system"]): c for c in cells}
+    headroom = {t["target"]: t for t in results["targets"]}[
+        "load generator's ceiling / fastest system's pred/s (worst client count)"]
+    fastest_lone = max(c["predictions_per_s"] for c in cells if c["concurrency"] == 1)
+    fastest_pair = max(c["predictions_per_s"] for c in cells if c["concurrency"] == 2)
+    ceilings = {c["concurrency"]: c["predictions_per_s"] for c in ceiling}
+    assert headroom["value"] == pytest.approx(min(ceilings[1] / fastest_lone, ceilings[2] / fastest_pair))
     for c in cells:
         assert c["errors"] == 0, c["first_error"]
         assert c["completed"] > 0
