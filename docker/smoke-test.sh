@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Docker smoke test, offline: build the image, bring the compose stack up (CPU override), send a CIFAR-10
 # image through the container, see Prometheus (in its container) scrape the service, scale out to two
-# replicas behind nginx, and take the stack down. It runs the commands docker/README.md gives.
+# replicas behind nginx (each with two HTTP worker processes, SIAM_WORKERS=2), and take the stack down. It runs the commands docker/README.md gives.
 #
 #   docker/smoke-test.sh            exit 0: passed (or "SKIPPED: no docker engine"), non-zero: failed
 #
@@ -226,10 +226,12 @@ while :; do
 done
 say "Prometheus: $loaded alert and recording rules loaded, all evaluated and healthy"
 
-# --- scaling out: two replicas behind nginx (profile scale), each scraped by Prometheus --------------
+# --- scaling out: two replicas behind nginx (profile scale), each scraped by Prometheus, each with two
+# HTTP worker processes in front of its model process (SIAM_WORKERS=2: the metrics of a replica's
+# processes are summed in what Prometheus scrapes) -------------------------------------------------------
 if [[ "${SIAM_SMOKE_SCALE:-1}" == 1 ]]; then
-  say "scale: SIAM_PUBLISH=8000 ${compose[*]} --profile scale up -d --scale siam-cpu=2 ${lb_services[*]}"
-  SIAM_PUBLISH=8000 "${compose[@]}" --profile scale up -d --scale siam-cpu=2 "${lb_services[@]}"
+  say "scale: SIAM_WORKERS=2 SIAM_PUBLISH=8000 ${compose[*]} --profile scale up -d --scale siam-cpu=2 ${lb_services[*]}"
+  SIAM_WORKERS=2 SIAM_PUBLISH=8000 "${compose[@]}" --profile scale up -d --scale siam-cpu=2 "${lb_services[@]}"
   wait_healthy siam-cpu
   "${compose[@]}" exec -T nginx nginx -s reload  # nginx resolves the replicas when it (re)loads
   lb="http://127.0.0.1:$(host_port nginx 8080)"
@@ -245,4 +247,9 @@ if [[ "${SIAM_SMOKE_SCALE:-1}" == 1 ]]; then
   say "8 predictions through nginx at $lb"
   wait_promql 'count(up{job="siam"} == 1)' 2
   wait_promql 'count(sum by (instance) (siam_predictions_total) > 0)' 2
+  for cid in $("${compose[@]}" ps -q siam-cpu); do  # a supervisor, a model process and two workers in each
+    processes="$(docker top "$cid" -o pid,args | grep -c python)"
+    ((processes >= 4)) || fail "container $cid runs $processes Python processes, expected 4 with SIAM_WORKERS=2"
+  done
+  say "each replica runs two HTTP workers in front of its model process"
 fi
