@@ -190,7 +190,8 @@ class OnnxBackend:
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "device": str(self.device), "precision": self.precision,
                 "provider": self.provider, "providers": self.session.get_providers(), "graph": str(self.path),
-                "ort_threads": "per-chunk" if self._pool is not None else "per-call", "workers": self.workers}
+                "ort_threads": "per-chunk" if self._pool is not None else "per-call",
+                "ort_parallel_calls": self.workers}
 
 
 def onnx_graph(model: Classifier, manifest: Manifest, checkpoint: Path, cache: Path) -> Path:

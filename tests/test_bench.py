@@ -21,7 +21,7 @@ HAS_LITSERVE = importlib.util.find_spec("litserve") is not None
 
 @pytest.mark.timeout(120)
 def test_quick_bench_writes_every_section_with_measured_ratios(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    systems = "siam,fastapi,fastapi-onnx,instant" + (",litserve" if HAS_LITSERVE else "")
+    systems = "siam,siam-workers,fastapi,fastapi-onnx,instant" + (",litserve" if HAS_LITSERVE else "")
     output = tmp_path / "bench.json"
     bench_main(["--quick", "--checkpoint", str(tiny_checkpoint), "--samples", "1,4", "--concurrency", "1,2",
                 "--duration", "0.4", "--warmup", "0.1", "--chunks", "16,32", "--limit-budget", "0.05",
@@ -77,6 +77,8 @@ def test_quick_bench_writes_every_section_with_measured_ratios(tiny_checkpoint: 
         plain = by_key[(c["samples"], c["concurrency"], "fastapi")]
         assert c["vs_fastapi"] == pytest.approx(c["rows_per_s"] / plain["rows_per_s"])
     assert results["http"]["systems"]["siam"]["runtime"]["backend"] in {"torch", "onnx"}
+    assert results["http"]["systems"]["siam-workers"]["http_workers"] == 2  # `siam serve --workers 2`
+    assert results["http"]["systems"]["siam-workers"]["runtime"]["backend"] in {"torch", "onnx"}
     overhead = {t["target"]: t for t in results["targets"]}["samples=1 overhead vs the best plain FastAPI service "
                                                             "(worst case)"]
     assert overhead["value"] is not None and "vs fastapi" in overhead["detail"]

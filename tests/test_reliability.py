@@ -441,7 +441,9 @@ def test_a_client_that_leaves_has_its_rows_dropped_uncomputed(checkpoint: Path) 
 
 
 @pytest.mark.subprocess
-def test_siam_serve_speaks_https_with_a_certificate(checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_siam_serve_speaks_https_with_a_certificate(checkpoint: Path, tmp_path: Path, workers: str) -> None:
+    """HTTPS from the one process, and from each HTTP worker of `--workers 2`."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("needs openssl to make a certificate")
@@ -450,7 +452,7 @@ def test_siam_serve_speaks_https_with_a_certificate(checkpoint: Path, tmp_path: 
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     server = Server(checkpoint, "--backend", "torch", "--chunk-rows", "64", "--ssl-certfile", str(cert),
-                    "--ssl-keyfile", str(key))
+                    "--ssl-keyfile", str(key), "--workers", workers)
     trust = ssl.create_default_context(cafile=str(cert))
     try:
         url = server.url.replace("http://", "https://")

@@ -418,7 +418,7 @@ def test_per_chunk_onnx_threads_give_every_copy_its_own_row_in_order(checkpoint:
     per_call, _ = load_backend(settings(checkpoint, backend="onnx", device="cpu", threads=2, chunk_rows=8))
     per_chunk, _ = load_backend(settings(checkpoint, backend="onnx", device="cpu", threads=2, chunk_rows=8,
                                          ort_threads="per-chunk"))
-    assert per_chunk.describe()["ort_threads"] == "per-chunk" and per_chunk.describe()["workers"] == 2
+    assert per_chunk.describe()["ort_threads"] == "per-chunk" and per_chunk.describe()["ort_parallel_calls"] == 2
     assert per_call.describe()["ort_threads"] == "per-call"
     options = per_chunk.session.get_session_options()  # type: ignore[attr-defined]
     assert options.intra_op_num_threads == 1
