@@ -72,11 +72,10 @@ class WorkerLink:
                     task.add_done_callback(lambda _, rid=rid: self.tasks.pop(rid, None))
                 elif op == "remember":
                     assert self.state.feedback is not None
-                    for pid, label, samples, model in header["entries"]:
-                        self.state.feedback.add(pid, label, samples, model)
+                    await self.state.feedback.remember([tuple(entry) for entry in header["entries"]])
                     await self.send({"id": rid})
                 elif op == "recall":
-                    issued = self.state.feedback.take(header["prediction"]) if self.state.feedback else None
+                    issued = await self.state.feedback.recall(header["prediction"]) if self.state.feedback else None
                     await self.send({"id": rid, "issued": None if issued is None else
                                      [issued.label, issued.samples, issued.model]})
                 else:
@@ -90,14 +89,16 @@ class WorkerLink:
                 task.cancel()  # nobody is left to read these answers: the engine drops their rows
             self.writer.close()
 
-    def remember(self, answers: list[Answer], samples: int) -> list[Answer]:
+    def with_ids(self, answers: list[Answer], samples: int) -> list[Answer]:
         """Give each answer its prediction id, kept for feedback before the worker hears of it: feedback
         may follow through any worker at once (one message per request, no second round trip)."""
         assert self.state.feedback is not None and self.state.manifest is not None
-        named = [replace(a, id=uuid.uuid4().hex) for a in answers]
-        for a in named:
-            if a.label >= 0:
-                self.state.feedback.add(a.id, a.label, samples, self.state.manifest.name)  # type: ignore[arg-type]
+        named = []
+        for answer in answers:
+            prediction_id = uuid.uuid4().hex
+            if answer.label >= 0:
+                self.state.feedback.add(prediction_id, answer.label, samples, self.state.manifest.name)
+            named.append(replace(answer, id=prediction_id))
         return named
 
     async def run(self, header: dict[str, Any], payload: bytes) -> None:
@@ -114,10 +115,8 @@ class WorkerLink:
             answers = await engine.predict(images, header["samples"], header["aggregation"], header["seed"],
                                            header["alpha"], header["selection"], header["timeout"], header["internal"])
             if not header["internal"]:
-                answers = self.remember(answers, header["samples"])
+                answers = self.with_ids(answers, header["samples"])
             await self.send({"id": rid, "answers": encode_answers(answers)})
-        except asyncio.CancelledError:
-            raise
         except Exception as e:  # the engine's refusals and model failures go back to the worker to answer
             await self.send({"id": rid, **encode_error(e)})
 
