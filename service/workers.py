@@ -100,7 +100,9 @@ class Supervisor:
                     if self.settings.exit_on_load_error:
                         return f"siam serve: could not load {self.settings.checkpoint}: {detail}"
             dead = [p for p in (self.model, *self.workers) if p.sentinel in ready and not p.is_alive()]
-            if dead:
+            # A signal to the whole process group (Ctrl-C) reaches the workers too: they drain and exit
+            # by themselves, which is the shutdown asked for, not a failure.
+            if dead and not self.signalled:
                 return "siam serve: " + ", ".join(f"{p.name} exited with status {p.exitcode}" for p in dead)
         log.info("signal %d: draining the workers, then the model process", self.signalled[0])
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import re
 import signal
 import subprocess
@@ -253,7 +254,10 @@ def test_workers_answer_share_feedback_and_sum_metrics(checkpoint: Path) -> None
 
 
 @pytest.mark.subprocess
-def test_workers_finish_accepted_requests_on_sigterm_then_exit(checkpoint: Path) -> None:
+@pytest.mark.parametrize("to_group", [False, True], ids=["sigterm-to-siam-serve", "sigint-to-the-group"])
+def test_workers_finish_accepted_requests_on_sigterm_then_exit(checkpoint: Path, to_group: bool) -> None:
+    """SIGTERM to `siam serve` alone (as `docker stop` sends it), or SIGINT to every process (Ctrl-C in a
+    terminal): either way every accepted request is answered and the service exits 0."""
     server = Server(checkpoint, "--workers", "2", "--backend", "torch", "--chunk-rows", "256")
     with server:
         with ThreadPoolExecutor(4) as pool:
@@ -262,12 +266,28 @@ def test_workers_finish_accepted_requests_on_sigterm_then_exit(checkpoint: Path)
             while metric(server.url, "siam_in_flight_requests") < 4 + 1:  # summed over workers; /metrics is one
                 assert time.monotonic() < deadline, "the requests were not all accepted"
                 time.sleep(0.02)
-            server.proc.send_signal(signal.SIGTERM)  # the supervisor alone, as `docker stop` does
+            if to_group:
+                os.killpg(server.proc.pid, signal.SIGINT)
+            else:
+                server.proc.send_signal(signal.SIGTERM)
             answers = [f.result() for f in pending]
         assert [a[0] for a in answers] == [200] * 4, answers
         assert server.proc.wait(60) == 0, server.output()[-3000:]
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{server.url}/health/live", timeout=2)
+
+
+@pytest.mark.subprocess
+def test_sigterm_to_the_group_of_an_idle_service_is_a_clean_exit(tmp_path: Path) -> None:
+    """SIGTERM to every process of the group (systemd's default KillMode, `timeout`, `kill -- -PGID`):
+    workers with nothing to finish (here: no model, kept up not-ready) exit at once, before `siam serve`
+    has stopped them. That is the shutdown asked for (status 0), not a worker dying (status 1)."""
+    server = Server(tmp_path / "nonexistent", "--workers", "2", "--no-exit-on-load-error")
+    server.spec.health_path = "/health/live"
+    with server:
+        assert httpx.get(f"{server.url}/health/ready", timeout=5).status_code == 503
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        assert server.proc.wait(60) == 0, server.output()[-3000:]
 
 
 def serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -290,8 +310,6 @@ def test_a_dead_model_process_stops_the_service(checkpoint: Path) -> None:
     with server:
         found = re.search(r"model process (\d+), 2 HTTP workers", server.output())
         assert found, server.output()[-3000:]
-        import os
-
         os.kill(int(found.group(1)), signal.SIGKILL)
         assert server.proc.wait(60) == 1
         assert "siam-model exited with status -9" in server.output()
