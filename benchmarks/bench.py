@@ -36,8 +36,8 @@ from benchmarks import machine, report
 from benchmarks.engine_bench import build_backend, measure_engine
 from benchmarks.load import run_in_process
 from benchmarks.plot import plot_results
+from benchmarks.report import CEILING
 from benchmarks.servers import (
-    CEILING,
     ServerProcess,
     SystemSpec,
     fastapi_spec,

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from benchmarks.report import CEILING
+
 COLORS = {"siam": "tab:blue", "siam-torch": "tab:cyan", "siam-workers": "tab:brown", "fastapi": "tab:orange",
           "fastapi-onnx": "tab:red",
           "litserve": "tab:green", "engine": "tab:purple"}
@@ -26,7 +28,7 @@ def best_depth(cells: list[dict[str, Any]], system: str) -> dict[int, dict[str, 
 
 
 def plot_results(results: dict[str, Any], path: Path, latency_samples: int = 16) -> Path:
-    cells = [c for c in results["http"]["cells"] if c["system"] != "instant"]  # no model: nothing to plot
+    cells = [c for c in results["http"]["cells"] if c["system"] != CEILING]  # no model: nothing to plot
     systems = list(dict.fromkeys(c["system"] for c in cells))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6.5))
 

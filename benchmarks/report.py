@@ -15,7 +15,7 @@ Results = dict[str, Any]
 BASELINES = ("fastapi", "fastapi-onnx", "litserve")
 PLAIN = ("fastapi", "fastapi-onnx")  # one request, one forward: the plain classifier services
 SERVICE = "siam"
-CEILING = "instant"  # benchmarks/servers.py: the load generator's ceiling, not a system under test
+CEILING = "instant"  # the load generator's ceiling (benchmarks/baselines/instant_server.py), not a system under test
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

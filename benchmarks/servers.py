@@ -20,6 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.report import CEILING
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,9 +29,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-CEILING = "instant"  # the system that measures the load generator's own ceiling
 
 
 @dataclass

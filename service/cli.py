@@ -7,7 +7,6 @@ a flag given on the command line wins over the environment.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from service.app import create_app
@@ -15,8 +14,6 @@ from service.observe import setup_logging
 from service.server import GracefulServer, uvicorn_config
 from service.settings import Settings
 from service.workers import serve_workers
-
-log = logging.getLogger("siam.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,6 +49,9 @@ class ShuttingDownError(RuntimeError):
     """The engine no longer takes requests."""
 
 
+SHED_MESSAGE = "the server is shutting down; this request was not finished within the grace period"
+
+
 class OverloadedError(RuntimeError):
     """The rows queued ahead would not be computed before this request's deadline."""
 
@@ -173,8 +176,7 @@ class Engine:
         for job in [*self._pending, *self._running]:
             job.abandoned = job.taken = True
             if not job.future.done():
-                job.future.set_exception(ShuttingDownError("the server is shutting down; this request was not "
-                                                           "finished within the grace period"))
+                job.future.set_exception(ShuttingDownError(SHED_MESSAGE))
                 shed += 1
         self._pending.clear()
         self._queued_rows = 0

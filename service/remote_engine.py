@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from models.spec import Aggregation
-from service.engine import Answer, DeadlineExceededError, ShuttingDownError, record_answers
+from service.engine import SHED_MESSAGE, Answer, DeadlineExceededError, ShuttingDownError, record_answers
 from service.feedback import Issued
 from service.metrics import Metrics
 from service.wire import decode_answers, decode_error, frame, read_frame, tensor_bytes, tensor_from
@@ -76,10 +76,7 @@ class RemoteEngine:
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             self._lost = True
             log.error("the model process closed its connection: %s", type(e).__name__)
-            for future in self._waiting.values():
-                if not future.done():
-                    future.set_exception(ShuttingDownError("the model process stopped"))
-            self._waiting.clear()
+            self._fail_waiting("the model process stopped")
             self._on_lost()
 
     async def _call(self, header: dict[str, Any], payload: bytes = b"",
@@ -127,18 +124,22 @@ class RemoteEngine:
     def record(self, answers: list[Answer], samples: int) -> None:
         record_answers(self.metrics, self.model_name, answers, samples)
 
-    def shed(self) -> int:
-        """Answer every request still waiting on the model process 503 (the grace period is ending)."""
-        shed = 0
-        for rid, future in list(self._waiting.items()):
+    def _fail_waiting(self, message: str) -> int:
+        """Answer every request still waiting on the model process with ShuttingDownError (503), asking the
+        model process (while it is there) to drop their rows. Returns how many were answered."""
+        failed = 0
+        for rid, future in self._waiting.items():
             if not future.done():
-                future.set_exception(ShuttingDownError("the server is shutting down; this request was not "
-                                                       "finished within the grace period"))
-                shed += 1
+                future.set_exception(ShuttingDownError(message))
+                failed += 1
                 if not self._lost:
                     self._writer.write(frame({"op": "cancel", "id": rid}))
         self._waiting.clear()
-        return shed
+        return failed
+
+    def shed(self) -> int:
+        """Answer every request still waiting on the model process 503 (the grace period is ending)."""
+        return self._fail_waiting(SHED_MESSAGE)
 
     async def stop(self) -> None:
         """Wait for the answers still owed (uvicorn has finished or shed the requests by now), then close."""
