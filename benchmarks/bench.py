@@ -73,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of load before measuring; at least 1.5 rounds of every client's copies [1; quick 0.3]")
     p.add_argument("--concurrency", type=int_list, default=None, help="HTTP clients [1,8,64; quick 1,8]")
     p.add_argument("--samples", type=int_list, default=None, help="noisy copies m [1,16,64,256; quick 1,16]")
-    p.add_argument("--backends", type=str_list, default=["torch", "onnx", "onnx-bare", "onnx-int8"],
-                   help="backends for the limit [torch,onnx,onnx-bare,onnx-int8]; the served ones (torch, onnx) "
-                        "set the limit the ratios use, onnx-bare (no noise) and onnx-int8 (where the checkpoint "
-                        "has an int8 graph) are shown beside it")
+    p.add_argument("--backends", type=str_list, default=list(("torch", *limits.ONNX_VARIANTS)),
+                   help="backends for the limit [torch,onnx,onnx-bare,onnx-torch-noise,onnx-int8]; the served ones "
+                        "(torch, onnx) set the limit the ratios use; onnx-bare (no noise), onnx-torch-noise (the "
+                        "noise drawn by torch on the CPU and fed to the graph: SIAM_ORT_NOISE=torch) and onnx-int8 "
+                        "(where the checkpoint has an int8 graph) are shown beside it")
     p.add_argument("--service-backend", default="auto", choices=["auto", "torch", "onnx"],
                    help="what the service and the engine run [auto: the service's own default]")
     p.add_argument("--systems", type=str_list, default=list(DEFAULT_SYSTEMS),

@@ -5,13 +5,16 @@ on pre-made rows with the smoothing noise drawn on the device in the same call (
 what the torch backend runs per chunk); for ONNX Runtime it is the exported graph, whose noise is drawn
 inside the graph, fed with pre-made rows. No decoding, queueing, aggregation or copying is counted.
 
-Two more rows put it in context, neither served by default: ``onnx-bare``, the same network exported
-without its noise (what the forward alone costs: the noise is part of the service's cost), and
-``onnx-int8``, the checkpoint's int8 graph (``siam export --int8``; ``SIAM_PRECISION=int8``).
+More rows put it in context, none served by default: ``onnx-bare``, the same network exported without
+its noise (what the forward alone costs: the noise is part of the service's cost), ``onnx-torch-noise``,
+the graph fed noise that ``torch.randn`` drew on the CPU (``SIAM_ORT_NOISE=torch``;
+``models.onnx.with_noise_input``), and ``onnx-int8``, the checkpoint's int8 graph (``siam export --int8``;
+``SIAM_PRECISION=int8``).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -26,7 +29,7 @@ from models.smooth import Smooth
 from service.backends import int8_graph, onnx_graph
 
 DEFAULT_CHUNKS = (16, 32, 64, 128, 256, 512, 1024)
-ONNX_VARIANTS = ("onnx", "onnx-bare", "onnx-int8")
+ONNX_VARIANTS = ("onnx", "onnx-bare", "onnx-torch-noise", "onnx-int8")
 SERVED = ("torch", "onnx")
 """The backends the service runs at full precision: the limit a served answer is measured against."""
 
@@ -77,8 +80,11 @@ def torch_limit(model: torch.nn.Module, manifest: Manifest, device: torch.device
 def onnx_limit(model: torch.nn.Module, manifest: Manifest, checkpoint: Path, cache: Path, device: torch.device,
                threads: int, chunks: Sequence[int], budget_s: float, variant: str = "onnx") -> BackendLimit:
     """ONNX Runtime on pre-made rows, the session set up like the service's: the exported graph (noise
-    inside; ``onnx``), the same network without noise (``onnx-bare``) or the int8 graph (``onnx-int8``)."""
+    inside; ``onnx``), the same network without noise (``onnx-bare``), the graph fed noise drawn by torch
+    (``onnx-torch-noise``, on the CPU) or the int8 graph (``onnx-int8``)."""
     import onnxruntime as ort
+
+    from models.onnx import NOISE_INPUT, with_noise_input
 
     if variant == "onnx-int8":
         path = int8_graph(manifest, checkpoint)
@@ -86,7 +92,7 @@ def onnx_limit(model: torch.nn.Module, manifest: Manifest, checkpoint: Path, cac
         path = cache / f"{manifest.name}-{manifest.weights.sha256[:16]}-bare.onnx"
         if not path.is_file():
             export_onnx(model.cpu(), manifest.spec, path, manifest.weights.sha256, noise=False)
-    else:
+    else:  # onnx, onnx-torch-noise
         path = onnx_graph(model.cpu(), manifest, checkpoint, cache)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -94,7 +100,10 @@ def onnx_limit(model: torch.nn.Module, manifest: Manifest, checkpoint: Path, cac
     providers: list[object] = ["CPUExecutionProvider"]
     if device.type == "cuda":
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    fed_noise = variant == "onnx-torch-noise"
+    if fed_noise and device.type != "cpu":
+        raise ValueError("onnx-torch-noise draws the noise on the CPU; measure it with --device cpu")
+    session = ort.InferenceSession(with_noise_input(path) if fed_noise else str(path), options, providers=providers)
     provider = session.get_providers()[0]
     inputs = {i.name for i in session.get_inputs()}  # the bare graph has no sigma
     sigma = np.array([manifest.spec.smoothing.sigma], dtype=np.float32)
@@ -103,8 +112,12 @@ def onnx_limit(model: torch.nn.Module, manifest: Manifest, checkpoint: Path, cac
     for chunk in chunks:
         rows = np.random.rand(chunk, 3, size, size).astype(np.float32)
         feed = {k: v for k, v in {"images": rows, "sigma": sigma}.items() if k in inputs}
-        rates[chunk] = rows_per_second(lambda feed=feed: session.run(["logits"], feed), chunk, budget_s,
-                                       lambda: None)
+
+        def run(feed: dict[str, np.ndarray] = feed) -> object:
+            fresh = {NOISE_INPUT: torch.randn(feed["images"].shape).numpy()} if fed_noise else {}
+            return session.run(["logits"], {**feed, **fresh})
+
+        rates[chunk] = rows_per_second(run, chunk, budget_s, lambda: None)
     best = max(rates, key=rates.__getitem__)
     return BackendLimit(variant, provider, rates, best, rates[best])
 
@@ -144,7 +157,8 @@ def as_dict(limit: BackendLimit) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m benchmarks.limit A B ...``: the limits of several checkpoints side by side, in one run."""
+    """``python -m benchmarks.limit A B ...``: the limits of several checkpoints (or backends) side by side, in
+    one run; with ``--rounds N`` every pair is measured N times, in turn, and the median kept."""
     import argparse
     import shlex
     import sys
@@ -153,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.limit", description=main.__doc__)
     p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint folders; ratios are to the first")
-    p.add_argument("--backend", default="torch", choices=["torch", *ONNX_VARIANTS])
+    p.add_argument("--backend", default="torch", help="one or more of torch, " + ", ".join(ONNX_VARIANTS)
+                   + ", comma-separated [%(default)s]")
+    p.add_argument("--rounds", type=int, default=1, help="measurements of each checkpoint and backend, in turn "
+                   "(a slow moment of a shared machine then hits them all); the median is kept [%(default)s]")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] [%(default)s]")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads [all cores]")
     p.add_argument("--chunks", default="64,256", help="chunk sizes tried, the best kept [%(default)s]")
@@ -163,16 +180,26 @@ def main(argv: list[str] | None = None) -> None:
     print("command: python -m benchmarks.limit " + shlex.join(sys.argv[1:] if argv is None else argv))
     print("machine: " + machine.summary_line(machine.describe(device)))
     chunks = [int(c) for c in args.chunks.split(",")]
+    backends = args.backend.split(",")
+    if unknown := [b for b in backends if b not in ("torch", *ONNX_VARIANTS)]:
+        p.error(f"unknown backend(s) {', '.join(unknown)}; choose from torch, {', '.join(ONNX_VARIANTS)}")
+    pairs = [(c, b) for c in args.checkpoints for b in backends]
+    runs: dict[tuple[Path, str], list[BackendLimit]] = {pair: [] for pair in pairs}
+    for _ in range(args.rounds):
+        for checkpoint, backend in pairs:
+            runs[checkpoint, backend].append(
+                measure_limits(checkpoint, device, args.threads, [backend], chunks, args.budget)[0])
     first = None
-    for checkpoint in args.checkpoints:
-        limit = measure_limits(checkpoint, device, args.threads, [args.backend], chunks, args.budget)[0]
-        if limit.error:
-            print(f"{checkpoint}: {limit.error}")
+    for (checkpoint, backend), found in runs.items():
+        if found[0].error:
+            print(f"{checkpoint} {backend}: {found[0].error}")
             continue
-        first = first or limit.best_rows_per_s
-        rates = ", ".join(f"chunk {k}: {v:.0f}" for k, v in limit.rates.items())
-        ratio = limit.best_rows_per_s / first
-        print(f"{checkpoint}: {limit.best_rows_per_s:.0f} rows/s ({rates}); {ratio:.2f}x the first")
+        best = statistics.median(limit.best_rows_per_s for limit in found)
+        first = first or best
+        rates = ", ".join(f"chunk {k}: {statistics.median(limit.rates[k] for limit in found):.0f}" for k in chunks)
+        spread = f", runs {min(x.best_rows_per_s for x in found):.0f}-{max(x.best_rows_per_s for x in found):.0f}" \
+            if len(found) > 1 else ""
+        print(f"{checkpoint} {backend}: {best:.0f} rows/s ({rates}{spread}); {best / first:.2f}x the first")
 
 
 if __name__ == "__main__":

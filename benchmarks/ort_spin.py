@@ -1,13 +1,14 @@
-"""What ``SIAM_ORT_SPIN`` and ``SIAM_ORT_THREADS`` buy: ``siam serve`` with each of ONNX Runtime's threading
-modes, side by side in one run, over HTTP cells from the load generator in its own process.
+"""What ``SIAM_ORT_SPIN``, ``SIAM_ORT_THREADS`` and ``SIAM_ORT_NOISE`` buy: ``siam serve`` with each of
+ONNX Runtime's modes, side by side in one run, over HTTP cells from the load generator in its own process.
 
 ONNX Runtime's idle threads busy-wait for the next piece of work. Inside a call that makes the hand-offs
 between operators quick; between calls (``always``, ORT's default) it takes CPU from the event loop that
 parses requests and writes answers, which on a machine with few cores is the same CPU. ``in-run`` stops
 the spinning when a call returns, ``never`` lets the threads sleep. ``per-chunk`` gives every call one
-thread and runs a batch's chunks on all the threads at once (``SIAM_ORT_THREADS=per-chunk``). Modes
-alternate within each round (``--rounds``), so a slow moment of a shared machine hits them all; medians
-and spread are reported, and each mode's ratio to ``always``.
+thread and runs a batch's chunks on all the threads at once (``SIAM_ORT_THREADS=per-chunk``).
+``torch-noise`` draws the noise with ``torch.randn`` and feeds it to the graph (``SIAM_ORT_NOISE=torch``). Modes
+alternate within each round (``--rounds``), the first one rotating from round to round, so a slow moment
+of a shared machine hits them all; medians and spread are reported, and each mode's ratio to the first.
 
     python -m benchmarks.ort_spin checkpoints/resnet20-pgd7 --rounds 3 \\
         --output benchmarks/results/ort-spin-cpu-epyc.json
@@ -30,7 +31,7 @@ from benchmarks.servers import ServerProcess, SystemSpec
 from service.settings import DEFAULT_CHECKPOINT
 
 MODES = {"always": ["--ort-spin", "always"], "in-run": ["--ort-spin", "in-run"], "never": ["--ort-spin", "never"],
-         "per-chunk": ["--ort-threads", "per-chunk"]}
+         "per-chunk": ["--ort-threads", "per-chunk"], "torch-noise": ["--ort-noise", "torch"]}
 
 
 def parse_cells(text: str) -> list[tuple[int, int]]:
@@ -78,7 +79,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cells = parse_cells(args.cells)
     runs: dict[str, list[dict[str, dict[str, float]]]] = {mode: [] for mode in modes}
     for round_ in range(1, args.rounds + 1):
-        for mode in modes:
+        # The first mode of a round rotates: whichever goes first after a server restart was seen to lose
+        # about 5% to the one after it, so every mode takes every place equally often over the rounds.
+        shift = (round_ - 1) % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
             runs[mode].append(measure_mode(args.checkpoint, mode, cells, args.duration, shlex.split(args.serve_args)))
             print(f"  round {round_} {mode:>6}: " + ", ".join(
                 f"{cell} {v['rows_per_s']:.0f} rows/s p50 {v['p50_ms']:.2f} ms" for cell, v in runs[mode][-1].items()),

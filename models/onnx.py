@@ -5,6 +5,10 @@ when sigma is in normalized space) with ``RandomNormalLike``, so ONNX Runtime dr
 own device, one draw per row. ``sigma`` is a graph input: feed the manifest's sigma to serve and
 ``0`` to compare with PyTorch on noise-free input. The batch axis is dynamic.
 
+With ``SIAM_ORT_NOISE=torch`` the service feeds that draw in instead (:func:`with_noise_input`): ONNX
+Runtime's CPU ``RandomNormalLike`` draws on one thread at about 12 ns a number, ``torch.randn`` at about
+4, and the noise of a 32 x 32 image is 3,072 numbers (``docs/speed.md`` says what that buys).
+
 PNI-W models are refused: per-row weight noise has no faithful ONNX form here, and a graph with one
 weight draw per batch would make an image's answer depend on its batch mates.
 """
@@ -23,6 +27,8 @@ from models.resnet import Classifier
 from models.spec import ModelSpec
 
 INPUT_NAMES = ["images", "sigma"]
+NOISE_INPUT = "noise"
+"""The input :func:`with_noise_input` gives a graph in place of its ``RandomNormalLike``."""
 OUTPUT_NAMES = ["logits"]
 OPSET = 17
 WEIGHTS_KEY = "siam_weights_sha256"
@@ -76,6 +82,29 @@ def export_onnx(model: Classifier, spec: ModelSpec, path: str | Path, weights_sh
         onnx.helper.set_model_props(proto, {WEIGHTS_KEY: weights_sha256})
         onnx.save(proto, str(path))
     return path
+
+
+def with_noise_input(path: str | Path) -> bytes:
+    """The graph at ``path`` with its one ``RandomNormalLike`` node replaced by an input, ``noise``: the
+    standard-normal draw for every row, shaped like ``images``, which the graph still scales by ``sigma``
+    and adds where it added its own draw. Returns the serialized model, for ``InferenceSession``."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    draws = [n for n in proto.graph.node if n.op_type == "RandomNormalLike"]
+    if len(draws) != 1:
+        raise ValueError(f"{path}: expected one RandomNormalLike node (the smoothing noise), found {len(draws)}")
+    draw = draws[0]
+    images = next(i for i in proto.graph.input if i.name == draw.input[0])
+    noise = onnx.ValueInfoProto()
+    noise.CopyFrom(images)
+    noise.name = NOISE_INPUT
+    proto.graph.node.remove(draw)
+    for node in proto.graph.node:
+        node.input[:] = [NOISE_INPUT if name == draw.output[0] else name for name in node.input]
+    proto.graph.input.append(noise)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
 
 
 def exported_weights(path: str | Path) -> str | None:

@@ -4,11 +4,12 @@ Both draw the smoothing noise on the model's device, one independent draw per ro
 
 * :class:`TorchBackend` runs :meth:`models.smooth.Smooth.noisy_logits` (PNI weight noise per row too);
 * :class:`OnnxBackend` runs the exported graph (``models.onnx``), whose ``RandomNormalLike`` draws the
-  noise inside ONNX Runtime.
+  noise inside ONNX Runtime; with ``SIAM_ORT_NOISE=torch``, on the CPU, ``torch.randn`` draws it a chunk
+  at a time and the graph takes it as an input (``models.onnx.with_noise_input``).
 
 Seeded images (``?seed=`` when allowed) get noise from :class:`models.noise.SeededNoise`, so a seeded
-image has the same answer on either backend and whatever shares its batch. The ONNX graph takes that
-noise already added, expressed in pixel space, and ``sigma = 0``.
+image has the same answer on either backend and whatever shares its batch. The graph takes that noise
+already added, expressed in pixel space, with ``sigma = 0`` (or, fed, as its ``noise`` input).
 """
 
 from __future__ import annotations
@@ -60,17 +61,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def expand_rows(images: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
-    """Each image repeated ``samples[i]`` times, in order."""
-    return images.repeat_interleave(torch.as_tensor(samples, device=images.device), dim=0)
+def seeded_unit_noise(images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """The seeded standard-normal draw for every copy of ``images``, in order."""
+    return SeededNoise.for_copies(list(seeds), [(0, m) for m in samples], images.device).normal(images.shape[1:])
 
 
 def seeded_pixel_noise(manifest: Manifest, images: torch.Tensor, samples: Sequence[int],
                        seeds: Sequence[int]) -> torch.Tensor:
     """The seeded smoothing noise for every copy, converted to pixel space (``sigma`` included)."""
     spec = manifest.spec
-    source = SeededNoise.for_copies(list(seeds), [(0, m) for m in samples], images.device)
-    noise = source.normal(images.shape[1:]) * spec.smoothing.sigma
+    noise = seeded_unit_noise(images, samples, seeds) * spec.smoothing.sigma
     if spec.smoothing.space == "normalized":  # N(0, s^2) after normalization == std * that before it
         noise = noise * torch.tensor(spec.normalization.std, device=noise.device).view(1, 3, 1, 1)
     return noise
@@ -119,8 +119,10 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, path: Path, manifest: Manifest, device: torch.device, chunk_rows: int,
-                 threads: int | None, spin: str, per_chunk: bool = False):
+                 threads: int | None, spin: str, per_chunk: bool = False, host_noise: bool = False):
         import onnxruntime as ort
+
+        from models.onnx import with_noise_input
 
         options = ort.SessionOptions()
         # per-chunk: one thread per call, and up to `workers` calls at once on the chunks of a batch.
@@ -138,7 +140,10 @@ class OnnxBackend:
                                        "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        # SIAM_ORT_NOISE: the graph draws the noise on its device, or torch draws it on the CPU and feeds it.
+        self.host_noise = host_noise
+        graph = with_noise_input(path) if self.host_noise else str(path)
+        self.session = ort.InferenceSession(graph, options, providers=providers)
         self.provider = self.session.get_providers()[0]
         if device.type == "cuda" and self.provider != "CUDAExecutionProvider":
             raise RuntimeError(f"ONNX Runtime could not use CUDA (providers: {self.session.get_providers()})")
@@ -150,47 +155,55 @@ class OnnxBackend:
         self.zero = np.zeros(1, dtype=np.float32)
         self.path = path
 
-    def _run(self, rows: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-        return self.session.run(["logits"], {"images": rows, "sigma": sigma})[0]
+    def _run(self, rows: np.ndarray, sigma: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        feed = {"images": rows, "sigma": sigma}
+        if self.host_noise:  # fresh draws unless the caller brings the seeded ones
+            feed["noise"] = torch.randn(rows.shape).numpy() if noise is None else noise
+        return self.session.run(["logits"], feed)[0]
 
     def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
         images = images.float().cpu()
-        if all(s is None for s in seeds):  # the usual batch: the copies in order, the noise drawn in the graph
-            return self._chunked_array(np.repeat(images.numpy(), samples, axis=0), self.sigma)
+        if all(s is None for s in seeds):  # the usual batch: the copies in order, fresh noise for each
+            return self._chunked(np.repeat(images.numpy(), samples, axis=0), self.sigma)
         out: list[torch.Tensor | None] = [None] * len(samples)
         unseeded = [i for i, s in enumerate(seeds) if s is None]
         seeded = [i for i, s in enumerate(seeds) if s is not None]
         if unseeded:
             counts = [samples[i] for i in unseeded]
-            rows = expand_rows(images[unseeded], counts)
+            rows = np.repeat(images[unseeded].numpy(), counts, axis=0)
             for i, part in zip(unseeded, self._chunked(rows, self.sigma).split(counts), strict=True):
                 out[i] = part
         if seeded:
             counts = [samples[i] for i in seeded]
-            rows = expand_rows(images[seeded], counts)
-            rows = rows + seeded_pixel_noise(self.manifest, images[seeded], counts, [seeds[i] for i in seeded])
-            for i, part in zip(seeded, self._chunked(rows, self.zero).split(counts), strict=True):
+            rows = np.repeat(images[seeded].numpy(), counts, axis=0)
+            seeds_of = [seeds[i] for i in seeded]
+            if self.host_noise:
+                parts = self._chunked(rows, self.sigma, seeded_unit_noise(images[seeded], counts, seeds_of).numpy())
+            else:
+                noise = seeded_pixel_noise(self.manifest, images[seeded], counts, seeds_of).numpy()
+                parts = self._chunked(rows + noise, self.zero)
+            for i, part in zip(seeded, parts.split(counts), strict=True):
                 out[i] = part
         return torch.cat([t for t in out if t is not None])
 
-    def _chunked(self, rows: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
-        return self._chunked_array(rows.numpy(), sigma)
-
-    def _chunked_array(self, array: np.ndarray, sigma: np.ndarray) -> torch.Tensor:
+    def _chunked(self, array: np.ndarray, sigma: np.ndarray, noise: np.ndarray | None = None) -> torch.Tensor:
         size = self.chunk_rows
         if self._pool is not None:  # every worker gets a share, even of a batch smaller than a chunk
             size = max(1, min(size, -(-array.shape[0] // self.workers)))
         starts = range(0, array.shape[0], size)
-        if self._pool is not None and len(starts) > 1:
-            parts = list(self._pool.map(lambda start: self._run(array[start:start + size], sigma), starts))
-        else:
-            parts = [self._run(array[start:start + size], sigma) for start in starts]
+
+        def run(start: int) -> np.ndarray:
+            return self._run(array[start:start + size], sigma, None if noise is None else noise[start:start + size])
+
+        parts = list(self._pool.map(run, starts)) if self._pool is not None and len(starts) > 1 else [
+            run(start) for start in starts]
         return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "device": str(self.device), "precision": self.precision,
                 "provider": self.provider, "providers": self.session.get_providers(), "graph": str(self.path),
                 "ort_threads": "per-chunk" if self._pool is not None else "per-call",
+                "noise_drawn_by": "torch" if self.host_noise else "graph",
                 "ort_parallel_calls": self.workers}
 
 
@@ -305,7 +318,8 @@ def load_backend(settings: Settings) -> tuple[Backend, Manifest]:
         path = (int8_graph(manifest, settings.checkpoint) if settings.precision == "int8" else
                 onnx_graph(model, manifest, settings.checkpoint, settings.onnx_cache))
         backend = OnnxBackend(path, manifest, device, chunk, settings.threads, settings.ort_spin,
-                              per_chunk=settings.ort_threads == "per-chunk")
+                              per_chunk=settings.ort_threads == "per-chunk",
+                              host_noise=settings.ort_noise == "torch")
         backend.precision = settings.precision
     else:
         backend = TorchBackend(model, manifest, device, settings.precision, chunk, settings.compile)

@@ -34,7 +34,7 @@ def test_quick_bench_writes_every_section_with_measured_ratios(tiny_checkpoint: 
     assert results["machine"]["cores"] and results["machine"]["torch"]
     limit = results["limit"]["reference_rows_per_s"]
     backends = {b["backend"]: b for b in results["limit"]["backends"]}
-    assert list(backends) == ["torch", "onnx", "onnx-bare", "onnx-int8"]
+    assert list(backends) == ["torch", "onnx", "onnx-bare", "onnx-torch-noise", "onnx-int8"]
     best = max(backends[name]["best_rows_per_s"] for name in ("torch", "onnx"))  # the served ones
     assert limit == max(best, results["limit"]["recheck_rows_per_s"]) > 0
     for b in backends.values():

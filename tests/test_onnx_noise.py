@@ -1,0 +1,92 @@
+"""The ONNX graph with the smoothing noise fed in (``models.onnx.with_noise_input``), which the CPU serves:
+the same smoothing as the graph's own draw, seeded and fresh."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import make_model
+
+from models import load_checkpoint, save_checkpoint
+from models.checkpoint import Manifest
+from models.onnx import NOISE_INPUT, export_onnx, with_noise_input
+from models.resnet import Classifier
+from service.backends import OnnxBackend
+
+
+def exported(tmp_path: Path, space: str) -> tuple[Classifier, Manifest, Path]:
+    model, spec = make_model(space=space, sigma=0.25 if space == "pixel" else 0.5)
+    save_checkpoint(tmp_path / space, model, spec, name=f"tiny-{space}")
+    model, manifest = load_checkpoint(tmp_path / space, "cpu")
+    return model, manifest, export_onnx(model, manifest.spec, tmp_path / f"{space}.onnx")
+
+
+def both_sides(path: Path, manifest: Manifest, chunk_rows: int) -> tuple[OnnxBackend, OnnxBackend]:
+    """The same graph served twice on the CPU: the noise drawn by torch, and by the graph itself."""
+    host, graph = (OnnxBackend(path, manifest, torch.device("cpu"), chunk_rows, 1, "always", host_noise=h)
+                   for h in (True, False))
+    return host, graph
+
+
+@pytest.mark.parametrize("space", ["pixel", "normalized"])
+def test_graph_adds_the_noise_it_is_given_where_it_drew_its_own(tmp_path: Path, space: str) -> None:
+    model, manifest, path = exported(tmp_path, space)
+    session = ort.InferenceSession(with_noise_input(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images", "sigma", NOISE_INPUT]
+    images, z = torch.rand(5, 3, 32, 32), torch.randn(5, 3, 32, 32)
+    sigma = manifest.spec.smoothing.sigma
+    got = session.run(["logits"], {"images": images.numpy(), "sigma": np.array([sigma], np.float32),
+                                   NOISE_INPUT: z.numpy()})[0]
+    with torch.no_grad():
+        want = model(images + sigma * z) if space == "pixel" else model(images, normalized_noise=sigma * z)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+
+
+def test_a_graph_without_exactly_one_draw_is_refused(tmp_path: Path) -> None:
+    model, manifest, _ = exported(tmp_path, "pixel")
+    bare = export_onnx(model, manifest.spec, tmp_path / "bare.onnx", noise=False)
+    with pytest.raises(ValueError, match="found 0"):
+        with_noise_input(bare)
+
+
+@pytest.mark.parametrize("space", ["pixel", "normalized"])
+def test_seeded_copies_are_the_same_whichever_side_draws_the_noise(tmp_path: Path, space: str) -> None:
+    _, manifest, path = exported(tmp_path, space)
+    host, graph = both_sides(path, manifest, 8)
+    assert host.describe()["noise_drawn_by"] == "torch" and graph.describe()["noise_drawn_by"] == "graph"
+    images, samples, seeds = torch.rand(3, 3, 32, 32), [5, 1, 12], [7, None, 8]
+    got, want = host.logits(images, samples, seeds), graph.logits(images, samples, seeds)
+    seeded = torch.tensor([True] * 5 + [False] + [True] * 12)
+    torch.testing.assert_close(got[seeded], want[seeded], atol=1e-4, rtol=0)
+    assert not torch.allclose(got[~seeded], want[~seeded])  # the unseeded copy: fresh noise on each side
+
+
+def test_fresh_noise_spreads_the_logits_as_the_graphs_own_draw_does(tmp_path: Path) -> None:
+    """Same image, 1,024 unseeded copies: the copies' logits have the same mean and spread whether torch or
+    the graph draws the noise (a wrong scale, a reused draw or uniform noise would change the spread)."""
+    _, manifest, path = exported(tmp_path, "pixel")
+    host, graph = both_sides(path, manifest, 256)
+    image = torch.rand(1, 3, 32, 32)
+    a, b = host.logits(image, [1024], [None]), graph.logits(image, [1024], [None])
+    assert torch.unique(a[:, 0]).numel() == 1024
+    spread = a.std(0) / b.std(0)
+    assert spread.min() > 0.85 and spread.max() < 1.15, spread
+    assert ((a.mean(0) - b.mean(0)).abs() < 0.2 * b.std(0)).all()
+
+
+def test_siam_ort_noise_picks_who_draws(tiny_checkpoint: Path) -> None:
+    """The graph draws by default (what was measured faster over HTTP); SIAM_ORT_NOISE=torch feeds it."""
+    from service.backends import load_backend
+    from service.settings import Settings
+
+    drawn_by = {}
+    for choice in ("graph", "torch"):
+        backend, _ = load_backend(Settings(checkpoint=tiny_checkpoint, backend="onnx", device="cpu", threads=1,
+                                           ort_noise=choice, onnx_cache=tiny_checkpoint.parent / "onnx"))
+        drawn_by[choice] = backend.describe()["noise_drawn_by"]
+    assert drawn_by == {"graph": "graph", "torch": "torch"}
+    assert Settings(checkpoint=tiny_checkpoint).ort_noise == "graph"
