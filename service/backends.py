@@ -29,6 +29,7 @@ import torch
 
 from models.checkpoint import Manifest, load_checkpoint
 from models.noise import SeededNoise
+from models.onnx import NOISE_INPUT, with_noise_input
 from models.pni import has_weight_noise
 from models.resnet import Classifier
 from models.smooth import Smooth
@@ -122,8 +123,6 @@ class OnnxBackend:
                  threads: int | None, spin: str, per_chunk: bool = False, host_noise: bool = False):
         import onnxruntime as ort
 
-        from models.onnx import with_noise_input
-
         options = ort.SessionOptions()
         # per-chunk: one thread per call, and up to `workers` calls at once on the chunks of a batch.
         self.workers = (threads or os.cpu_count() or 1) if per_chunk and device.type == "cpu" else 1
@@ -158,7 +157,7 @@ class OnnxBackend:
     def _run(self, rows: np.ndarray, sigma: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         feed = {"images": rows, "sigma": sigma}
         if self.host_noise:  # fresh draws unless the caller brings the seeded ones
-            feed["noise"] = torch.randn(rows.shape).numpy() if noise is None else noise
+            feed[NOISE_INPUT] = torch.randn(rows.shape).numpy() if noise is None else noise
         return self.session.run(["logits"], feed)[0]
 
     def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
@@ -310,6 +309,9 @@ def load_backend(settings: Settings) -> tuple[Backend, Manifest]:
         raise RuntimeError("the onnx backend cannot draw PNI weight noise per row; use SIAM_BACKEND=torch")
     if kind == "onnx" and settings.precision in ("fp16", "bf16"):
         raise RuntimeError("the onnx backend serves fp32 and int8 graphs; use SIAM_BACKEND=torch for fp16/bf16")
+    if kind == "onnx" and settings.ort_noise == "torch" and device.type != "cpu":
+        raise RuntimeError("SIAM_ORT_NOISE=torch draws the noise on the CPU; on a GPU the graph draws it on the "
+                           "device (SIAM_ORT_NOISE=graph)")
     if kind == "torch" and settings.precision == "int8":
         raise RuntimeError("int8 is served by the onnx backend (SIAM_BACKEND=onnx or auto)")
     chunk = 256 if settings.chunk_rows == "auto" else int(settings.chunk_rows)
