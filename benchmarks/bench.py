@@ -277,7 +277,7 @@ def run_http(args: argparse.Namespace, device: torch.device, limit: float,
                     if args.confidence is not None and m >= 16 and server.spec.name.startswith("siam")]
                 runs: list[list[dict[str, Any]]] = [[] for _ in kinds]
                 for r in range(args.repeats):  # rotated, so no system always runs first after a pause
-                    for k in ((r + i) % len(kinds) for i in range(len(kinds))):
+                    for k in report.in_turn(range(len(kinds)), r):
                         server, confidence = kinds[k]
                         runs[k].append(measure(server, m, clients, args.duration, warmup, images_dir, confidence))
                 cells += [report.combine_runs(r) for r in runs]

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.report import in_turn
 from models.checkpoint import Manifest, load_checkpoint
 from models.onnx import export_onnx
 from models.smooth import Smooth
@@ -158,7 +159,8 @@ def as_dict(limit: BackendLimit) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m benchmarks.limit A B ...``: the limits of several checkpoints (or backends) side by side, in
-    one run; with ``--rounds N`` every pair is measured N times, in turn, and the median kept."""
+    one run; with ``--rounds N`` every pair is measured N times, in turn (the first place rotating from round
+    to round), and the median kept."""
     import argparse
     import shlex
     import sys
@@ -185,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown backend(s) {', '.join(unknown)}; choose from torch, {', '.join(ONNX_VARIANTS)}")
     pairs = [(c, b) for c in args.checkpoints for b in backends]
     runs: dict[tuple[Path, str], list[BackendLimit]] = {pair: [] for pair in pairs}
-    for _ in range(args.rounds):
-        for checkpoint, backend in pairs:
+    for round_ in range(args.rounds):
+        for checkpoint, backend in in_turn(pairs, round_):
             runs[checkpoint, backend].append(
                 measure_limits(checkpoint, device, args.threads, [backend], chunks, args.budget)[0])
     first = None

@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.load import run_in_process
 from benchmarks.machine import describe, save_results, summary_line
+from benchmarks.report import in_turn
 from benchmarks.servers import ServerProcess, SystemSpec
 from service.settings import DEFAULT_CHECKPOINT
 
@@ -79,10 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cells = parse_cells(args.cells)
     runs: dict[str, list[dict[str, dict[str, float]]]] = {mode: [] for mode in modes}
     for round_ in range(1, args.rounds + 1):
-        # The first mode of a round rotates: whichever goes first after a server restart was seen to lose
-        # about 5% to the one after it, so every mode takes every place equally often over the rounds.
-        shift = (round_ - 1) % len(modes)
-        for mode in modes[shift:] + modes[:shift]:
+        for mode in in_turn(modes, round_ - 1):  # the first mode rotates: the first one after a start lags
             runs[mode].append(measure_mode(args.checkpoint, mode, cells, args.duration, shlex.split(args.serve_args)))
             print(f"  round {round_} {mode:>6}: " + ", ".join(
                 f"{cell} {v['rows_per_s']:.0f} rows/s p50 {v['p50_ms']:.2f} ms" for cell, v in runs[mode][-1].items()),

@@ -8,9 +8,11 @@ busier machine moves the numerator and the denominator together.
 from __future__ import annotations
 
 import statistics
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 Results = dict[str, Any]
+T = TypeVar("T")
 
 BASELINES = ("fastapi", "fastapi-onnx", "litserve")
 PLAIN = ("fastapi", "fastapi-onnx")  # one request, one forward: the plain classifier services
@@ -24,6 +26,16 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def cell_index(cells: list[dict[str, Any]]) -> dict[tuple[int, int, str], dict[str, Any]]:
     return {(c["samples"], c["concurrency"], c["system"]): c for c in cells}
+
+
+def in_turn(items: Sequence[T], round_: int) -> list[T]:
+    """``items`` in the order of round ``round_`` (from 0), the first place rotating from round to round.
+
+    Whatever is measured first after a server start or a pause was seen to come out 5-15% behind the one
+    after it (``docs/speed.md``); rotating gives every item every place equally often when the rounds are a
+    multiple of the items."""
+    shift = round_ % len(items) if items else 0
+    return [*items[shift:], *items[:shift]]
 
 
 MEDIAN_FIELDS = ("predictions_per_s", "rows_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms")

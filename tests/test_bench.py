@@ -294,3 +294,13 @@ def test_asgi_overhead_times_predict_through_the_whole_app(tiny_checkpoint: Path
     assert out.startswith("command: python -m benchmarks.asgi_overhead ")
     median = re.search(r"/predict\?samples=2 in-process, 20 requests: median (\d+) us", out)
     assert median is not None and 0 < int(median.group(1)) < 5_000_000, out
+
+
+def test_every_item_takes_every_place_once_over_as_many_rounds() -> None:
+    """Repeated measurements rotate their order (``report.in_turn``): the first place after a start lags."""
+    items = ["siam", "fastapi-onnx", "litserve", "instant"]
+    orders = [report.in_turn(items, r) for r in range(len(items))]
+    assert all(sorted(order) == sorted(items) for order in orders)
+    for place in range(len(items)):
+        assert sorted(order[place] for order in orders) == sorted(items)
+    assert report.in_turn(items, len(items)) == items and report.in_turn([], 3) == []
