@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--litserve-batch", type=int, default=64, help="LitServe max_batch_size [64]")
     p.add_argument("--litserve-timeout", type=float, default=0.005, help="LitServe batch_timeout, s [0.005]")
     p.add_argument("--repeats", type=int, default=1,
-                   help="runs of every HTTP cell on every system, the systems' order rotating between runs; the "
-                        "table shows medians and their min-max [1]")
+                   help="runs of every HTTP cell on every system, and of every backend's limit, the order rotating "
+                        "between runs; the table shows medians and their min-max [1]")
     p.add_argument("--all-cells", action="store_true", help="do not skip cells too long for --duration")
     p.add_argument("--onnx-cache", type=Path, default=Settings.model_fields["onnx_cache"].default)
     p.add_argument("--confidence", type=float, default=None,
@@ -139,8 +139,10 @@ def warmup_for(clients: int, samples: int, limit: float, floor: float, duration:
 
 
 def run_limits(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    found = limits.measure_limits(args.checkpoint, device, args.threads, args.backends, args.chunks,
-                                  args.limit_budget, args.onnx_cache)
+    # Measured --repeats times, in turn, like the HTTP cells: the noise-free row is then not always the
+    # one measured right after the served graph.
+    found = list(limits.limits_in_turn([(args.checkpoint, b) for b in args.backends], args.repeats, device,
+                                       args.threads, args.chunks, args.limit_budget, args.onnx_cache).values())
     usable = [b for b in found if b.best_rows_per_s > 0 and b.backend in limits.SERVED]
     if not usable:
         raise SystemExit("siam bench: no served backend (torch, onnx) could run: "

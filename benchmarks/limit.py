@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ class BackendLimit:
     best_chunk: int
     best_rows_per_s: float
     error: str | None = None
+    runs_rows_per_s: list[float] = field(default_factory=list)  # each run's best, when measured more than once
 
 
 def rows_per_second(run: Callable[[], object], rows: int, budget_s: float, sync: Callable[[], None]) -> float:
@@ -144,6 +145,32 @@ def measure_limits(checkpoint: Path, device: torch.device, threads: int, backend
     return out
 
 
+def median_limit(runs: Sequence[BackendLimit]) -> BackendLimit:
+    """One backend's limit from repeated measurements: the median rows/s at each chunk size and the best
+    of those medians, each run's best kept beside it. A run that failed makes the whole a failure."""
+    if failed := next((r for r in runs if r.error), None):
+        return failed
+    if len(runs) == 1:
+        return runs[0]
+    rates = {k: statistics.median(r.rates[k] for r in runs) for k in runs[0].rates}
+    best = max(rates, key=rates.__getitem__)
+    return BackendLimit(runs[0].backend, runs[0].provider, rates, best, rates[best],
+                        runs_rows_per_s=[r.best_rows_per_s for r in runs])
+
+
+def limits_in_turn(pairs: Sequence[tuple[Path, str]], rounds: int, device: torch.device, threads: int,
+                   chunks: Sequence[int], budget_s: float,
+                   onnx_cache: Path = Path(".siam-cache/onnx")) -> dict[tuple[Path, str], BackendLimit]:
+    """The limit of every (checkpoint, backend) pair, measured ``rounds`` times in turn, the first place
+    rotating (whatever is measured first was seen to lag), and the median kept (:func:`median_limit`)."""
+    runs: dict[tuple[Path, str], list[BackendLimit]] = {pair: [] for pair in pairs}
+    for round_ in range(rounds):
+        for checkpoint, backend in in_turn(pairs, round_):
+            runs[checkpoint, backend] += measure_limits(checkpoint, device, threads, [backend], chunks, budget_s,
+                                                        onnx_cache)
+    return {pair: median_limit(found) for pair, found in runs.items()}
+
+
 def recheck(limit: BackendLimit, checkpoint: Path, device: torch.device, threads: int, budget_s: float,
             onnx_cache: Path) -> float:
     """The best chunk's rows/s measured again (at the end of a run), to see how much the machine drifted."""
@@ -186,22 +213,18 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := [b for b in backends if b not in ("torch", *ONNX_VARIANTS)]:
         p.error(f"unknown backend(s) {', '.join(unknown)}; choose from torch, {', '.join(ONNX_VARIANTS)}")
     pairs = [(c, b) for c in args.checkpoints for b in backends]
-    runs: dict[tuple[Path, str], list[BackendLimit]] = {pair: [] for pair in pairs}
-    for round_ in range(args.rounds):
-        for checkpoint, backend in in_turn(pairs, round_):
-            runs[checkpoint, backend].append(
-                measure_limits(checkpoint, device, args.threads, [backend], chunks, args.budget)[0])
     first = None
-    for (checkpoint, backend), found in runs.items():
-        if found[0].error:
-            print(f"{checkpoint} {backend}: {found[0].error}")
+    for (checkpoint, backend), limit in limits_in_turn(pairs, args.rounds, device, args.threads, chunks,
+                                                       args.budget).items():
+        if limit.error:
+            print(f"{checkpoint} {backend}: {limit.error}")
             continue
-        best = statistics.median(limit.best_rows_per_s for limit in found)
-        first = first or best
-        rates = ", ".join(f"chunk {k}: {statistics.median(limit.rates[k] for limit in found):.0f}" for k in chunks)
-        spread = f", runs {min(x.best_rows_per_s for x in found):.0f}-{max(x.best_rows_per_s for x in found):.0f}" \
-            if len(found) > 1 else ""
-        print(f"{checkpoint} {backend}: {best:.0f} rows/s ({rates}{spread}); {best / first:.2f}x the first")
+        first = first or limit.best_rows_per_s
+        rates = ", ".join(f"chunk {k}: {v:.0f}" for k, v in limit.rates.items())
+        spread = f", runs {min(limit.runs_rows_per_s):.0f}-{max(limit.runs_rows_per_s):.0f}" \
+            if limit.runs_rows_per_s else ""
+        print(f"{checkpoint} {backend}: {limit.best_rows_per_s:.0f} rows/s ({rates}{spread}); "
+              f"{limit.best_rows_per_s / first:.2f}x the first")
 
 
 if __name__ == "__main__":

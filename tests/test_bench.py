@@ -304,3 +304,18 @@ def test_every_item_takes_every_place_once_over_as_many_rounds() -> None:
     for place in range(len(items)):
         assert sorted(order[place] for order in orders) == sorted(items)
     assert report.in_turn(items, len(items)) == items and report.in_turn([], 3) == []
+
+
+def test_repeated_limits_keep_each_chunks_median_and_every_runs_best() -> None:
+    from benchmarks.limit import BackendLimit, median_limit
+
+    runs = [BackendLimit("onnx", "CPUExecutionProvider", {64: 100.0, 256: 300.0}, 256, 300.0),
+            BackendLimit("onnx", "CPUExecutionProvider", {64: 200.0, 256: 100.0}, 64, 200.0),
+            BackendLimit("onnx", "CPUExecutionProvider", {64: 150.0, 256: 250.0}, 256, 250.0)]
+    combined = median_limit(runs)
+    assert combined.rates == {64: 150.0, 256: 250.0}
+    assert (combined.best_chunk, combined.best_rows_per_s) == (256, 250.0)
+    assert combined.runs_rows_per_s == [300.0, 200.0, 250.0]
+    assert median_limit(runs[:1]) is runs[0]
+    failed = BackendLimit("onnx", "-", {}, 0, 0.0, "RuntimeError: no graph")
+    assert median_limit([runs[0], failed]) is failed  # a failure is said, not averaged away
