@@ -39,6 +39,11 @@ def test_int8_graph_is_calibrated_served_and_close_to_fp32(tiny_checkpoint: Path
     quantized = backend.logits(images, [32] * 8, [None] * 8).view(8, 32, -1).softmax(2).mean(1)
     exact = reference.logits(images, [32] * 8, [None] * 8).view(8, 32, -1).softmax(2).mean(1)
     assert (quantized - exact).abs().max() < 0.1  # random weights: close, not equal
+    fed, _ = load_backend(settings.model_copy(update={"ort_noise": "torch"}))  # SIAM_ORT_NOISE=torch on int8
+    assert fed.describe()["noise_drawn_by"] == "torch" and fed.describe()["precision"] == "int8"
+    seeds = list(range(8))
+    torch.testing.assert_close(fed.logits(images, [4] * 8, seeds), backend.logits(images, [4] * 8, seeds),
+                               atol=1e-4, rtol=0)  # the same seeded noise, fed or drawn by the graph
     with pytest.raises(RuntimeError, match="onnx backend"):
         load_backend(Settings(checkpoint=tiny_checkpoint, precision="int8", backend="torch"))
 
