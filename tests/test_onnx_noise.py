@@ -1,4 +1,4 @@
-"""The ONNX graph with the smoothing noise fed in (``models.onnx.with_noise_input``), which the CPU serves:
+"""The ONNX graph with the smoothing noise fed in (``models.onnx.with_noise_input``; ``SIAM_ORT_NOISE=torch``):
 the same smoothing as the graph's own draw, seeded and fresh."""
 
 from __future__ import annotations
