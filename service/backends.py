@@ -123,6 +123,10 @@ class OnnxBackend:
                  threads: int | None, spin: str, per_chunk: bool = False, host_noise: bool = False):
         import onnxruntime as ort
 
+        # SIAM_ORT_NOISE: the graph draws the noise on its device, or torch draws it on the CPU and feeds it.
+        if host_noise and device.type != "cpu":
+            raise RuntimeError("SIAM_ORT_NOISE=torch draws the noise on the CPU; on a GPU the graph draws it on "
+                               "the device (SIAM_ORT_NOISE=graph)")
         options = ort.SessionOptions()
         # per-chunk: one thread per call, and up to `workers` calls at once on the chunks of a batch.
         self.workers = (threads or os.cpu_count() or 1) if per_chunk and device.type == "cpu" else 1
@@ -139,7 +143,6 @@ class OnnxBackend:
                                        "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        # SIAM_ORT_NOISE: the graph draws the noise on its device, or torch draws it on the CPU and feeds it.
         self.host_noise = host_noise
         graph = with_noise_input(path) if self.host_noise else str(path)
         self.session = ort.InferenceSession(graph, options, providers=providers)
@@ -309,9 +312,6 @@ def load_backend(settings: Settings) -> tuple[Backend, Manifest]:
         raise RuntimeError("the onnx backend cannot draw PNI weight noise per row; use SIAM_BACKEND=torch")
     if kind == "onnx" and settings.precision in ("fp16", "bf16"):
         raise RuntimeError("the onnx backend serves fp32 and int8 graphs; use SIAM_BACKEND=torch for fp16/bf16")
-    if kind == "onnx" and settings.ort_noise == "torch" and device.type != "cpu":
-        raise RuntimeError("SIAM_ORT_NOISE=torch draws the noise on the CPU; on a GPU the graph draws it on the "
-                           "device (SIAM_ORT_NOISE=graph)")
     if kind == "torch" and settings.precision == "int8":
         raise RuntimeError("int8 is served by the onnx backend (SIAM_BACKEND=onnx or auto)")
     chunk = 256 if settings.chunk_rows == "auto" else int(settings.chunk_rows)

@@ -90,3 +90,10 @@ def test_siam_ort_noise_picks_who_draws(tiny_checkpoint: Path) -> None:
         drawn_by[choice] = backend.describe()["noise_drawn_by"]
     assert drawn_by == {"graph": "graph", "torch": "torch"}
     assert Settings(checkpoint=tiny_checkpoint).ort_noise == "graph"
+
+
+def test_torch_drawn_noise_is_refused_off_the_cpu(tmp_path: Path) -> None:
+    """On a GPU the graph draws on the device; feeding CPU noise there would copy it every chunk."""
+    _, manifest, path = exported(tmp_path, "pixel")
+    with pytest.raises(RuntimeError, match="SIAM_ORT_NOISE=graph"):
+        OnnxBackend(path, manifest, torch.device("cuda"), 8, 1, "always", host_noise=True)
