@@ -23,6 +23,19 @@ def load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def evaluation(checkpoint: Path, kind: str) -> dict[str, Any] | None:
+    """``<checkpoint>/eval/<kind>/eval.json``, refused when it was made from other weights than the
+    checkpoint's own: a retrained model must not inherit its predecessor's numbers."""
+    found = load(checkpoint / "eval" / kind / "eval.json")
+    if found is not None:
+        shipped = json.loads((checkpoint / "manifest.json").read_text())["weights"]["sha256"]
+        made_from = str(found.get("weights_sha256"))
+        if made_from != shipped:
+            raise SystemExit(f"{checkpoint}/eval/{kind}/eval.json was made from weights {made_from[:16]}, not from "
+                             f"the checkpoint's {shipped[:16]}: run that evaluation again")
+    return found
+
+
 def pick(results: list[dict[str, Any]], attack: str, m: int) -> dict[str, Any] | None:
     return next((r for r in results if r["attack"] == attack and r["samples"] == m), None)
 
@@ -46,7 +59,7 @@ COLUMNS_M = (1, 16, 64, 256)
 
 
 def row(checkpoint: Path, latency: dict[str, dict[str, float]]) -> list[str] | None:
-    knob = load(checkpoint / "eval" / "knob" / "eval.json")
+    knob = evaluation(checkpoint, "knob")
     if knob is None:
         return None
     sigma = knob["smoothing"]["sigma"]  # an evaluation may cover other sigmas too: the table is the model's own
@@ -57,7 +70,7 @@ def row(checkpoint: Path, latency: dict[str, dict[str, float]]) -> list[str] | N
     attacked = [r for r in results if r["attack"] not in ("clean", WORST) and "agreement" in r]
     weakest_repeat = {m: min((r["agreement"] for r in attacked if r["samples"] == m), default=None) for m in samples}
     cert = {(c["samples"], c["radius"]): c for c in knob.get("certified", []) if c["sigma"] == sigma}
-    apgd = load(checkpoint / "eval" / "apgd" / "eval.json")
+    apgd = evaluation(checkpoint, "apgd")
     apgd_worst = strongest([r for r in apgd["results"] if r["sigma"] == sigma], mid) if apgd else None
     lat = latency.get(knob["model"], {})
 
@@ -105,7 +118,7 @@ def plot(checkpoints: list[Path], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for checkpoint in checkpoints:
-        knob = load(checkpoint / "eval" / "knob" / "eval.json")
+        knob = evaluation(checkpoint, "knob")
         if knob is None:
             continue
         sigma = knob["smoothing"]["sigma"]
