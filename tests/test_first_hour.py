@@ -20,7 +20,7 @@ from service.settings import DEFAULT_CHECKPOINT
 from training.data import DEFAULT_DATA
 
 PER_CLASS = 4
-TABLE_CHECKPOINTS = ("resnet20x4-pgd7", "resnet20-pgd7", "resnet20-smoothadv-s0125", "resnet20-smoothadv-s025")
+TABLE_CHECKPOINTS = ("resnet20-pgd7", "resnet20x4-pgd7", "resnet20-smoothadv-s0125", "resnet20-smoothadv-s025")
 LATENCY = ROOT / "benchmarks" / "results" / "latency-cpu-2cores-epyc.json"
 
 
