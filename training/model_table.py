@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from models.checkpoint import read_manifest
 from training.evaluate import WORST
 
 
@@ -28,7 +29,7 @@ def evaluation(checkpoint: Path, kind: str) -> dict[str, Any] | None:
     checkpoint's own: a retrained model must not inherit its predecessor's numbers."""
     found = load(checkpoint / "eval" / kind / "eval.json")
     if found is not None:
-        shipped = json.loads((checkpoint / "manifest.json").read_text())["weights"]["sha256"]
+        shipped = read_manifest(checkpoint).weights.sha256
         made_from = str(found.get("weights_sha256"))
         if made_from != shipped:
             raise SystemExit(f"{checkpoint}/eval/{kind}/eval.json was made from weights {made_from[:16]}, not from "
