@@ -47,7 +47,7 @@ from benchmarks.servers import (
     service_spec,
 )
 from service.backends import resolve_device
-from service.settings import DEFAULT_CHECKPOINT, Settings
+from service.settings import DEFAULT_CHECKPOINT, DEFAULT_ONNX_CACHE
 from training.data import DEFAULT_DATA, load_split
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs of every HTTP cell on every system, and of every backend's limit, the order rotating "
                         "between runs; the table shows medians and their min-max [1]")
     p.add_argument("--all-cells", action="store_true", help="do not skip cells too long for --duration")
-    p.add_argument("--onnx-cache", type=Path, default=Settings.model_fields["onnx_cache"].default)
+    p.add_argument("--onnx-cache", type=Path, default=DEFAULT_ONNX_CACHE)
     p.add_argument("--confidence", type=float, default=None,
                    help="add cells of the service with sequential sampling at this confidence (e.g. 0.999), "
                         "--samples as the budget, beside its fixed cells; all cells then send real test images")

@@ -24,7 +24,7 @@ import torch
 from benchmarks.machine import describe, summary_line
 from models.smooth import summarize
 from service.backends import load_backend, resolve_device
-from service.settings import Settings
+from service.settings import DEFAULT_ONNX_CACHE, Settings
 
 
 def load(checkpoint: str, device: str, threads: int | None, cache: Path) -> tuple[Any, Any]:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=21, help="timed calls per cell (default: %(default)s)")
-    p.add_argument("--onnx-cache", default=".siam-cache/onnx")
+    p.add_argument("--onnx-cache", default=str(DEFAULT_ONNX_CACHE))
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     samples = [int(m) for m in args.samples.split(",") if m.strip()]

@@ -28,6 +28,7 @@ from models.checkpoint import Manifest, load_checkpoint
 from models.onnx import export_onnx
 from models.smooth import Smooth
 from service.backends import int8_graph, onnx_graph
+from service.settings import DEFAULT_ONNX_CACHE
 
 DEFAULT_CHUNKS = (16, 32, 64, 128, 256, 512, 1024)
 ONNX_VARIANTS = ("onnx", "onnx-bare", "onnx-torch-noise", "onnx-int8")
@@ -126,7 +127,7 @@ def onnx_limit(model: torch.nn.Module, manifest: Manifest, checkpoint: Path, cac
 
 def measure_limits(checkpoint: Path, device: torch.device, threads: int, backends: Sequence[str],
                    chunks: Sequence[int] = DEFAULT_CHUNKS, budget_s: float = 0.5,
-                   onnx_cache: Path = Path(".siam-cache/onnx")) -> list[BackendLimit]:
+                   onnx_cache: Path = DEFAULT_ONNX_CACHE) -> list[BackendLimit]:
     """Every requested backend's limit; a backend that cannot run here is reported with its error."""
     torch.set_num_threads(threads)
     model, manifest = load_checkpoint(checkpoint, "cpu")
@@ -160,7 +161,7 @@ def median_limit(runs: Sequence[BackendLimit]) -> BackendLimit:
 
 def limits_in_turn(pairs: Sequence[tuple[Path, str]], rounds: int, device: torch.device, threads: int,
                    chunks: Sequence[int], budget_s: float,
-                   onnx_cache: Path = Path(".siam-cache/onnx")) -> dict[tuple[Path, str], BackendLimit]:
+                   onnx_cache: Path = DEFAULT_ONNX_CACHE) -> dict[tuple[Path, str], BackendLimit]:
     """The limit of every (checkpoint, backend) pair, measured ``rounds`` times in turn, the first place
     rotating (whatever is measured first was seen to lag), and the median kept (:func:`median_limit`)."""
     runs: dict[tuple[Path, str], list[BackendLimit]] = {pair: [] for pair in pairs}

@@ -29,6 +29,7 @@ from benchmarks.machine import describe, summary_line
 from service.engine import Engine
 from service.metrics import Metrics
 from service.sequential import predict_sequential
+from service.settings import DEFAULT_ONNX_CACHE
 from training.data import add_data_arguments, load_split, to_float
 
 
@@ -75,7 +76,7 @@ async def closed_loop(engine: Engine, images: torch.Tensor, budget: int, confide
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     backend, settings, name, sigma = build_backend(Path(args.checkpoint), args.backend, args.device,
-                                                   args.threads or torch.get_num_threads(), Path(".siam-cache/onnx"))
+                                                   args.threads or torch.get_num_threads(), DEFAULT_ONNX_CACHE)
     test = load_split(args.data, "test", args.cache_dir).subset(args.images, seed=0)
     images = to_float(test.images)
     classes = len(test.classes)

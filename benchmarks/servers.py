@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.report import CEILING
+from service.settings import DEFAULT_ONNX_CACHE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def service_spec(checkpoint: Path, threads: int, backend: str, device: str, onnx
 
 
 def fastapi_spec(checkpoint: Path, threads: int, device: str, mode: str = "sync", backend: str = "torch",
-                 onnx_cache: Path = Path(".siam-cache/onnx")) -> SystemSpec:
+                 onnx_cache: Path = DEFAULT_ONNX_CACHE) -> SystemSpec:
     """The plain FastAPI service; ``fastapi`` on PyTorch, ``fastapi-onnx`` on the service's ONNX graph."""
     args = ["benchmarks.baselines.plain_fastapi", str(checkpoint), "--port", "{port}", "--threads", str(threads),
             "--device", device, "--mode", mode, "--backend", backend, "--onnx-cache", str(onnx_cache)]

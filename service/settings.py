@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Beside the code (an editable install or the Docker image), so `siam serve` works from any folder.
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "resnet20-pgd7"
+DEFAULT_ONNX_CACHE = Path(".siam-cache/onnx")
 
 
 class Settings(BaseSettings):
@@ -43,7 +44,7 @@ class Settings(BaseSettings):
         "on the model's device; torch: torch.randn on the CPU, fed to the graph as an input (a third of ONNX "
         "Runtime's CPU cost per number; over HTTP on 2 cores it measured level with graph: 0.99-1.07x)")
     compile: bool = Field(False, description="torch backend: wrap the model in torch.compile")
-    onnx_cache: Path = Field(Path(".siam-cache/onnx"), description="where exported ONNX graphs are kept")
+    onnx_cache: Path = Field(DEFAULT_ONNX_CACHE, description="where exported ONNX graphs are kept")
 
     # batching
     chunk_rows: int | Literal["auto"] = Field(
