@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "adversarially train a CIFAR ResNet and write a checkpoint"),
     "evaluate": ("training.evaluate", "what m buys: robust, certified accuracy and repeatability vs m and sigma"),
+    "compare": ("training.compare", "is one model more robust than another? paired on the same test images"),
     "export": ("training.export", "export a checkpoint to ONNX (noise in the graph) and check parity"),
     "serve": ("service.cli", "serve a checkpoint over HTTP (POST /predict?samples=N)"),
     "predict": ("service.client", "send image files or folders to a running service and print the answers"),

@@ -20,6 +20,9 @@ What m buys, in three currencies, each with 95% intervals:
   from one set of m copies, its probability bounded on the other (alpha ``--alpha``);
 * **repeatability**: the share of images on which the two independent answers agree, clean and attacked.
 
+Each result keeps its per-image correctness (``per_image``), so ``siam compare`` can pair two models
+evaluated on the same test images.
+
 Writes ``eval.json``, ``eval.md`` and ``eval.png`` (the three against m, with latency) into ``--output``.
 
 ``siam evaluate --report [--quick]`` writes the full robustness report instead (sigma and m chosen on
@@ -105,6 +108,12 @@ def craft(attack: str, smooth: Smooth, x: torch.Tensor, y: torch.Tensor, args: a
     raise ValueError(f"unknown attack {attack!r}")
 
 
+def per_image_bits(correct: torch.Tensor) -> str:
+    """One character per test image, '1' where the answer was right: kept in ``eval.json`` so that two
+    models evaluated on the same images can be compared image by image (``siam compare``)."""
+    return "".join("1" if c else "0" for c in correct.tolist())
+
+
 def _parse_list(text: str, kind: type) -> list[Any]:
     return [kind(v) for v in text.split(",") if v.strip()]
 
@@ -162,7 +171,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({"sigma": sigma, "attack": attack, "samples": m, **accuracy_entry(per_m[m]),
                              **({"agreement": float(repeat.float().mean()),
                                  "agreement_ci95": list(clopper_pearson(int(repeat.sum()), int(repeat.numel())))}
-                                if repeat is not None else {})})
+                                if repeat is not None else {}),
+                             "per_image": per_image_bits(per_m[m])})
             gains += [{"sigma": sigma, "attack": attack, "samples": m, **paired_difference(per_m[m], per_m[samples[0]])}
                       for m in samples[1:]]
         if certificates[samples[0]]:

@@ -1,0 +1,115 @@
+"""Is one model more robust than another on the same images? (``siam compare``)
+
+Two ``siam evaluate`` runs on the same test images (same data checksum, image count and subset seed)
+and the same attack settings can be paired image by image: only the images on which the two models
+disagree carry information, so the paired interval is far narrower than the gap between two
+independent intervals (two models at 36% and 41% on 200 images have overlapping Clopper-Pearson
+intervals, yet the paired difference can still exclude zero). Prints, for every attack and m that
+both evaluations ran, the second model's accuracy minus the first's with its 95% interval and the
+images gained and lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.measure import paired_difference
+
+# Attack settings that must match for two evaluations to be comparable.
+ATTACK_KEYS = ("norm", "eps", "step", "steps", "restarts", "eot_draws", "adaptive_samples", "apgd_steps", "apgd_eot")
+
+
+class NotComparableError(ValueError):
+    """The two evaluations were not made on the same images or with the same attacks."""
+
+
+def load_evaluation(path: Path) -> dict[str, Any]:
+    """An ``eval.json``, given itself or the folder that holds it."""
+    file = path / "eval.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no eval.json at {path}: give a file or folder written by `siam evaluate --output`")
+    return json.loads(file.read_text())
+
+
+def _bits(row: dict[str, Any], model: str) -> torch.Tensor:
+    if "per_image" not in row:
+        raise NotComparableError(f"{model}'s evaluation has no per-image results (it predates them): run its "
+                            "`siam evaluate` command again")
+    return torch.tensor([c == "1" for c in row["per_image"]], dtype=torch.bool)
+
+
+def _by_key(report: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in report["results"]:
+        key = (row["attack"], int(row["samples"]))
+        if key in rows:
+            raise NotComparableError(f"{report['model']}'s evaluation has several sigmas: compare evaluations made "
+                                "at one sigma (the checkpoint's own, without --sigmas)")
+        rows[key] = row
+    return rows
+
+
+def check_comparable(first: dict[str, Any], second: dict[str, Any]) -> None:
+    """Refuse a pairing that would compare different images or different attacks."""
+    for key in ("sha256", "images", "subset_seed"):
+        if first["data"].get(key) != second["data"].get(key):
+            raise NotComparableError(f"not the same test images: data {key} is {first['data'].get(key)!r} for "
+                                f"{first['model']} and {second['data'].get(key)!r} for {second['model']}")
+    differ = [k for k in ATTACK_KEYS if first["attack"].get(k) != second["attack"].get(k)]
+    if differ:
+        raise NotComparableError("not the same attacks: " + ", ".join(
+            f"{k} {first['attack'].get(k)} against {second['attack'].get(k)}" for k in differ))
+
+
+def compare(first: dict[str, Any], second: dict[str, Any]) -> list[dict[str, Any]]:
+    """Paired accuracy differences, second minus first, for every (attack, m) both evaluations hold."""
+    check_comparable(first, second)
+    a, b = _by_key(first), _by_key(second)
+    common = [key for key in a if key in b]
+    if not common:
+        raise NotComparableError(f"no attack and m in common: {sorted(a)} against {sorted(b)}")
+    return [{"attack": attack, "samples": m, "first": a[attack, m]["accuracy"], "second": b[attack, m]["accuracy"],
+             **paired_difference(_bits(b[attack, m], second["model"]), _bits(a[attack, m], first["model"]))}
+            for attack, m in common]
+
+
+def to_markdown(first: dict[str, Any], second: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    a, b = first["model"], second["model"]
+    lines = [f"### {b} against {a}: paired on the same {first['data']['images']} test images", "",
+             f"| attack | m | {a} | {b} | difference, 95% interval | images gained / lost |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        low, high = r["ci95"]
+        lines.append(f"| {r['attack']} | {r['samples']} | {100 * r['first']:.1f} | {100 * r['second']:.1f} | "
+                     f"{100 * r['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | "
+                     f"{r['gained']} / {r['lost']} |")
+    lines += ["", f"Evaluations: `{first['command']}` and `{second['command']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="siam compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("first", type=Path, help="the baseline's eval.json (or the folder holding it)")
+    p.add_argument("second", type=Path, help="the other model's eval.json (or folder), on the same images")
+    p.add_argument("--output", type=Path, default=None, help="also write the table here (Markdown)")
+    args = p.parse_args(argv)
+    first, second = load_evaluation(args.first), load_evaluation(args.second)
+    try:
+        rows = compare(first, second)
+    except NotComparableError as e:
+        raise SystemExit(f"siam compare: {e}") from None
+    text = to_markdown(first, second, rows)
+    print(text, end="")
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
