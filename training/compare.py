@@ -2,9 +2,8 @@
 
 Two ``siam evaluate`` runs on the same test images (same data checksum, image count and subset seed)
 and the same attack settings can be paired image by image: only the images on which the two models
-disagree carry information, so the paired interval is far narrower than the gap between two
-independent intervals (two models at 36% and 41% on 200 images have overlapping Clopper-Pearson
-intervals, yet the paired difference can still exclude zero). Prints, for every attack and m that
+disagree carry information, so the paired interval is far narrower than two independent ones: two
+models' 95% intervals can overlap while their paired difference excludes zero. Prints, for every attack and m that
 both evaluations ran, the second model's accuracy minus the first's with its 95% interval and the
 images gained and lost.
 """
