@@ -119,7 +119,14 @@ case "${SIAM_SMOKE_PIP:-wheels}" in
       mkdir -p "$work/index/simple/$project"
       ln -sf "$whl" "$work/index/simple/$project/"
     done
-    gateway="$(docker network inspect bridge --format '{{(index .IPAM.Config 0).Gateway}}')"
+    # The host's address on the default bridge, which containers reach. A freshly initialised engine
+    # (new data root) records only the subnet, no gateway: then read the bridge interface's address.
+    gateway="$(docker network inspect bridge --format '{{range .IPAM.Config}}{{.Gateway}}{{end}}')"
+    if [[ -z "$gateway" ]]; then
+      bridge="$(docker network inspect bridge --format '{{index .Options "com.docker.network.bridge.name"}}')"
+      gateway="$(ip -4 -o addr show "${bridge:-docker0}" 2>/dev/null | awk '{print $4}' | cut -d/ -f1 | head -1)"
+    fi
+    [[ -n "$gateway" ]] || fail "no IPv4 address for the default docker bridge: the containers could not reach the index"
     port="$(free_port)"
     python3 -m http.server --bind "$gateway" --directory "$work/index" "$port" >"$work/index.log" 2>&1 &
     index_pid=$!
