@@ -35,10 +35,17 @@ def load_evaluation(path: Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
+def per_image_bits(correct: torch.Tensor) -> str:
+    """One character per test image, '1' where the answer was right: what ``siam evaluate`` keeps in
+    each result of ``eval.json`` so that two models can be paired image by image."""
+    return "".join("1" if c else "0" for c in correct.tolist())
+
+
 def _bits(row: dict[str, Any], model: str) -> torch.Tensor:
+    """The per-image answers of one result, as :func:`per_image_bits` wrote them."""
     if "per_image" not in row:
-        raise NotComparableError(f"{model}'s evaluation has no per-image results (it predates them): run its "
-                            "`siam evaluate` command again")
+        raise NotComparableError(f"{model}'s evaluation has no per-image results (it predates them): "
+                                 "run its `siam evaluate` command again")
     return torch.tensor([c == "1" for c in row["per_image"]], dtype=torch.bool)
 
 

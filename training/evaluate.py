@@ -47,6 +47,7 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs
+from training.compare import per_image_bits
 from training.data import add_data_arguments, load_split, to_float
 from training.measure import clopper_pearson, latency_ms, paired_difference
 from training.robustness import accuracy_entry, answers_by_m, certified_accuracy, certify_by_m
@@ -106,12 +107,6 @@ def craft(attack: str, smooth: Smooth, x: torch.Tensor, y: torch.Tensor, args: a
         return apgd(smooth.forward_noisy, smooth.model, x, y, loss=attack.removeprefix("apgd-"), eps=args.eps,
                     steps=args.apgd_steps, eot=args.apgd_eot)
     raise ValueError(f"unknown attack {attack!r}")
-
-
-def per_image_bits(correct: torch.Tensor) -> str:
-    """One character per test image, '1' where the answer was right: kept in ``eval.json`` so that two
-    models evaluated on the same images can be compared image by image (``siam compare``)."""
-    return "".join("1" if c else "0" for c in correct.tolist())
 
 
 def _parse_list(text: str, kind: type) -> list[Any]:
