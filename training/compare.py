@@ -55,7 +55,7 @@ def _by_key(report: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
         key = (row["attack"], int(row["samples"]))
         if key in rows:
             raise NotComparableError(f"{report['model']}'s evaluation has several sigmas: compare evaluations made "
-                                "at one sigma (the checkpoint's own, without --sigmas)")
+                                     "at one sigma (the checkpoint's own, without --sigmas)")
         rows[key] = row
     return rows
 
@@ -65,7 +65,7 @@ def check_comparable(first: dict[str, Any], second: dict[str, Any]) -> None:
     for key in ("sha256", "images", "subset_seed"):
         if first["data"].get(key) != second["data"].get(key):
             raise NotComparableError(f"not the same test images: data {key} is {first['data'].get(key)!r} for "
-                                f"{first['model']} and {second['data'].get(key)!r} for {second['model']}")
+                                     f"{first['model']} and {second['data'].get(key)!r} for {second['model']}")
     differ = [k for k in ATTACK_KEYS if first["attack"].get(k) != second["attack"].get(k)]
     if differ:
         raise NotComparableError("not the same attacks: " + ", ".join(
