@@ -9,7 +9,19 @@ from torch import nn
 
 from models import Smooth, SmoothingSpec
 from models.resnet import Classifier, Normalize
-from training.attacks import EPS, _loss_grad, cross_entropy, fgsm, pgd, smoothed_log_probs, undecided
+from training.attacks import (
+    EPS,
+    STEP,
+    STEPS,
+    _loss_grad,
+    cross_entropy,
+    fgsm,
+    pgd,
+    smoothed_log_probs,
+    trades_kl,
+    trades_pgd,
+    undecided,
+)
 
 
 def separable_problem(n: int = 200, seed: int = 0) -> tuple[Classifier, torch.Tensor, torch.Tensor]:
@@ -320,3 +332,29 @@ def test_apgd_says_how_to_install_torchattacks(monkeypatch: pytest.MonkeyPatch) 
     f, x, y = linear_case()
     with pytest.raises(RuntimeError, match=r"pip install --no-deps torchattacks==3\.5\.1"):
         apgd(f, f, x, y)
+
+
+def test_trades_pgd_moves_the_output_distribution_and_stays_in_the_ball(
+        problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    """TRADES's attack needs no label: it must raise KL(f(x) || f(x')) well above its tiny start, and
+    never leave the eps ball or the image box."""
+    model, x, y = problem
+    torch.manual_seed(0)
+    start = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    adv = trades_pgd(model, x, eps=EPS, step=STEP, steps=STEPS)
+    with torch.no_grad():
+        clean = model(x)
+        assert trades_kl(clean, model(adv)).mean() > 10 * trades_kl(clean, model(start)).mean() + 1e-3
+    assert (adv - x).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    # it maximises the change of the whole distribution, not the true class's loss: many answers, not all, flip
+    assert accuracy(model, x, y) > 0.95 and accuracy(model, adv, y) < 0.8
+
+
+def test_trades_kl_is_zero_for_equal_outputs_and_positive_otherwise() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    assert torch.allclose(trades_kl(logits, logits), torch.zeros(2), atol=1e-6)
+    shifted = logits + torch.tensor([[0.0, 3.0, 0.0], [1.0, 0.0, 0.0]])
+    kl = trades_kl(logits, shifted)
+    assert (kl > 0.05).all()
+    p, q = logits.softmax(1), shifted.softmax(1)
+    assert torch.allclose(kl, (p * (p / q).log()).sum(1), atol=1e-5)  # KL(p_clean || p_other), not reversed

@@ -179,3 +179,40 @@ def test_a_run_stopped_mid_epoch_resumes_where_it_stopped_and_matches_an_uninter
     straight_model, _ = load_checkpoint(straight / "checkpoint")
     for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_trades_run_records_beta_and_no_clean_weight(tiny_cifar_tar: Path, tmp_path: Path) -> None:
+    out = tmp_path / "trades"
+    train.main(train_args(tiny_cifar_tar, out, tmp_path / "cache", "--epochs", "1", "--max-steps", "2",
+                          "--attack", "trades", "--steps", "2", "--beta", "3"))
+    _, manifest = load_checkpoint(out / "checkpoint")
+    config = manifest.training["config"]
+    assert config["attack"] == "trades" and config["beta"] == 3.0 and config["clean_weight"] is None
+    assert manifest.training["history"][0]["steps"] == 2
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--attack", "trades", "--clean-weight", "0"], "--clean-weight does not apply to --attack trades"),
+    (["--attack", "pgd", "--beta", "6"], "--beta applies to --attack trades only"),
+    (["--attack", "trades", "--beta", "-1"], "--beta must be >= 0"),
+])
+def test_loss_weights_that_would_be_ignored_are_refused(flags: list[str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--output", str(tmp_path / "x"), *flags])
+
+
+def test_training_loss_is_ce_plus_beta_kl_for_trades_and_the_weighted_ces_otherwise() -> None:
+    torch.manual_seed(0)
+    clean, adv, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))
+    ce = torch.nn.functional.cross_entropy
+    p, q = clean.softmax(1), adv.softmax(1)
+    kl = (p * (p / q).log()).sum(1).mean()
+    trades = train.build_parser().parse_args(["--attack", "trades", "--beta", "2"])
+    train.resolve_loss_weights(trades)
+    assert torch.allclose(train.training_loss(trades, clean, adv, y), ce(clean, y) + 2 * kl, atol=1e-5)
+    pgd = train.build_parser().parse_args(["--clean-weight", "0.25"])
+    train.resolve_loss_weights(pgd)
+    assert torch.allclose(train.training_loss(pgd, clean, adv, y), 0.25 * ce(clean, y) + 0.75 * ce(adv, y))
+    default = train.build_parser().parse_args([])
+    train.resolve_loss_weights(default)
+    assert default.clean_weight == 0.5 and default.beta is None

@@ -1,5 +1,5 @@
-"""White-box L-inf attacks: FGSM, PGD with random start and restarts, EOT-PGD, and the adaptive
-attack on the smoothed classifier's soft output (Salman et al., 2019).
+"""White-box L-inf attacks: FGSM, PGD with random start and restarts, EOT-PGD, the adaptive attack on
+the smoothed classifier's soft output (Salman et al., 2019), and TRADES's label-free KL attack (training).
 
 Every attack takes a *logit function* ``f(x) -> [B, C]`` (log-probabilities work too) and images in
 [0, 1]; it never leaves the eps ball or [0, 1]. A randomized model (input noise, PNI weight noise)
@@ -85,6 +85,30 @@ def pgd(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eps: float = EPS, step: fl
         best[better] = adv[better]
         best_loss = torch.where(better, final, best_loss)
     return best
+
+
+def trades_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """Per-image KL(p_clean || p_other) of the two softmaxes: TRADES's robustness term (Zhang et al.,
+    2019), which pushes the whole output distribution, not only the true class's score, to stay put."""
+    return F.kl_div(other_logits.float().log_softmax(1), clean_logits.float().log_softmax(1),
+                    reduction="none", log_target=True).sum(1)
+
+
+def trades_pgd(f: LogitFn, x: torch.Tensor, eps: float = EPS, step: float = STEP, steps: int = STEPS,
+               start_std: float = 0.001) -> torch.Tensor:
+    """TRADES's inner maximisation: PGD L-inf on KL(f(x) || f(x')) from a small Gaussian start, as in
+    the TRADES reference code. It needs no label, so it moves the point where the model's answer moves
+    most, whichever class that favours."""
+    x = x.detach()
+    with torch.no_grad():
+        target = f(x).float()
+    adv = (x + start_std * torch.randn_like(x)).clamp(0, 1)
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(trades_kl(target, f(adv)).sum(), adv)
+        adv = adv + step * grad.sign()
+        adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
+    return adv.detach()
 
 
 class _LogitModule(nn.Module):

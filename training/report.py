@@ -504,7 +504,7 @@ def training_summary(manifest: Manifest) -> dict[str, Any]:
     """The training facts a reader of the report needs (the rest is in the manifest)."""
     t = manifest.training
     config = t.get("config", {})
-    keys = ("attack", "eps", "steps", "epochs", "sigma", "pni", "clean_weight", "train_images", "val_images")
+    keys = ("attack", "eps", "steps", "epochs", "sigma", "pni", "clean_weight", "beta", "train_images", "val_images")
     history = t.get("history") or [{}]
     return {"config": {k: config.get(k) for k in keys if k in config}, "epochs_completed": t.get("epochs_completed"),
             "complete": t.get("complete"), "train_images": t.get("data", {}).get("train_images"),

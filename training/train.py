@@ -6,6 +6,9 @@ with PNI-W, weight noise on while the attack runs), then minimise
 is PGD-k (Madry et al.), FGSM with random start (Wong et al.'s "fast" adversarial training), or
 SmoothAdv (Salman et al., 2019): PGD-k on the *smoothed* soft classifier itself, the log of the mean
 softmax over ``--train-samples`` noisy copies, so training sees the attack the served model faces.
+TRADES (Zhang et al., 2019) replaces both the attack and the loss: PGD-k on KL(f(x) || f(x')), then
+``CE(clean) + beta * KL(clean || adversarial)``, a margin-aware loss that keeps the whole output
+distribution in place rather than the true class's score alone.
 
 ``--init CHECKPOINT`` starts from a checkpoint's weights (fine-tuning, e.g. to a larger sigma); the
 architecture and held-out split come from it, and the record names it.
@@ -42,12 +45,12 @@ from models.checkpoint import Manifest, load_checkpoint, read_manifest, save_che
 from models.resnet import Classifier, build_classifier
 from models.smooth import Smooth
 from models.spec import ArchitectureSpec, ModelSpec, NoiseLayerSpec, NormalizationSpec, SmoothingSpec
-from training.attacks import fgsm, pgd, smoothed_log_probs
+from training.attacks import fgsm, pgd, smoothed_log_probs, trades_kl, trades_pgd
 from training.data import Dataset, add_data_arguments, augment, load_split, to_float
 
 # Settings a resumed run must share with the run it resumes (the others, such as --epochs, may change).
 RESUME_INVARIANTS = ("data", "train_images", "val_images", "val_seed", "arch", "width", "pni", "sigma",
-                     "noise_space", "attack", "train_samples", "eps", "step", "steps", "clean_weight",
+                     "noise_space", "attack", "train_samples", "eps", "step", "steps", "clean_weight", "beta",
                      "batch_size", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "seed", "init")
 
 
@@ -84,16 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=int, default=16, help="default number of noisy copies m at inference")
     g.add_argument("--aggregation", default="softmax", choices=["vote", "softmax", "logits"])
     g = p.add_argument_group("adversarial training")
-    g.add_argument("--attack", default="pgd", choices=["pgd", "fgsm", "smoothadv", "none"],
+    g.add_argument("--attack", default="pgd", choices=["pgd", "fgsm", "smoothadv", "trades", "none"],
                    help="pgd: PGD-k on the noisy model (Madry); fgsm: FGSM with random start (fast AT); "
                         "smoothadv: PGD-k on the smoothed soft classifier, log of the mean softmax over "
-                        "--train-samples noisy copies (Salman et al.); none: training on noisy copies only")
+                        "--train-samples noisy copies (Salman et al.); trades: PGD-k on the KL divergence "
+                        "from the clean output, loss CE(clean) + beta KL (Zhang et al.); "
+                        "none: training on noisy copies only")
     g.add_argument("--train-samples", type=int, default=2,
                    help="noisy copies in the smoothed classifier that smoothadv attacks (default: %(default)s)")
     g.add_argument("--eps", type=float, default=8 / 255)
     g.add_argument("--step", type=float, default=2 / 255, help="PGD step size (FGSM uses 1.25 * eps)")
     g.add_argument("--steps", type=int, default=7, help="PGD steps (default: %(default)s)")
-    g.add_argument("--clean-weight", type=float, default=0.5, help="weight of the clean loss (default: %(default)s)")
+    g.add_argument("--clean-weight", type=float, default=None,
+                   help="weight of the clean loss for pgd, fgsm and smoothadv (default: 0.5; trades has its own)")
+    g.add_argument("--beta", type=float, default=None,
+                   help="trades: weight of the KL term (default: 6.0, the TRADES paper's CIFAR-10 value)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=200)
     g.add_argument("--batch-size", type=int, default=128, help="global batch size (split across processes)")
@@ -259,7 +267,33 @@ def check_resume(state: dict[str, Any], args: argparse.Namespace, state_path: Pa
                          f"two runs. Give the original settings, another --output, or --no-resume to start over")
 
 
+def resolve_loss_weights(args: argparse.Namespace) -> None:
+    """Fill --clean-weight / --beta for the chosen attack and refuse the one that would be ignored."""
+    if args.attack == "trades":
+        if args.clean_weight is not None:
+            raise SystemExit("--clean-weight does not apply to --attack trades (its loss is CE(clean) + beta KL); "
+                             "use --beta")
+        args.beta = 6.0 if args.beta is None else args.beta
+        if args.beta < 0:
+            raise SystemExit("--beta must be >= 0")
+        return
+    if args.beta is not None:
+        raise SystemExit(f"--beta applies to --attack trades only, not {args.attack}")
+    args.clean_weight = 0.5 if args.clean_weight is None else args.clean_weight
+
+
+def training_loss(args: argparse.Namespace, clean_logits: torch.Tensor, adv_logits: torch.Tensor,
+                  y: torch.Tensor) -> torch.Tensor:
+    """The step's loss on the noisy clean and adversarial halves of the batch."""
+    if args.attack == "trades":
+        return F.cross_entropy(clean_logits, y) + args.beta * trades_kl(clean_logits, adv_logits).mean()
+    return (args.clean_weight * F.cross_entropy(clean_logits, y)
+            + (1 - args.clean_weight) * F.cross_entropy(adv_logits, y))
+
+
 def craft(args: argparse.Namespace, f: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if args.attack == "trades":
+        return trades_pgd(f, x, eps=args.eps, step=args.step, steps=args.steps)
     if args.attack in ("pgd", "smoothadv"):  # f is the smoothed soft classifier for smoothadv
         return pgd(f, x, y, eps=args.eps, step=args.step, steps=args.steps)
     if args.attack == "fgsm":
@@ -314,6 +348,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def train(args: argparse.Namespace) -> Path:
     apply_quick(args)
+    resolve_loss_weights(args)
     parent = resolve_init(args)
     if args.train_samples < 1:
         raise SystemExit("--train-samples must be >= 1")
@@ -399,8 +434,7 @@ def train(args: argparse.Namespace) -> Path:
                 logits = train_fn(torch.cat([x, x_adv]) if args.attack != "none" else x).float()
             if args.attack != "none":
                 clean_logits, adv_logits = logits.chunk(2)
-                loss = (args.clean_weight * F.cross_entropy(clean_logits, y)
-                        + (1 - args.clean_weight) * F.cross_entropy(adv_logits, y))
+                loss = training_loss(args, clean_logits, adv_logits, y)
             else:
                 adv_logits, loss = logits, F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
