@@ -10,7 +10,7 @@
 # package index, here a PEP 503 index that this script serves from the same wheels kept outside the
 # build context ($SIAM_WHEELS_DIR, default ~/.cache/siam/wheels), as a mirror would.
 #
-# Settings (environment): SIAM_SMOKE_CHECKPOINT (default checkpoints/resnet20-pgd7), SIAM_SMOKE_DATA
+# Settings (environment): SIAM_SMOKE_CHECKPOINT (default checkpoints/resnet20-trades30), SIAM_SMOKE_DATA
 # (the CIFAR-10 JPEG archive), SIAM_SMOKE_SCALE=0 (skip the two-replica check), SIAM_SMOKE_TIMEOUT
 # (seconds to wait for readiness, default 300), and the images: SIAM_BASE_IMAGE, SIAM_IMAGE,
 # PROMETHEUS_IMAGE, NGINX_IMAGE, GRAFANA_IMAGE. Where no registry is reachable, Prometheus and nginx run
@@ -31,7 +31,7 @@ export SIAM_PUBLISH="${SIAM_PUBLISH:-$(free_port):8000}"
 export PROMETHEUS_PORT="${PROMETHEUS_PORT:-$(free_port)}"
 export LB_PORT="${LB_PORT:-$(free_port)}"
 export GRAFANA_PORT="${GRAFANA_PORT:-$(free_port)}"
-checkpoint="${SIAM_SMOKE_CHECKPOINT:-checkpoints/resnet20-pgd7}"
+checkpoint="${SIAM_SMOKE_CHECKPOINT:-checkpoints/resnet20-trades30}"
 data="${SIAM_SMOKE_DATA:-$root/../shared/data/cifar10-jpeg.tar.gz}"
 timeout="${SIAM_SMOKE_TIMEOUT:-300}"
 work="$(mktemp -d)"

@@ -13,7 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Beside the code (an editable install or the Docker image), so `siam serve` works from any folder.
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "resnet20-pgd7"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "resnet20-trades30"
 DEFAULT_ONNX_CACHE = Path(".siam-cache/onnx")
 
 

@@ -99,7 +99,7 @@ def test_wide_model_resumes_and_refuses_changed_settings(tiny_cifar_tar: Path, t
     assert manifest.training["history"][1]["steps"] == 8
 
 
-@pytest.mark.parametrize("attack", ["pgd", "fgsm", "smoothadv"])
+@pytest.mark.parametrize("attack", ["pgd", "fgsm", "smoothadv", "trades"])
 def test_every_training_attack_moves_the_images_inside_the_ball_and_raises_the_loss(attack: str) -> None:
     """A stubbed training attack (``x_adv = x``) or one that leaves the eps ball fails here."""
     from tests.test_attacks import separable_problem

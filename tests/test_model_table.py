@@ -61,3 +61,16 @@ def test_the_table_refuses_a_stale_apgd_evaluation_beside_a_current_one(tmp_path
     apgd.write_text(json.dumps(data))
     with pytest.raises(SystemExit, match=r"apgd/eval\.json"):
         model_table.row(checkpoint, {})
+
+
+def test_the_apgd_cell_is_the_apgd_evaluation_on_the_most_images(tmp_path: Path) -> None:
+    checkpoint = copy_without_weights(ROOT / "checkpoints" / "resnet20-pgd7", tmp_path)
+    larger = checkpoint / "eval" / "apgd-eot5-500" / "eval.json"
+    data = json.loads(larger.read_text())
+    assert data["data"]["images"] == 500 and data["attack"]["apgd_eot"] == 5
+    worst = next(r for r in data["results"] if r["attack"] == "worst" and r["samples"] == 16)
+    assert model_table.row(checkpoint, {})[6] == f"{100 * worst['accuracy']:.1f} (500 img, EOT 5)"
+    shutil.rmtree(larger.parent)  # then the 200-image run, then the 50-image one
+    assert model_table.row(checkpoint, {})[6].endswith("(200 img, EOT 5)")
+    shutil.rmtree(checkpoint / "eval" / "apgd-eot5-200")
+    assert model_table.row(checkpoint, {})[6].endswith("(50 img, EOT 20)")

@@ -1,10 +1,11 @@
 """The model table of the README, made from the committed evaluation files (never typed by hand).
 
 For each checkpoint it reads ``<checkpoint>/eval/knob/eval.json`` (``siam evaluate``: clean, PGD, EOT,
-adaptive at each m, two independent answers, CERTIFY with n = m) and, where present,
-``<checkpoint>/eval/apgd/eval.json`` (APGD-CE and APGD-DLR with EOT) and a ``benchmarks.latency`` JSON
-file, and prints one markdown row per model: accuracy, per-image worst case over every attack run,
-what m = 64 buys over m = 1 (paired), repeatability on attacked images, certified accuracy, latency.
+adaptive at each m, two independent answers, CERTIFY with n = m) and, where present, the APGD
+evaluation on the most test images among ``<checkpoint>/eval/apgd*/eval.json`` (APGD-CE and APGD-DLR
+with EOT) and a ``benchmarks.latency`` JSON file, and prints one markdown row per model: accuracy,
+per-image worst case over every attack run, what m = 64 buys over m = 1 (paired), repeatability on
+attacked images, certified accuracy, latency.
 
     python -m training.model_table checkpoints/* --latency benchmarks/results/latency-cpu-2cores.json
 """
@@ -35,6 +36,14 @@ def evaluation(checkpoint: Path, kind: str) -> dict[str, Any] | None:
             raise SystemExit(f"{checkpoint}/eval/{kind}/eval.json was made from weights {made_from[:16]}, not from "
                              f"the checkpoint's {shipped[:16]}: run that evaluation again")
     return found
+
+
+def largest_apgd(checkpoint: Path) -> dict[str, Any] | None:
+    """The APGD evaluation on the most test images (``eval/apgd``, ``eval/apgd-eot5-500``, ...): the
+    narrowest interval among the strongest attack's runs."""
+    found = [e for kind in sorted(p.name for p in (checkpoint / "eval").glob("apgd*"))
+             if (e := evaluation(checkpoint, kind)) is not None and "apgd-ce" in e["attack"]["attacks"]]
+    return max(found, key=lambda e: e["data"]["images"], default=None)
 
 
 def pick(results: list[dict[str, Any]], attack: str, m: int) -> dict[str, Any] | None:
@@ -71,7 +80,7 @@ def row(checkpoint: Path, latency: dict[str, dict[str, float]]) -> list[str] | N
     attacked = [r for r in results if r["attack"] not in ("clean", WORST) and "agreement" in r]
     weakest_repeat = {m: min((r["agreement"] for r in attacked if r["samples"] == m), default=None) for m in samples}
     cert = {(c["samples"], c["radius"]): c for c in knob.get("certified", []) if c["sigma"] == sigma}
-    apgd = evaluation(checkpoint, "apgd")
+    apgd = largest_apgd(checkpoint)
     apgd_worst = strongest([r for r in apgd["results"] if r["sigma"] == sigma], mid) if apgd else None
     lat = latency.get(knob["model"], {})
 
@@ -87,7 +96,8 @@ def row(checkpoint: Path, latency: dict[str, dict[str, float]]) -> list[str] | N
     return [
         f"`{knob['model']}`", f"{sigma:g}", str(knob["data"]["images"]), pct(pick(results, "clean", mid)),
         each(lambda m: pct(strongest(results, m))), " / ".join(paired(m) for m in (64, 256)),
-        "-" if apgd_worst is None else f"{pct(apgd_worst)} ({apgd['data']['images']} img)",
+        "-" if apgd_worst is None else
+        f"{pct(apgd_worst)} ({apgd['data']['images']} img, EOT {apgd['attack']['apgd_eot']})",
         each(lambda m: "-" if weakest_repeat[m] is None else f"{100 * weakest_repeat[m]:.0f}"),
         " / ".join(pct(cert.get((m, 0.125))) if m in samples else "-" for m in (64, 256)),
         " / ".join(milliseconds(lat.get(str(m))) for m in COLUMNS_M),
