@@ -14,7 +14,7 @@ from models import Smooth, SmoothingSpec, load_checkpoint
 from models.pni import pni_layers
 from models.resnet import Classifier
 from tests.test_attacks import accuracy, separable_problem
-from training import evaluate, report, train
+from training import evaluate, report, report_render, train
 from training.attacks import pgd, smoothed_probabilities
 from training.data import load_split
 from training.nattack import margin, nattack, project, to_tanh_space
@@ -261,3 +261,12 @@ def test_answers_by_m_are_prefixes_of_one_draw_and_certify_uses_both_sets() -> N
             assert cert.label == 3 and cert.p_lower == pytest.approx(0.001 ** (1 / 16))
         else:  # the selected class got no estimation votes
             assert cert.abstained
+
+
+@pytest.mark.parametrize(("attack", "says"), [
+    ("pgd7", "the paper's PGD-k"), ("eot32-pgd7", "EOT-PGD-k"), ("pgd50-eot8-r2", "restarts"),
+    ("adaptive8-pgd7", "smoothed soft output"), ("transfer", "noise-free"),
+    ("apgd-ce-20-eot2", "APGD"), ("apgd-dlr-100-eot20", "APGD"),
+])
+def test_each_attack_row_of_the_report_says_what_that_attack_is(attack: str, says: str) -> None:
+    assert says in report_render.note(attack)

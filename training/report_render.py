@@ -22,6 +22,7 @@ ATTACK_NOTES = {
     "adaptive": "PGD-k on the log of the smoothed soft output (mean softmax of that many copies; Salman et al.)",
     "strong": "EOT-PGD with more steps and random restarts (the restart with the highest loss is kept)",
     "transfer": "PGD on the noise-free base model (no input noise, PNI off), then fed to the smoothed model",
+    "apgd": "AutoAttack's APGD on that loss (cross-entropy or DLR), that many steps and noise draws per gradient",
     "worst-case": "per image: right only if right under every attack in the table (and clean)",
 }
 
@@ -32,7 +33,7 @@ def pct(entry: dict[str, Any]) -> str:
 
 
 def note(name: str) -> str:
-    for key in ("adaptive", "transfer", "worst-case", "clean"):
+    for key in ("adaptive", "transfer", "worst-case", "clean", "apgd"):
         if name.startswith(key):
             return ATTACK_NOTES[key]
     if "-r" in name:
