@@ -54,6 +54,11 @@ def _loss_grad(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eot: int, loss: Los
     return grad
 
 
+def project_linf(adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``adv`` clipped to the L-inf ball of radius ``eps`` around ``x`` and to the image box [0, 1]."""
+    return torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
+
+
 def fgsm(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eps: float = EPS,
          random_start: bool = False, step: float | None = None) -> torch.Tensor:
     """FGSM; with ``random_start`` it is Wong et al.'s "fast" variant (uniform start, step 1.25 eps)."""
@@ -62,7 +67,7 @@ def fgsm(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eps: float = EPS,
     grad = _loss_grad(f, start, y, 1)
     step = step if step is not None else (1.25 * eps if random_start else eps)
     adv = start + step * grad.sign()
-    return torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1).detach()
+    return project_linf(adv, x, eps).detach()
 
 
 def pgd(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eps: float = EPS, step: float = STEP,
@@ -78,7 +83,7 @@ def pgd(f: LogitFn, x: torch.Tensor, y: torch.Tensor, eps: float = EPS, step: fl
         for _ in range(steps):
             grad = _loss_grad(f, adv, y, eot, loss)
             adv = adv + step * grad.sign()
-            adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1).detach()
+            adv = project_linf(adv, x, eps).detach()
         with torch.no_grad():
             final = _losses(f, adv, y, eot, loss)
         better = final > best_loss
@@ -107,7 +112,7 @@ def trades_pgd(f: LogitFn, x: torch.Tensor, eps: float = EPS, step: float = STEP
         adv = adv.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(trades_kl(target, f(adv)).sum(), adv)
         adv = adv + step * grad.sign()
-        adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
+        adv = project_linf(adv, x, eps)
     return adv.detach()
 
 
@@ -136,7 +141,7 @@ def apgd(f: LogitFn, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: s
     attack = torchattacks.APGD(_LogitModule(f, model), norm="Linf", eps=eps, steps=steps, loss=loss, eot_iter=eot)
     with torch.enable_grad():
         x_best = attack.attack_single_run(x.detach(), y)[0]
-    return torch.min(torch.max(x_best.detach(), x - eps), x + eps).clamp(0, 1)
+    return project_linf(x_best.detach(), x, eps)
 
 
 def noisy_logits_fn(smooth: Smooth) -> LogitFn:
