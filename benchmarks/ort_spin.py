@@ -5,7 +5,8 @@ ONNX Runtime's idle threads busy-wait for the next piece of work. Inside a call 
 between operators quick; between calls (``always``, ORT's default) it takes CPU from the event loop that
 parses requests and writes answers, which on a machine with few cores is the same CPU. ``in-run`` stops
 the spinning when a call returns, ``never`` lets the threads sleep. ``per-chunk`` gives every call one
-thread and runs a batch's chunks on all the threads at once (``SIAM_ORT_THREADS=per-chunk``).
+thread and runs a batch's chunks on all the threads at once (``SIAM_ORT_THREADS=per-chunk``);
+``threads-auto`` does the same except for a batch with fewer rows than threads (``SIAM_ORT_THREADS=auto``).
 ``torch-noise`` draws the noise with ``torch.randn`` and feeds it to the graph (``SIAM_ORT_NOISE=torch``). Modes
 alternate within each round (``--rounds``), the first one rotating from round to round, so a slow moment
 of a shared machine hits them all; medians and spread are reported, and each mode's ratio to the first.
@@ -32,7 +33,8 @@ from benchmarks.servers import ServerProcess, SystemSpec
 from service.settings import DEFAULT_CHECKPOINT
 
 MODES = {"always": ["--ort-spin", "always"], "in-run": ["--ort-spin", "in-run"], "never": ["--ort-spin", "never"],
-         "per-chunk": ["--ort-threads", "per-chunk"], "torch-noise": ["--ort-noise", "torch"]}
+         "per-chunk": ["--ort-threads", "per-chunk"], "threads-auto": ["--ort-threads", "auto"],
+         "torch-noise": ["--ort-noise", "torch"]}
 
 
 def parse_cells(text: str) -> list[tuple[int, int]]:

@@ -120,24 +120,20 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, path: Path, manifest: Manifest, device: torch.device, chunk_rows: int,
-                 threads: int | None, spin: str, per_chunk: bool = False, host_noise: bool = False):
+                 threads: int | None, spin: str, ort_threads: str = "per-call", host_noise: bool = False):
         import onnxruntime as ort
 
         # SIAM_ORT_NOISE: the graph draws the noise on its device, or torch draws it on the CPU and feeds it.
         if host_noise and device.type != "cpu":
             raise RuntimeError("SIAM_ORT_NOISE=torch draws the noise on the CPU; on a GPU the graph draws it on "
                                "the device (SIAM_ORT_NOISE=graph)")
-        options = ort.SessionOptions()
-        # per-chunk: one thread per call, and up to `workers` calls at once on the chunks of a batch.
-        self.workers = (threads or os.cpu_count() or 1) if per_chunk and device.type == "cpu" else 1
+        # per-chunk: one thread per call, and up to `workers` calls at once on the chunks of a batch. auto: the
+        # same, except that a batch with fewer rows than threads (a lone m = 1 request) runs as one call on all
+        # of them, the one case where intra-op threads measured faster.
+        cpu_threads = threads or os.cpu_count() or 1
+        self.ort_threads = ort_threads if device.type == "cpu" and cpu_threads > 1 else "per-call"
+        self.workers = cpu_threads if self.ort_threads != "per-call" else 1
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="siam-ort") if self.workers > 1 else None
-        if self._pool is not None:
-            options.intra_op_num_threads = 1
-        elif threads:
-            options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == "never" else "1")
-        options.add_session_config_entry("session.force_spinning_stop", "1" if spin == "in-run" else "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if device.type == "cuda":
             providers: list[object] = [("CUDAExecutionProvider", {"device_id": device.index or 0}),
                                        "CPUExecutionProvider"]
@@ -145,7 +141,19 @@ class OnnxBackend:
             providers = ["CPUExecutionProvider"]
         self.host_noise = host_noise
         graph = with_noise_input(path) if self.host_noise else str(path)
-        self.session = ort.InferenceSession(graph, options, providers=providers)
+
+        def session(intra_op_threads: int | None) -> ort.InferenceSession:
+            options = ort.SessionOptions()
+            if intra_op_threads:
+                options.intra_op_num_threads = intra_op_threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == "never" else "1")
+            options.add_session_config_entry("session.force_spinning_stop", "1" if spin == "in-run" else "0")
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            return ort.InferenceSession(graph, options, providers=providers)
+
+        # `session` answers per-call batches; `_chunk_session` (one thread per call) the pool's chunks.
+        self.session = session(1 if self.ort_threads == "per-chunk" else threads)
+        self._chunk_session = (self.session if self.ort_threads != "auto" else session(1))
         self.provider = self.session.get_providers()[0]
         if device.type == "cuda" and self.provider != "CUDAExecutionProvider":
             raise RuntimeError(f"ONNX Runtime could not use CUDA (providers: {self.session.get_providers()})")
@@ -157,11 +165,12 @@ class OnnxBackend:
         self.zero = np.zeros(1, dtype=np.float32)
         self.path = path
 
-    def _run(self, rows: np.ndarray, sigma: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+    def _run(self, rows: np.ndarray, sigma: np.ndarray, noise: np.ndarray | None,
+             session: object | None = None) -> np.ndarray:
         feed = {"images": rows, "sigma": sigma}
         if self.host_noise:  # fresh draws unless the caller brings the seeded ones
             feed[NOISE_INPUT] = torch.randn(rows.shape).numpy() if noise is None else noise
-        return self.session.run(["logits"], feed)[0]
+        return (session or self.session).run(["logits"], feed)[0]  # type: ignore[attr-defined]
 
     def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
         images = images.float().cpu()
@@ -190,21 +199,24 @@ class OnnxBackend:
 
     def _chunked(self, array: np.ndarray, sigma: np.ndarray, noise: np.ndarray | None = None) -> torch.Tensor:
         size = self.chunk_rows
-        if self._pool is not None:  # every worker gets a share, even of a batch smaller than a chunk
+        shared = self._pool is not None and not (self.ort_threads == "auto" and array.shape[0] < self.workers)
+        if shared:  # every worker gets a share, even of a batch smaller than a chunk
             size = max(1, min(size, -(-array.shape[0] // self.workers)))
         starts = range(0, array.shape[0], size)
+        session = self._chunk_session if shared else self.session
 
         def run(start: int) -> np.ndarray:
-            return self._run(array[start:start + size], sigma, None if noise is None else noise[start:start + size])
+            return self._run(array[start:start + size], sigma, None if noise is None else noise[start:start + size],
+                             session)
 
-        parts = list(self._pool.map(run, starts)) if self._pool is not None and len(starts) > 1 else [
+        parts = list(self._pool.map(run, starts)) if shared and len(starts) > 1 else [  # type: ignore[union-attr]
             run(start) for start in starts]
         return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "device": str(self.device), "precision": self.precision,
                 "provider": self.provider, "providers": self.session.get_providers(), "graph": str(self.path),
-                "ort_threads": "per-chunk" if self._pool is not None else "per-call",
+                "ort_threads": self.ort_threads,
                 "noise_drawn_by": "torch" if self.host_noise else "graph",
                 "ort_parallel_calls": self.workers}
 
@@ -269,7 +281,8 @@ def machine_key(backend: Backend, weights_sha256: str) -> str:
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                     if line.startswith("model name")), cpu)
     gpu = torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else ""
-    parallel = [f"per-chunk x{backend.workers}"] if getattr(backend, "workers", 1) > 1 else []  # type: ignore[attr-defined]
+    parallel = ([f"{backend.ort_threads} x{backend.workers}"]  # type: ignore[attr-defined]
+                if getattr(backend, "workers", 1) > 1 else [])
     return "|".join([weights_sha256[:16], backend.name, str(backend.device), backend.precision, gpu, cpu,
                      str(torch.get_num_threads()), torch.__version__, *parallel])
 
@@ -320,7 +333,7 @@ def load_backend(settings: Settings) -> tuple[Backend, Manifest]:
         path = (int8_graph(manifest, settings.checkpoint) if settings.precision == "int8" else
                 onnx_graph(model, manifest, settings.checkpoint, settings.onnx_cache))
         backend = OnnxBackend(path, manifest, device, chunk, settings.threads, settings.ort_spin,
-                              per_chunk=settings.ort_threads == "per-chunk",
+                              ort_threads=settings.ort_threads,
                               host_noise=settings.ort_noise == "torch")
         backend.precision = settings.precision
     else:

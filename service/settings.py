@@ -35,10 +35,11 @@ class Settings(BaseSettings):
         "always", description="onnx backend: when ONNX Runtime's idle threads busy-wait for work. always: also "
         "between calls (ORT's default; the idle threads then take CPU from the HTTP side), in-run: only while a "
         "call runs, never: they sleep (slower hand-offs between operators)")
-    ort_threads: Literal["per-call", "per-chunk"] = Field(
-        "per-call", description="onnx backend on the CPU: how the model's threads share a batch. per-call: every "
+    ort_threads: Literal["per-call", "per-chunk", "auto"] = Field(
+        "auto", description="onnx backend on the CPU: how the model's threads share a batch. per-call: every "
         "ONNX Runtime call uses all of them (intra-op threads, ORT's usual way); per-chunk: each call runs on one "
-        "thread and a batch's chunks run on all of them at once (no threads left spinning between calls)")
+        "thread and a batch's chunks run on all of them at once (no threads left spinning between calls); auto: "
+        "per-chunk, except a batch with fewer rows than threads (a lone m = 1 request), which runs per-call")
     ort_noise: Literal["graph", "torch"] = Field(
         "graph", description="onnx backend: who draws the smoothing noise. graph: the graph's own RandomNormalLike, "
         "on the model's device; torch: torch.randn on the CPU, fed to the graph as an input (a third of ONNX "

@@ -7,8 +7,10 @@ import importlib.util
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from benchmarks import report
 from benchmarks.bench import main as bench_main
@@ -34,7 +36,10 @@ def test_quick_bench_writes_every_section_with_measured_ratios(tiny_checkpoint: 
     assert results["machine"]["cores"] and results["machine"]["torch"]
     limit = results["limit"]["reference_rows_per_s"]
     backends = {b["backend"]: b for b in results["limit"]["backends"]}
-    assert list(backends) == ["torch", "onnx", "onnx-bare", "onnx-torch-noise", "onnx-int8"]
+    assert list(backends) == ["torch", "onnx", "onnx-per-chunk", "onnx-bare", "onnx-bare-per-chunk",
+                              "onnx-torch-noise", "onnx-int8"]
+    for name in ("onnx-per-chunk", "onnx-bare-per-chunk"):  # one thread has nothing to share: said, not hidden
+        assert "--threads 2 or more" in backends[name]["error"]
     best = max(backends[name]["best_rows_per_s"] for name in ("torch", "onnx"))  # the served ones
     assert limit == max(best, results["limit"]["recheck_rows_per_s"]) > 0
     for b in backends.values():
@@ -319,3 +324,26 @@ def test_repeated_limits_keep_each_chunks_median_and_every_runs_best() -> None:
     assert median_limit(runs[:1]) is runs[0]
     failed = BackendLimit("onnx", "-", {}, 0, 0.0, "RuntimeError: no graph")
     assert median_limit([runs[0], failed]) is failed  # a failure is said, not averaged away
+
+
+def test_per_chunk_limit_counts_the_chunk_of_every_thread(tiny_checkpoint: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnx-per-chunk runs one chunk on each of the threads at once: a round is chunk x threads rows."""
+    from benchmarks import limit
+
+    seen: list[int] = []
+    measure = limit.rows_per_second
+
+    def spy(run: Any, rows: int, budget_s: float, sync: Any) -> float:
+        seen.append(rows)
+        return measure(run, rows, budget_s, sync)
+
+    monkeypatch.setattr(limit, "rows_per_second", spy)
+    threads = torch.get_num_threads()
+    try:
+        found = limit.measure_limits(tiny_checkpoint, torch.device("cpu"), 2, ["onnx-per-chunk", "onnx"], [8, 16],
+                                     0.05, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert [f.error for f in found] == [None, None] and all(f.best_rows_per_s > 0 for f in found)
+    assert seen == [16, 32, 8, 16]

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -409,18 +410,21 @@ def test_ort_spin_modes_reach_onnx_runtimes_session(checkpoint: Path, spin: str,
     assert options.get_session_config_entry("session.force_spinning_stop") == stop
 
 
+@pytest.mark.parametrize("mode", ["per-chunk", "auto"])
 @pytest.mark.parametrize("rows", [[1], [3, 5], [40, 1, 23]])
-def test_per_chunk_onnx_threads_give_every_copy_its_own_row_in_order(checkpoint: Path, rows: list[int]) -> None:
-    """SIAM_ORT_THREADS=per-chunk: one thread per ONNX Runtime call, a batch's chunks on two threads at once;
-    seeded copies come back exactly as the per-call session computes them, in order."""
+def test_per_chunk_onnx_threads_give_every_copy_its_own_row_in_order(checkpoint: Path, rows: list[int],
+                                                                     mode: str) -> None:
+    """SIAM_ORT_THREADS=per-chunk (and auto): one thread per ONNX Runtime call, a batch's chunks on two threads at
+    once; seeded copies come back exactly as the per-call session computes them, in order."""
     from service.backends import load_backend
 
-    per_call, _ = load_backend(settings(checkpoint, backend="onnx", device="cpu", threads=2, chunk_rows=8))
+    per_call, _ = load_backend(settings(checkpoint, backend="onnx", device="cpu", threads=2, chunk_rows=8,
+                                        ort_threads="per-call"))
     per_chunk, _ = load_backend(settings(checkpoint, backend="onnx", device="cpu", threads=2, chunk_rows=8,
-                                         ort_threads="per-chunk"))
-    assert per_chunk.describe()["ort_threads"] == "per-chunk" and per_chunk.describe()["ort_parallel_calls"] == 2
+                                         ort_threads=mode))
+    assert per_chunk.describe()["ort_threads"] == mode and per_chunk.describe()["ort_parallel_calls"] == 2
     assert per_call.describe()["ort_threads"] == "per-call"
-    options = per_chunk.session.get_session_options()  # type: ignore[attr-defined]
+    options = per_chunk._chunk_session.get_session_options()  # type: ignore[attr-defined]
     assert options.intra_op_num_threads == 1
     images = torch.rand(len(rows), 3, 32, 32)
     seeds = list(range(100, 100 + len(rows)))
@@ -430,3 +434,32 @@ def test_per_chunk_onnx_threads_give_every_copy_its_own_row_in_order(checkpoint:
     assert torch.allclose(got, want, atol=1e-5)
     unseeded = per_chunk.logits(images, rows, [None] * len(rows))  # fresh noise, same shape, every row distinct
     assert unseeded.shape == (sum(rows), 10) and torch.unique(unseeded[:, 0]).numel() == sum(rows)
+
+
+def test_auto_onnx_threads_run_a_batch_smaller_than_the_threads_as_one_call_on_all_of_them(
+        checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIAM_ORT_THREADS=auto: a lone m = 1 request (1 row, 2 threads) goes to the session with two intra-op
+    threads, in one call; two rows or more are shared out, one row-chunk per thread, on the one-thread session."""
+    from service.backends import OnnxBackend, load_backend
+
+    backend, _ = load_backend(settings(checkpoint, backend="onnx", device="cpu", threads=2, chunk_rows=8,
+                                       ort_threads="auto"))
+    assert backend.session.get_session_options().intra_op_num_threads == 2  # type: ignore[attr-defined]
+    assert backend._chunk_session.get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
+    calls: list[tuple[int, int]] = []
+    run = OnnxBackend._run
+
+    def spy(self: OnnxBackend, rows: Any, sigma: Any, noise: Any, session: Any = None) -> Any:
+        calls.append((rows.shape[0], (session or self.session).get_session_options().intra_op_num_threads))
+        return run(self, rows, sigma, noise, session)
+
+    monkeypatch.setattr(OnnxBackend, "_run", spy)
+    image = torch.rand(1, 3, 32, 32)
+    backend.logits(image, [1], [None])
+    assert calls == [(1, 2)]
+    calls.clear()
+    backend.logits(image, [2], [None])
+    assert sorted(calls) == [(1, 1), (1, 1)]
+    calls.clear()
+    backend.logits(image.repeat(3, 1, 1, 1), [16, 16, 2], [None] * 3)  # 34 rows in chunks of at most 8
+    assert sum(r for r, _ in calls) == 34 and {t for _, t in calls} == {1} and max(r for r, _ in calls) == 8

@@ -127,6 +127,11 @@ def test_evaluate_writes_table_json_and_plot(tiny_checkpoint: Path, tiny_cifar_t
     assert all(c["correct"] == 0 for c in cert if c["samples"] < 10)
     text = (out / "eval.md").read_text()
     assert "| 0.25 | adaptive |" in text and "Repeatability" in text and "Certified accuracy" in text
+    header = text.split("**Accuracy")[0]  # it describes the attacks that ran, and only those
+    assert "pgd/eot/adaptive: 2 steps" in header and "eot = 2 noise draws" in header and "APGD" not in header
+    assert evaluate.to_markdown(report) == text  # eval.json alone renders eval.md again
+    clean_only = {**report, "results": [r for r in report["results"] if r["attack"] == "clean"], "gain_over_m1": []}
+    assert "steps" not in evaluate.to_markdown(clean_only).split("**Accuracy")[0]
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
     # the README's model table is made from this file: the checkpoint's sigma (0.25) row, at m = 16
     from training.model_table import table

@@ -217,15 +217,24 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {sigma:g} | {attack} | " + " | ".join(cell(by_m[m]) for m in samples) + " |")
         return lines
 
+    ran = {r["attack"] for r in results}
+    pgd_kinds = "/".join(k for k in ("pgd", "eot", "adaptive") if k in ran)
+    described = [f"L-inf eps={a['eps'] * 255:.1f}/255"]
+    if pgd_kinds:
+        described.append(f"{pgd_kinds}: {a['steps']} steps of {a['step'] * 255:.1f}/255, random start, "
+                         f"{a['restarts']} restart(s)")
+    if "eot" in ran:
+        described.append(f"eot = {a['eot_draws']} noise draws per gradient")
+    if "adaptive" in ran:
+        described.append(f"adaptive = PGD on the log mean softmax of {a['adaptive_samples']} copies")
+    if ran & {"apgd-ce", "apgd-dlr"}:  # only where APGD ran: its settings are recorded either way
+        described.append(f"apgd = torchattacks' APGD, {a.get('apgd_steps', '-')} steps, EOT {a.get('apgd_eot', '-')}")
     lines = [
         f"### {report['model']}: what m buys, {report['data']['images']} test images "
         f"({report['data']['encoding']} encoding), 95% intervals",
         "",
-        f"Attacks: L-inf eps={a['eps'] * 255:.1f}/255; pgd/eot/adaptive: {a['steps']} steps of "
-        f"{a['step'] * 255:.1f}/255, random start, {a['restarts']} restart(s); eot = {a['eot_draws']} noise draws "
-        f"per gradient; adaptive = PGD on the log mean softmax of {a['adaptive_samples']} copies; apgd = "
-        f"torchattacks' APGD, {a.get('apgd_steps', '-')} steps, EOT {a.get('apgd_eot', '-')}. "
-        f"worst = right under every attack run. Aggregation: {report['smoothing']['aggregation']}.",
+        f"Attacks: {'; '.join(described)}. worst = right under every attack run. "
+        f"Aggregation: {report['smoothing']['aggregation']}.",
         "",
         "**Accuracy (%)**",
         "",
@@ -254,7 +263,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         for sigma, m in sorted({(r["sigma"], r["samples"]) for r in cert}):
             by_r = {r["radius"]: r for r in cert if (r["sigma"], r["samples"]) == (sigma, m)}
             lines.append(f"| {sigma:g} | {m} | " + " | ".join(_cell(by_r[r]) for r in radii) + " |")
-    lat = report["latency_ms_one_image"]
+    lat = {int(m): ms for m, ms in report["latency_ms_one_image"].items()}  # JSON made the keys strings
     lines += ["", f"Latency of one prediction (one image, {report['machine']['device']}, "
                   f"{report['machine']['threads']} threads): "
               + ", ".join(f"m={m}: {lat[m]:.1f} ms" for m in samples), "",
@@ -282,7 +291,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
                     linewidth=2.5 if attack == WORST else 1.2)
         ax.set_ylabel(title)
     lat = axes[0].twinx()
-    lat.plot(samples, [report["latency_ms_one_image"][m] for m in samples], "k--", label="latency")
+    latency = {int(m): ms for m, ms in report["latency_ms_one_image"].items()}
+    lat.plot(samples, [latency[m] for m in samples], "k--", label="latency")
     lat.set_ylabel("latency of one prediction (ms, dashed)")
     for sigma, radius in sorted({(r["sigma"], r["radius"]) for r in report.get("certified", [])}):
         pts = sorted((r["samples"], r["accuracy"]) for r in report["certified"]
