@@ -178,10 +178,12 @@ def m1_overhead(results: Results) -> dict[str, Any]:
 
 def default_backend(results: Results) -> dict[str, Any]:
     """Whether the backend the service picked by default is the fastest one measured here."""
-    chosen = results["http"]["systems"].get(SERVICE, {}).get("runtime", {}).get("backend") \
-        or results["engine"].get("backend")
+    runtime = results["http"]["systems"].get(SERVICE, {}).get("runtime", {})
+    chosen = runtime.get("backend") or results["engine"].get("backend")
     fastest = results["limit"]["best"]["backend"]
     rates = {b["backend"]: b["best_rows_per_s"] for b in results["limit"]["backends"] if b["best_rows_per_s"]}
+    if chosen == "onnx" and runtime.get("ort_threads") in ("per-chunk", "auto") and "onnx-per-chunk" in rates:
+        chosen = "onnx-per-chunk"  # how that service runs every batch of two rows or more
     value = ratio(rates.get(chosen), rates.get(fastest))
     detail = f"service chose {chosen}; fastest limit here: {fastest} (" + ", ".join(
         f"{k} {v:.0f} rows/s" for k, v in rates.items()) + ")"

@@ -183,6 +183,18 @@ def test_ratios_follow_the_measurements() -> None:
     assert slower["http"]["cells"][0]["vs_litserve"] == pytest.approx(1.25)
 
 
+@pytest.mark.parametrize(("ort_threads", "met"), [("auto", True), ("per-chunk", True), ("per-call", False)])
+def test_a_service_sharing_its_threads_per_chunk_is_credited_with_that_limit(ort_threads: str, met: bool) -> None:
+    """SIAM_ORT_THREADS=auto runs onnx the way onnx-per-chunk measures it: when that is the fastest limit,
+    the default backend is the fastest; a per-call service is not."""
+    results = fake_results(siam_rows=800, litserve_rows=400)
+    results["limit"]["backends"].append({"backend": "onnx-per-chunk", "best_chunk": 64, "best_rows_per_s": 1100.0})
+    results["limit"]["best"] = {"backend": "onnx-per-chunk"}
+    results["http"]["systems"]["siam"]["runtime"]["ort_threads"] = ort_threads
+    target = report.default_backend(results)
+    assert target["met"] is met and target["value"] == pytest.approx(1.0 if met else 1000 / 1100)
+
+
 def test_targets_are_judged_against_their_thresholds() -> None:
     results = fake_results(siam_rows=800, litserve_rows=400)
     report.add_ratios(results)
@@ -347,3 +359,21 @@ def test_per_chunk_limit_counts_the_chunk_of_every_thread(tiny_checkpoint: Path,
         torch.set_num_threads(threads)
     assert [f.error for f in found] == [None, None] and all(f.best_rows_per_s > 0 for f in found)
     assert seen == [16, 32, 8, 16]
+
+
+def test_threads_by_rows_times_both_ways_of_sharing_the_threads(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from benchmarks import threads_by_rows
+
+    threads = torch.get_num_threads()
+    try:
+        results = threads_by_rows.main([str(tiny_checkpoint), "--rows", "1,4", "--rounds", "2", "--row-budget", "8",
+                                        "--output", str(tmp_path / "t.json")])
+        with pytest.raises(SystemExit):
+            threads_by_rows.main([str(tiny_checkpoint), "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "t.json").read_text())["table"] == results["table"]
+    assert [row["rows"] for row in results["table"]] == [1, 4]
+    for row in results["table"]:
+        assert all(len(row["runs_ms"][mode]) == 2 and row["ms"][mode] > 0 for mode in ("per-call", "per-chunk"))
+        assert row["per_chunk_over_per_call"] == pytest.approx(row["ms"]["per-chunk"] / row["ms"]["per-call"])
