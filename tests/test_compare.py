@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from training import evaluate
-from training.compare import NotComparableError, compare, main
+from training.compare import NotComparableError, compare, main, to_markdown
 
 
 @pytest.fixture
@@ -92,3 +92,32 @@ def test_the_command_prints_and_writes_the_table(report: dict[str, Any], tmp_pat
     second.write_text(json.dumps({**report, "data": {**report["data"], "images": 13}}))
     with pytest.raises(SystemExit, match="siam compare: not the same test images"):
         main([str(first), str(second)])
+
+
+def test_settings_of_an_attack_neither_ran_do_not_block_the_pairing(report: dict[str, Any]) -> None:
+    """Every eval.json records APGD's and EOT's settings; they matter only where those attacks ran."""
+    other = copy.deepcopy(report)
+    other["model"] = "other"
+    other["attack"].update(apgd_eot=5, apgd_steps=50, eot_draws=3, adaptive_samples=4)
+    assert {(r["attack"], r["samples"]) for r in compare(report, other)} == {
+        (a, m) for a in ("clean", "pgd") for m in (1, 4)}
+
+
+def with_attacks(report: dict[str, Any], extra: list[str]) -> dict[str, Any]:
+    """The evaluation with more attacks (copies of its PGD rows under other names) and its worst case."""
+    out = copy.deepcopy(report)
+    pgd = [row for row in out["results"] if row["attack"] == "pgd"]
+    out["results"] += [dict(row, attack=name) for name in [*extra, "worst"] for row in pgd]
+    return out
+
+
+def test_the_worst_case_is_paired_only_over_the_same_attacks(report: dict[str, Any]) -> None:
+    """Right under every one of {PGD, EOT} is not right under every one of {PGD, EOT, APGD-CE}."""
+    first, same, more = (with_attacks(report, ["eot"]), with_attacks(report, ["eot"]),
+                         with_attacks(report, ["eot", "apgd-ce"]))
+    assert ("worst", 4) in {(r["attack"], r["samples"]) for r in compare(first, same)}
+    rows = compare(first, more)
+    assert {r["attack"] for r in rows} == {"clean", "pgd", "eot"}
+    assert "No worst-case row: the two evaluations ran different attacks (clean, eot, pgd against apgd-ce, " \
+        "clean, eot, pgd)" in to_markdown(first, more, rows)
+    assert "No worst-case row" not in to_markdown(first, same, compare(first, same))

@@ -19,8 +19,18 @@ import torch
 
 from training.measure import paired_difference
 
-# Attack settings that must match for two evaluations to be comparable.
+WORST = "worst"
+"""The per-image worst case ``siam evaluate`` adds: right under every attack it ran."""
+
+# Attack settings that must match for two evaluations to be comparable, by the attack that uses them: only
+# those of the attacks both evaluations ran are checked (an evaluation records APGD's settings even where
+# APGD did not run). An attack not listed here is held to all of them.
 ATTACK_KEYS = ("norm", "eps", "step", "steps", "restarts", "eot_draws", "adaptive_samples", "apgd_steps", "apgd_eot")
+_PGD = ("norm", "eps", "step", "steps", "restarts")
+_APGD = ("norm", "eps", "apgd_steps", "apgd_eot")
+ATTACK_SETTINGS: dict[str, tuple[str, ...]] = {
+    "clean": (), "pgd": _PGD, "eot": (*_PGD, "eot_draws"), "adaptive": (*_PGD, "adaptive_samples"),
+    "apgd-ce": _APGD, "apgd-dlr": _APGD}
 
 
 class NotComparableError(ValueError):
@@ -60,13 +70,26 @@ def _by_key(report: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
     return rows
 
 
+def attacks_run(report: dict[str, Any]) -> set[str]:
+    """The attacks an evaluation ran (``clean`` included), not counting its per-image worst case."""
+    return {row["attack"] for row in report["results"]} - {WORST}
+
+
+def worst_is_paired(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """The worst case means the same only over the same attacks: wrong under any of {PGD, EOT} is not wrong
+    under any of {PGD, EOT, APGD}."""
+    return attacks_run(first) == attacks_run(second)
+
+
 def check_comparable(first: dict[str, Any], second: dict[str, Any]) -> None:
     """Refuse a pairing that would compare different images or different attacks."""
     for key in ("sha256", "images", "subset_seed"):
         if first["data"].get(key) != second["data"].get(key):
             raise NotComparableError(f"not the same test images: data {key} is {first['data'].get(key)!r} for "
                                      f"{first['model']} and {second['data'].get(key)!r} for {second['model']}")
-    differ = [k for k in ATTACK_KEYS if first["attack"].get(k) != second["attack"].get(k)]
+    common = attacks_run(first) & attacks_run(second)
+    settings = {k for attack in common for k in ATTACK_SETTINGS.get(attack, ATTACK_KEYS)}
+    differ = [k for k in ATTACK_KEYS if k in settings and first["attack"].get(k) != second["attack"].get(k)]
     if differ:
         raise NotComparableError("not the same attacks: " + ", ".join(
             f"{k} {first['attack'].get(k)} against {second['attack'].get(k)}" for k in differ))
@@ -76,7 +99,7 @@ def compare(first: dict[str, Any], second: dict[str, Any]) -> list[dict[str, Any
     """Paired accuracy differences, second minus first, for every (attack, m) both evaluations hold."""
     check_comparable(first, second)
     a, b = _by_key(first), _by_key(second)
-    common = [key for key in a if key in b]
+    common = [key for key in a if key in b and (key[0] != WORST or worst_is_paired(first, second))]
     if not common:
         raise NotComparableError(f"no attack and m in common: {sorted(a)} against {sorted(b)}")
     return [{"attack": attack, "samples": m, "first": a[attack, m]["accuracy"], "second": b[attack, m]["accuracy"],
@@ -94,6 +117,10 @@ def to_markdown(first: dict[str, Any], second: dict[str, Any], rows: list[dict[s
         lines.append(f"| {r['attack']} | {r['samples']} | {100 * r['first']:.1f} | {100 * r['second']:.1f} | "
                      f"{100 * r['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | "
                      f"{r['gained']} / {r['lost']} |")
+    if not worst_is_paired(first, second) and {r["attack"] for r in first["results"]} >= {WORST} <= {
+            r["attack"] for r in second["results"]}:
+        lines += ["", f"No worst-case row: the two evaluations ran different attacks "
+                      f"({', '.join(sorted(attacks_run(first)))} against {', '.join(sorted(attacks_run(second)))})."]
     lines += ["", f"Evaluations: `{first['command']}` and `{second['command']}`."]
     return "\n".join(lines) + "\n"
 

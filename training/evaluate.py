@@ -47,14 +47,13 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs
-from training.compare import per_image_bits
+from training.compare import WORST, per_image_bits
 from training.data import add_data_arguments, load_split, to_float
 from training.measure import clopper_pearson, latency_ms, paired_difference
 from training.robustness import accuracy_entry, answers_by_m, certified_accuracy, certify_by_m
 from training.train import resolve_device
 
 ATTACKS = ("clean", "pgd", "eot", "adaptive", "apgd-ce", "apgd-dlr")
-WORST = "worst"
 
 
 def build_parser() -> argparse.ArgumentParser:

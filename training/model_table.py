@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import read_manifest
-from training.evaluate import WORST
+from training.compare import WORST
 
 
 def load(path: Path) -> dict[str, Any] | None:
