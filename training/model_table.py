@@ -46,6 +46,13 @@ def largest_apgd(checkpoint: Path) -> dict[str, Any] | None:
     return max(found, key=lambda e: e["data"]["images"], default=None)
 
 
+def also(evaluation: dict[str, Any]) -> str:
+    """What else an APGD evaluation's worst case counts: some ran the grid's PGD attacks beside APGD, and
+    their worst case is then over all of them, not over APGD alone."""
+    others = [a for a in evaluation["attack"]["attacks"] if a not in ("clean", "apgd-ce", "apgd-dlr")]
+    return f", worst with {'/'.join(others)}" if others else ""
+
+
 def pick(results: list[dict[str, Any]], attack: str, m: int) -> dict[str, Any] | None:
     return next((r for r in results if r["attack"] == attack and r["samples"] == m), None)
 
@@ -97,7 +104,7 @@ def row(checkpoint: Path, latency: dict[str, dict[str, float]]) -> list[str] | N
         f"`{knob['model']}`", f"{sigma:g}", str(knob["data"]["images"]), pct(pick(results, "clean", mid)),
         each(lambda m: pct(strongest(results, m))), " / ".join(paired(m) for m in (64, 256)),
         "-" if apgd_worst is None else
-        f"{pct(apgd_worst)} ({apgd['data']['images']} img, EOT {apgd['attack']['apgd_eot']})",
+        f"{pct(apgd_worst)} ({apgd['data']['images']} img, EOT {apgd['attack']['apgd_eot']}{also(apgd)})",
         each(lambda m: "-" if weakest_repeat[m] is None else f"{100 * weakest_repeat[m]:.0f}"),
         " / ".join(pct(cert.get((m, 0.125))) if m in samples else "-" for m in (64, 256)),
         " / ".join(milliseconds(lat.get(str(m))) for m in COLUMNS_M),
