@@ -117,8 +117,8 @@ def to_markdown(first: dict[str, Any], second: dict[str, Any], rows: list[dict[s
         lines.append(f"| {r['attack']} | {r['samples']} | {100 * r['first']:.1f} | {100 * r['second']:.1f} | "
                      f"{100 * r['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | "
                      f"{r['gained']} / {r['lost']} |")
-    if not worst_is_paired(first, second) and {r["attack"] for r in first["results"]} >= {WORST} <= {
-            r["attack"] for r in second["results"]}:
+    both_have_worst = all(any(r["attack"] == WORST for r in report["results"]) for report in (first, second))
+    if both_have_worst and not worst_is_paired(first, second):
         lines += ["", f"No worst-case row: the two evaluations ran different attacks "
                       f"({', '.join(sorted(attacks_run(first)))} against {', '.join(sorted(attacks_run(second)))})."]
     lines += ["", f"Evaluations: `{first['command']}` and `{second['command']}`."]

@@ -201,6 +201,11 @@ def _order(attack: str) -> int:
     return ATTACKS.index(attack) if attack in ATTACKS else len(ATTACKS)
 
 
+def latency_by_m(report: dict[str, Any]) -> dict[int, float]:
+    """Milliseconds of one prediction at each m, keyed by int also in a report read back from JSON."""
+    return {int(m): ms for m, ms in report["latency_ms_one_image"].items()}
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     results = report["results"]
     samples = sorted({r["samples"] for r in results})
@@ -262,7 +267,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         for sigma, m in sorted({(r["sigma"], r["samples"]) for r in cert}):
             by_r = {r["radius"]: r for r in cert if (r["sigma"], r["samples"]) == (sigma, m)}
             lines.append(f"| {sigma:g} | {m} | " + " | ".join(_cell(by_r[r]) for r in radii) + " |")
-    lat = {int(m): ms for m, ms in report["latency_ms_one_image"].items()}  # JSON made the keys strings
+    lat = latency_by_m(report)
     lines += ["", f"Latency of one prediction (one image, {report['machine']['device']}, "
                   f"{report['machine']['threads']} threads): "
               + ", ".join(f"m={m}: {lat[m]:.1f} ms" for m in samples), "",
@@ -290,7 +295,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                     linewidth=2.5 if attack == WORST else 1.2)
         ax.set_ylabel(title)
     lat = axes[0].twinx()
-    latency = {int(m): ms for m, ms in report["latency_ms_one_image"].items()}
+    latency = latency_by_m(report)
     lat.plot(samples, [latency[m] for m in samples], "k--", label="latency")
     lat.set_ylabel("latency of one prediction (ms, dashed)")
     for sigma, radius in sorted({(r["sigma"], r["radius"]) for r in report.get("certified", [])}):
