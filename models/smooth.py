@@ -71,6 +71,15 @@ def plan_chunks(samples: Sequence[int], chunk_rows: int) -> Iterator[list[Segmen
         yield chunk
 
 
+def rows_of_chunk(images: torch.Tensor, chunk: list[Segment]) -> torch.Tensor:
+    """The rows of one chunk: each of its images repeated once per copy, in one ``repeat_interleave`` (not a
+    copy per image). A chunk's images are consecutive unless an image with no copies lies between them."""
+    index = [image for image, _, _ in chunk]
+    picked = images[index[0] : index[-1] + 1] if index[-1] - index[0] + 1 == len(index) else images[index]
+    copies = [stop - start for _, start, stop in chunk]
+    return picked.repeat_interleave(torch.tensor(copies, device=images.device), dim=0, output_size=sum(copies))
+
+
 def aggregate(logits: torch.Tensor, image_of_row: torch.Tensor, num_images: int,
               aggregation: Aggregation) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image scores ``[num_images, C]`` (probabilities or vote shares) and vote counts.
@@ -195,10 +204,13 @@ class Smooth:
         out = []
         with torch.inference_mode():
             for chunk in plan_chunks(samples, self.chunk_rows):
-                rows = torch.cat([images[i : i + 1].expand(stop - start, -1, -1, -1)
-                                  for i, start, stop in chunk])
-                out.append(self._forward_rows(rows, DeviceNoise(rows.shape[0], rows.device)))
+                out.append(self.fresh_forward(rows_of_chunk(images, chunk)))
         return torch.cat(out) if out else images.new_zeros((0, self.num_classes))
+
+    def fresh_forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits of one chunk of rows, each under a fresh draw of the device's generator: the unseeded
+        serving path, which a backend may replace on the instance (CUDA graphs: service/cuda_graphs.py)."""
+        return self._forward_rows(rows, DeviceNoise(rows.shape[0], rows.device))
 
     def _mixed_seed_logits(self, images: torch.Tensor, samples: Sequence[int],
                            seeds: Sequence[int | None]) -> torch.Tensor:

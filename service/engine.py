@@ -370,8 +370,7 @@ class Engine:
             for (j, _), part in zip(group, logits.split([batch[j].copies for j, _ in group]), strict=True):
                 parts[j].append(part)
             computed, images = computed + rows, images + len(group)
-        answers = [self._answer(job, torch.cat(p)) if len(p) == job.images.shape[0] else None
-                   for job, p in zip(batch, parts, strict=True)]
+        answers = self._answers(batch, parts)
         elapsed = time.perf_counter() - start
         if computed >= target:  # small batches are dominated by fixed costs: they would overprice a row
             cost = elapsed / computed
@@ -382,27 +381,54 @@ class Engine:
         self.metrics.rows.labels(self.model_name).inc(computed)
         return answers
 
+    def _answers(self, batch: list[Job],
+                 parts: list[list[torch.Tensor]]) -> list[list[Answer] | list[torch.Tensor] | None]:
+        """Every finished job's answer (None for one dropped part-way). Plain predictions with the same
+        aggregation rule are summarized together, in one set of tensor operations for the whole batch:
+        per job, those few small operations cost more than the job's share of the model on a GPU."""
+        answers: list[list[Answer] | list[torch.Tensor] | None] = [None] * len(batch)
+        plain: dict[Aggregation, list[int]] = {}
+        for j, (job, p) in enumerate(zip(batch, parts, strict=True)):
+            if len(p) != job.images.shape[0]:
+                continue
+            if job.raw or job.certify_alpha is not None:
+                answers[j] = self._answer(job, torch.cat(p))
+            else:
+                plain.setdefault(job.aggregation, []).append(j)
+        for rule, members in plain.items():
+            jobs = [batch[j] for j in members]
+            predictions = summarize(torch.cat([t for j in members for t in parts[j]]),
+                                    [job.samples for job in jobs for _ in range(job.images.shape[0])], rule)
+            by_samples: dict[int, list[Answer]] = {}
+            pos = 0
+            for j, job in zip(members, jobs, strict=True):
+                n = job.images.shape[0]
+                mine = [Answer(p) for p in predictions[pos : pos + n]]
+                answers[j], pos = mine, pos + n
+                if not job.internal:
+                    by_samples.setdefault(job.samples, []).extend(mine)
+            for samples, client_answers in by_samples.items():
+                self.record(client_answers, samples)
+        return answers
+
     def _answer(self, job: Job, logits: torch.Tensor) -> list[Answer] | list[torch.Tensor]:
-        """Aggregate one job's logits; with certify, the first n0 copies of each image select the
-        class and the other ``samples`` copies (independent draws) bound its probability."""
+        """One job's raw per-copy logits, or its certified answer: the first n0 copies of each image select
+        the class and the other ``samples`` copies (independent draws) bound its probability. (Plain
+        predictions are summarized batch-wide by :meth:`_answers`.)"""
         n = job.images.shape[0]
         per_image = logits.view(n, job.copies, -1)
         if job.raw:
             return list(per_image.unbind(0))
-        if job.certify_alpha is None:
-            predictions = summarize(logits, [job.samples] * n, job.aggregation)
-            certificates: list[Certificate | None] = [None] * n
-        else:
-            selection, estimation = per_image[:, : job.selection_samples], per_image[:, job.selection_samples :]
-            predictions = summarize(estimation.reshape(-1, logits.shape[1]), [job.samples] * n, job.aggregation)
-            classes = logits.shape[1]
-            certificates = [
-                consistent(certify_from_counts(torch.bincount(sel.argmax(1), minlength=classes),
-                                               torch.bincount(est.argmax(1), minlength=classes),
-                                               job.certify_alpha, self.sigma), p.label)
-                for sel, est, p in zip(selection, estimation, predictions, strict=True)
-            ]
-        answers = [Answer(p, c) for p, c in zip(predictions, certificates, strict=True)]
+        assert job.certify_alpha is not None
+        selection, estimation = per_image[:, : job.selection_samples], per_image[:, job.selection_samples :]
+        predictions = summarize(estimation.reshape(-1, logits.shape[1]), [job.samples] * n, job.aggregation)
+        classes = logits.shape[1]
+        answers = [
+            Answer(p, consistent(certify_from_counts(torch.bincount(sel.argmax(1), minlength=classes),
+                                                     torch.bincount(est.argmax(1), minlength=classes),
+                                                     job.certify_alpha, self.sigma), p.label))
+            for sel, est, p in zip(selection, estimation, predictions, strict=True)
+        ]
         if not job.internal:
             self.record(answers, job.samples)
         return answers

@@ -14,7 +14,7 @@ import pytest
 import torch
 from prometheus_client import generate_latest
 
-from models.smooth import ABSTAIN, Certificate
+from models.smooth import ABSTAIN, Certificate, summarize
 from service.engine import (
     DeadlineExceededError,
     Engine,
@@ -244,6 +244,58 @@ def test_every_image_is_answered_from_its_own_pixels_whatever_the_grouping(chunk
     assert labels == [7, 2, 9] and singles == [4, 0]
     expected = {1: [[1], [2], [2], [2], [3]], 5: [[1, 2, 2], [2, 3]], 4096: [[1, 2, 2, 2, 3]]}
     assert calls == expected[chunk_rows]  # groups of about chunk_rows rows, whole images, in order
+
+
+class RandomBackend:
+    """Random logits for every copy, kept so a test can recompute each answer from its own rows."""
+
+    chunk_rows = 4096
+
+    def __init__(self) -> None:
+        self.returned: list[torch.Tensor] = []
+
+    def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+        out = torch.randn(sum(samples), 10) * 3
+        self.returned.append(out)
+        return out
+
+
+def test_answers_summarized_batch_wide_equal_each_requests_own_summary_and_metrics() -> None:
+    """The engine summarizes a batch's plain predictions together, rule by rule: every answer must still
+    be exactly its own copies' aggregate, whatever m, rule, image count or certify flag shares the batch."""
+    requests = [(1, 1, "softmax", False), (2, 16, "vote", False), (1, 16, "softmax", True),
+                (3, 4, "logits", False), (1, 16, "softmax", False), (1, 8, "vote", False)]
+
+    async def scenario() -> tuple[RandomBackend, list[list], Metrics]:
+        backend = RandomBackend()
+        engine = engine_with(backend)  # type: ignore[arg-type]
+        answers = await asyncio.gather(
+            *(engine.predict(torch.rand(n, 3, 8, 8), m, rule, internal=internal)  # type: ignore[arg-type]
+              for n, m, rule, internal in requests),
+            engine.predict(image(), 4, "vote", certify_alpha=0.01, selection_samples=2))
+        await engine.stop()
+        return backend, answers, engine.metrics
+
+    backend, answers, metrics = asyncio.run(scenario())
+    assert len(backend.returned) == 1  # one batch, one group
+    rows = backend.returned[0]
+    pos = 0
+    for (n, m, rule, _), got in zip(requests, answers, strict=False):
+        expected = summarize(rows[pos : pos + n * m], [m] * n, rule)  # type: ignore[arg-type]
+        pos += n * m
+        assert all(a.certificate is None for a in got)
+        for answer, want in zip(got, expected, strict=True):  # index_add or a mean: the same up to rounding
+            assert (answer.prediction.label, answer.prediction.vote_share, answer.prediction.samples) == (
+                want.label, want.vote_share, want.samples)
+            assert answer.prediction.probabilities == pytest.approx(want.probabilities, abs=1e-6)
+    certified = answers[-1][0]
+    assert certified.certificate is not None
+    assert certified.prediction == summarize(rows[pos + 2 : pos + 6], [4], "vote")[0]  # after 2 selection copies
+    counted = {bucket: metrics.registry.get_sample_value("siam_predictions_total",
+                                                         {"model": "stub", "samples": bucket})
+               for bucket in ("1", "2-4", "5-16")}
+    assert counted == {"1": 1, "2-4": 4, "5-16": 4}  # the internal request is not counted
+    assert metrics.registry.get_sample_value("siam_vote_share_count", {"model": "stub"}) == 9
 
 
 def test_batch_metrics_count_what_was_computed() -> None:

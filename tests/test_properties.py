@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.smooth import aggregate, aggregate_equal, plan_chunks, summarize
+from models.smooth import aggregate, aggregate_equal, plan_chunks, rows_of_chunk, summarize
 from models.spec import ModelSpec, SmoothingSpec
 from service.images import InputError
 from service.kserve import read_infer
@@ -35,6 +35,16 @@ def test_plan_chunks_cuts_every_copy_once_in_order(samples: list[int], chunk_row
     covered = [(image, j) for chunk in chunks for image, start, stop in chunk for j in range(start, stop)]
     assert covered == [(image, j) for image, m in enumerate(samples) for j in range(m)]
     assert len(chunks) == math.ceil(sum(samples) / chunk_rows)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=8), st.integers(1, 20))
+def test_a_chunks_rows_are_its_images_repeated_once_per_copy_in_order(samples: list[int], chunk_rows: int) -> None:
+    images = torch.arange(len(samples), dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 2, 2)
+    for chunk in plan_chunks(samples, chunk_rows):
+        rows = rows_of_chunk(images, chunk)
+        assert rows[:, 0, 0, 0].tolist() == [float(image) for image, start, stop in chunk for _ in range(start, stop)]
+        assert rows.shape[1:] == images.shape[1:]
 
 
 @given(st.integers(-5, 0))
