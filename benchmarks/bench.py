@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "[siam,fastapi,fastapi-onnx,litserve,instant]")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of every system [all cores]")
     p.add_argument("--workers", type=int, default=2, help="HTTP worker processes of the siam-workers system [2]")
+    p.add_argument("--model-processes", type=lambda text: [int(k) for k in text.split(",")], default=[1],
+                   help="model processes of the siam-workers system, each fed by every K-th worker; several "
+                   "(1,2,3) make one system each, siam-workers-Kmp, measured side by side [1]")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="the siam systems and the engine replay the forward from CUDA graphs (torch backend, GPU)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     p.add_argument("--engine-callers", type=int, default=None, help="engine callers [most --concurrency]")
     p.add_argument("--chunks", type=int_list, default=None, help="chunk sizes for the limit [16..1024; quick 32,128]")
@@ -129,6 +134,10 @@ def apply_defaults(args: argparse.Namespace) -> None:
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"siam bench: unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if args.cuda_graphs and args.service_backend != "torch":
+        raise SystemExit("siam bench: --cuda-graphs replays the torch backend's forward: add --service-backend torch")
+    if max(args.model_processes) > args.workers or min(args.model_processes) < 1:
+        raise SystemExit("siam bench: --model-processes needs at least 1 and at most --workers")
 
 
 def rounds_fit(clients: int, samples: int, limit: float, duration: float) -> bool:
@@ -162,7 +171,7 @@ def run_limits(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
 
 def run_engine(args: argparse.Namespace, device: torch.device, limit: float) -> dict[str, Any]:
     backend, settings, name, sigma = build_backend(args.checkpoint, args.service_backend, str(device), args.threads,
-                                                   args.onnx_cache)
+                                                   args.onnx_cache, cuda_graphs=args.cuda_graphs)
     plan, skipped = [], []
     for m in args.samples:
         callers = max(1, min(args.engine_callers, settings.max_batch_rows // m))
@@ -187,13 +196,15 @@ def system_specs(args: argparse.Namespace, device: torch.device) -> list[SystemS
     for name in args.systems:
         if name == "siam":
             specs.append(service_spec(args.checkpoint, args.threads, args.service_backend, str(device),
-                                      args.onnx_cache))
+                                      args.onnx_cache, cuda_graphs=args.cuda_graphs))
         elif name == "siam-torch":
             specs.append(service_spec(args.checkpoint, args.threads, "torch", str(device), args.onnx_cache,
-                                      name="siam-torch"))
+                                      name="siam-torch", cuda_graphs=args.cuda_graphs))
         elif name == "siam-workers":
-            specs.append(service_spec(args.checkpoint, args.threads, args.service_backend, str(device),
-                                      args.onnx_cache, name="siam-workers", workers=args.workers))
+            specs += [service_spec(args.checkpoint, args.threads, args.service_backend, str(device), args.onnx_cache,
+                                   name="siam-workers" if args.model_processes == [1] else f"siam-workers-{k}mp",
+                                   workers=args.workers, model_processes=k, cuda_graphs=args.cuda_graphs)
+                      for k in args.model_processes]
         elif name == CEILING:
             specs.append(instant_spec())
         elif name in ("fastapi", "fastapi-onnx"):

@@ -37,10 +37,10 @@ class EngineResult:
 
 
 def build_backend(checkpoint: Path, backend: str, device: str, threads: int, onnx_cache: Path,
-                  chunk_rows: str = "auto") -> tuple[Backend, Settings, str, float]:
+                  chunk_rows: str = "auto", cuda_graphs: bool = False) -> tuple[Backend, Settings, str, float]:
     """The service's backend and settings, warmed up and tuned like ``siam serve`` does at start-up."""
     settings = Settings(checkpoint=checkpoint, backend=backend, device=device, threads=threads,
-                        onnx_cache=onnx_cache, chunk_rows=chunk_rows,  # type: ignore[arg-type]
+                        onnx_cache=onnx_cache, chunk_rows=chunk_rows, cuda_graphs=cuda_graphs,  # type: ignore[arg-type]
                         tuning_cache=onnx_cache.parent / "chunk-rows.json")
     built, manifest = load_backend(settings)
     warm_up(built, manifest, settings.tuning_cache if settings.chunk_rows == "auto" else None)

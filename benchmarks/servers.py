@@ -44,13 +44,16 @@ class SystemSpec:
 
 
 def service_spec(checkpoint: Path, threads: int, backend: str, device: str, onnx_cache: Path,
-                 name: str = "siam", workers: int = 1) -> SystemSpec:
+                 name: str = "siam", workers: int = 1, model_processes: int = 1,
+                 cuda_graphs: bool = False) -> SystemSpec:
     """``siam serve`` as shipped: chunk size tuned at start-up (``auto``), default batching settings;
-    ``workers`` > 1: that many HTTP worker processes in front of the model process."""
+    ``workers`` > 1: that many HTTP worker processes in front of ``model_processes`` model processes."""
     args = ["service.cli", str(checkpoint), "--port", "{port}", "--threads", str(threads), "--backend", backend,
-            "--device", device, "--log-level", "warning", "--onnx-cache", str(onnx_cache), "--workers", str(workers)]
+            "--device", device, "--log-level", "warning", "--onnx-cache", str(onnx_cache), "--workers", str(workers),
+            "--model-processes", str(model_processes), "--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"]
     return SystemSpec(name, args, "/health/ready", "query",
-                      {"backend": backend, "chunk_rows": "auto", "http_workers": workers})
+                      {"backend": backend, "chunk_rows": "auto", "http_workers": workers,
+                       "model_processes": model_processes, "cuda_graphs": cuda_graphs})
 
 
 def fastapi_spec(checkpoint: Path, threads: int, device: str, mode: str = "sync", backend: str = "torch",

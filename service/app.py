@@ -12,7 +12,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from service.engine import DeadlineExceededError, Engine, OverloadedError, Queue
 from service.feedback import FeedbackStore
 from service.images import InputError
 from service.observe import ObserveMiddleware
-from service.remote_engine import RemoteEngine, RemoteRuntime, connect
+from service.remote_engine import FeedbackRouter, RemoteEngine, RemoteRuntime, connect
 from service.settings import Settings
 from service.state import ClientGoneError, ServiceState, ServiceUnavailableError
 
@@ -99,15 +99,20 @@ async def start(state: ServiceState) -> None:
     log.info("ready", extra={"fields": {"model": manifest.name, "chunk_rows": backend.chunk_rows, **info}})
 
 
-async def start_worker(state: ServiceState, model_socket: Path) -> None:
-    """An HTTP worker of ``siam serve --workers N``: connect to the model process, which loads the model,
-    batches, and keeps the feedback store; ready once it has loaded (service/model_process.py)."""
+async def start_worker(state: ServiceState, model_sockets: Sequence[Path], own: int = 0) -> None:
+    """An HTTP worker of ``siam serve --workers N``: connect to the model processes, which load the model,
+    batch, and keep the feedback store; ready once they have loaded (service/model_process.py). Its requests
+    go to model process ``own``; feedback goes to whichever process keeps the prediction."""
     state.access = build_access(state.settings)
-    reader, writer, hello = await connect(model_socket)
-    if not hello["ready"]:
-        state.load_error = hello["load_error"]
-        writer.close()
-        return
+    links = []
+    for path in model_sockets:
+        reader, writer, hello = await connect(path)
+        if not hello["ready"]:
+            state.load_error = hello["load_error"]
+            writer.close()
+            return
+        links.append((reader, writer, hello))
+    hello = links[own][2]
     manifest = Manifest.model_validate(hello["manifest"])
 
     def lost() -> None:  # nothing left to serve: turn not-ready and drain, as on SIGTERM (orphans exit too)
@@ -115,30 +120,36 @@ async def start_worker(state: ServiceState, model_socket: Path) -> None:
         state.load_error = "the model process stopped"
         os.kill(os.getpid(), signal.SIGTERM)
 
-    engine = RemoteEngine(reader, writer, manifest.name, state.metrics, on_lost=lost)
-    state.manifest, state.engine, state.feedback = manifest, engine, engine
+    engines = [RemoteEngine(reader, writer, manifest.name, state.metrics, on_lost=lost) for reader, writer, _ in links]
+    state.manifest, state.engine = manifest, engines[own]
+    state.feedback = engines[0] if len(engines) == 1 else FeedbackRouter(engines)
+    state.links = engines
     state.backend = RemoteRuntime(hello["backend"], hello["chunk_rows"], hello["runtime"])
     state.metrics.prepare(manifest.name)
     state.ready = True
 
 
-def create_app(settings: Settings | None = None, model_socket: Path | None = None) -> FastAPI:
-    """The service; with ``model_socket``, an HTTP worker that sends its requests to that model process."""
+def create_app(settings: Settings | None = None, model_sockets: Sequence[Path] | None = None,
+               own: int = 0) -> FastAPI:
+    """The service; with ``model_sockets``, an HTTP worker that sends its requests to model process ``own``."""
     state = ServiceState(settings or Settings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if model_socket is None:
+        if model_sockets is None:
             await start(state)
         else:
-            await start_worker(state, model_socket)
+            await start_worker(state, model_sockets, own)
         canary = None
-        if state.ready and state.settings.canary_interval_s > 0 and model_socket is None:  # else the model process's
+        if state.ready and state.settings.canary_interval_s > 0 and model_sockets is None:  # else the model process's
             canary = asyncio.create_task(run_canary_forever(state), name="siam-canary")
         yield
         state.draining = True
         if canary:
             canary.cancel()
+        for link in state.links:  # a worker's links to the other model processes (feedback)
+            if link is not state.engine:
+                await link.stop()
         if state.engine:
             await state.engine.stop()
 

@@ -14,12 +14,14 @@ already added, expressed in pixel space, with ``sigma = 0`` (or, fed, as its ``n
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -296,25 +298,41 @@ def machine_key(backend: Backend, weights_sha256: str) -> str:
                      str(torch.get_num_threads()), torch.__version__, *parallel])
 
 
+@contextlib.contextmanager
+def tuning_lock(cache: Path) -> Iterator[None]:
+    """Held while one process measures or reads the chunk size: the model processes of ``--model-processes K``
+    (or several services sharing a cache) start together, and one measurement on a quiet device beats K
+    measured at once, each slowed by the others. No lock where the folder cannot be written."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(cache.with_name(cache.name + ".lock"), "a")  # noqa: SIM115 (closed below)
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def remembered_chunk_rows(backend: Backend, size: int, weights_sha256: str, cache: Path) -> int:
     """The tuned chunk size for this model on this machine: measured once (``tune_chunk_rows``), then
     read from ``cache``, so every start serves with the same chunk (a busy machine at one start could
     otherwise pick another). Delete the file to measure again."""
     key = machine_key(backend, weights_sha256)
-    try:
-        known = json.loads(cache.read_text()) if cache.is_file() else {}
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known.get(key), int) and known[key] > 0:
-        backend.chunk_rows = known[key]
-        log.info("chunk_rows %d, as measured before on this machine (%s)", known[key], cache)
-        return known[key]
-    chosen = tune_chunk_rows(backend, size)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({**known, key: chosen}, indent=1) + "\n")
-    except OSError as e:  # a read-only folder: tune again next time, serve now
-        log.warning("could not remember chunk_rows in %s: %s", cache, e)
+    with tuning_lock(cache):
+        try:
+            known = json.loads(cache.read_text()) if cache.is_file() else {}
+        except (OSError, ValueError):
+            known = {}
+        if isinstance(known.get(key), int) and known[key] > 0:
+            backend.chunk_rows = known[key]
+            log.info("chunk_rows %d, as measured before on this machine (%s)", known[key], cache)
+            return known[key]
+        chosen = tune_chunk_rows(backend, size)
+        try:
+            cache.write_text(json.dumps({**known, key: chosen}, indent=1) + "\n")
+        except OSError as e:  # a read-only folder: tune again next time, serve now
+            log.warning("could not remember chunk_rows in %s: %s", cache, e)
     return chosen
 
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(settings.log_level)
     if (settings.ssl_certfile is None) != (settings.ssl_keyfile is None):
         sys.exit("siam serve: HTTPS needs both --ssl-certfile and --ssl-keyfile")
-    if settings.workers > 1:
+    if settings.workers > 1 or settings.model_processes > 1:
         sys.exit(serve_workers(settings))
     app = create_app(settings)
     server = GracefulServer(uvicorn_config(app, settings), app)

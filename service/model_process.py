@@ -43,11 +43,20 @@ def hello(state: ServiceState) -> dict[str, Any]:
             "backend": state.backend.name, "chunk_rows": state.backend.chunk_rows}
 
 
+def new_id(index: int, processes: int) -> str:
+    """A prediction id; with several model processes it ends with this one's index (two hex digits), so that a
+    worker sends its feedback here (``remote_engine.owner``)."""
+    random = uuid.uuid4().hex
+    return random if processes == 1 else random[:-2] + f"{index:02x}"
+
+
 class WorkerLink:
     """One worker's connection: each request runs as its own task, so one worker's requests batch together."""
 
-    def __init__(self, state: ServiceState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, state: ServiceState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 index: int = 0):
         self.state, self.reader, self.writer = state, reader, writer
+        self.index = index  # this model process's place among --model-processes
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.drain_lock = asyncio.Lock()
 
@@ -94,8 +103,9 @@ class WorkerLink:
         may follow through any worker at once (one message per request, no second round trip)."""
         assert self.state.feedback is not None and self.state.manifest is not None
         named = []
+        processes = self.state.settings.model_processes
         for answer in answers:
-            prediction_id = uuid.uuid4().hex
+            prediction_id = new_id(self.index, processes)
             if answer.label >= 0:
                 self.state.feedback.add(prediction_id, answer.label, samples, self.state.manifest.name)
             named.append(replace(answer, id=prediction_id))
@@ -122,15 +132,16 @@ class WorkerLink:
 
 
 async def serve_model(settings: Settings, socket_path: Path, control: Connection,
-                      state: ServiceState | None = None) -> int:
+                      state: ServiceState | None = None, index: int = 0) -> int:
     """Load the model, answer workers until the control pipe closes, drain the engine. Returns the exit status.
-    ``state`` (a fresh one by default) lets in-process tests look at the engine."""
+    ``state`` (a fresh one by default) lets in-process tests look at the engine; ``index`` is this process's
+    place among ``--model-processes`` (only the first runs the canary)."""
     state = state or ServiceState(settings)
     loaded = asyncio.Event()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await loaded.wait()
-        connection = WorkerLink(state, reader, writer)
+        connection = WorkerLink(state, reader, writer, index)
         await connection.send(hello(state))
         if state.engine is not None:
             await connection.serve()
@@ -148,7 +159,7 @@ async def serve_model(settings: Settings, socket_path: Path, control: Connection
     else:
         control.send(("ready", None))
     canary = None
-    if state.engine is not None and settings.canary_interval_s > 0:
+    if state.engine is not None and settings.canary_interval_s > 0 and index == 0:
         canary = asyncio.create_task(run_canary_forever(state), name="siam-canary")
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -169,10 +180,10 @@ async def serve_model(settings: Settings, socket_path: Path, control: Connection
     return 0
 
 
-def run_model_process(settings: Settings, socket_path: str, control: Connection) -> None:
+def run_model_process(settings: Settings, socket_path: str, control: Connection, index: int = 0) -> None:
     """The process's entry point (spawned by service/workers.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging(settings.log_level)
-    log.info("model process %d", os.getpid())
-    sys.exit(asyncio.run(serve_model(settings, Path(socket_path), control)))
+    log.info("model process %d (%d of %d)", os.getpid(), index + 1, settings.model_processes)
+    sys.exit(asyncio.run(serve_model(settings, Path(socket_path), control, index=index)))

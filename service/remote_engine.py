@@ -30,6 +30,33 @@ log = logging.getLogger("siam.worker")
 SILENCE_MARGIN_S = 5.0
 
 
+def owner(prediction_id: str, processes: int) -> int:
+    """Which of ``processes`` model processes keeps ``prediction_id`` for feedback: its last two hex digits,
+    modulo the count. A model process ends the ids it issues with its own index (``model_process.new_id``);
+    an id a worker made (a sequential answer) is kept, and later found, wherever this points."""
+    try:
+        return int(prediction_id[-2:], 16) % processes
+    except ValueError:  # not an id this service issued: any process answers "unknown"
+        return 0
+
+
+class FeedbackRouter:
+    """The feedback store of ``--model-processes K`` as a worker sees it: each prediction id is kept by the
+    model process :func:`owner` names, so feedback may reach any worker and still find it."""
+
+    def __init__(self, links: list[RemoteEngine]):
+        self.links = links
+
+    async def remember(self, entries: list[tuple[str, int, int, str]]) -> None:
+        by_owner: dict[int, list[tuple[str, int, int, str]]] = {}
+        for entry in entries:
+            by_owner.setdefault(owner(entry[0], len(self.links)), []).append(entry)
+        await asyncio.gather(*(self.links[k].remember(kept) for k, kept in by_owner.items()))
+
+    async def recall(self, prediction_id: str) -> Issued | None:
+        return await self.links[owner(prediction_id, len(self.links))].recall(prediction_id)
+
+
 class RemoteRuntime:
     """What the routers read of the backend (``/v1/models``, KServe metadata), as the model process told it."""
 

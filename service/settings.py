@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="HTTP worker processes; above 1 they feed one model process (which "
                          "batches all their requests together) through a Unix socket, so that request parsing, "
                          "JSON and HTTP are not bound to one Python process")
+    model_processes: int = Field(1, ge=1, le=256, description="with workers above 1: model processes on the one "
+                                 "device, each with its own engine, fed by every K-th worker (K = this), so that "
+                                 "no single process's Python caps a fast GPU; at most workers")
     warmup: bool = Field(True, description="run the model once before reporting ready")
     exit_on_load_error: bool = Field(True, description="exit (status 1) when the checkpoint cannot be loaded, as "
                                      "Triton does; off: keep running, not ready, and say why on /health/ready")

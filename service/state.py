@@ -17,7 +17,7 @@ from service.engine import Engine
 from service.feedback import FeedbackStore
 from service.images import InputError
 from service.metrics import Metrics
-from service.remote_engine import RemoteEngine, RemoteRuntime
+from service.remote_engine import FeedbackRouter, RemoteEngine, RemoteRuntime
 from service.settings import Settings
 
 
@@ -28,7 +28,8 @@ class ServiceState:
     manifest: Manifest | None = None
     backend: Backend | RemoteRuntime | None = None
     engine: Engine | RemoteEngine | None = None  # RemoteEngine: an HTTP worker of `siam serve --workers N`
-    feedback: FeedbackStore | RemoteEngine | None = None
+    feedback: FeedbackStore | RemoteEngine | FeedbackRouter | None = None
+    links: list[RemoteEngine] = field(default_factory=list)  # a worker's connections, one per model process
     access: Access | None = None
     ready: bool = False
     draining: bool = False

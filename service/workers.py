@@ -1,4 +1,4 @@
-"""``siam serve --workers N``: N HTTP worker processes in front of one model process.
+"""``siam serve --workers N``: N HTTP worker processes in front of one model process (or K of them).
 
 One Python process parses, decodes and serialises every request of the single-process service while its
 model thread computes; with a fast accelerator that process, not the model, sets the ceiling. Here the
@@ -7,9 +7,14 @@ and each sends its requests to the model process (service/model_process.py), who
 the requests of all workers together. Prometheus metrics are summed over the processes
 (prometheus-client's multiprocess mode), and the feedback store lives in the model process.
 
+With ``--model-processes K`` there are K model processes on the one device, each with its own engine, and
+worker i feeds model process i mod K: on a GPU one model process's Python (framing, queueing, answering)
+caps the service below the model. Each prediction id names the model process that keeps it, so feedback
+reaches it through any worker (service/remote_engine.py).
+
 On SIGTERM or SIGINT the workers drain first (each turns not-ready, finishes its accepted requests
-within the grace period, as the single-process service does), then the model process finishes what it
-still holds and exits. If any process dies, the others are stopped and ``siam serve`` exits with status
+within the grace period, as the single-process service does), then the model processes finish what they
+still hold and exit. If any process dies, the others are stopped and ``siam serve`` exits with status
 1, for the orchestrator to restart it.
 """
 
@@ -22,7 +27,7 @@ import os
 import signal
 import socket
 import tempfile
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
@@ -34,14 +39,14 @@ from service.settings import Settings
 log = logging.getLogger("siam.serve")
 
 
-def run_worker(settings: Settings, model_socket: str, sockets: list[socket.socket]) -> None:
-    """An HTTP worker's entry point: the ordinary app, sending its requests to the model process."""
+def run_worker(settings: Settings, model_sockets: list[str], own: int, sockets: list[socket.socket]) -> None:
+    """An HTTP worker's entry point: the ordinary app, sending its requests to model process ``own``."""
     from service.app import create_app
     from service.observe import setup_logging
     from service.server import GracefulServer, uvicorn_config
 
     setup_logging(settings.log_level)
-    app = create_app(settings, model_socket=Path(model_socket))
+    app = create_app(settings, model_sockets=[Path(path) for path in model_sockets], own=own)
     GracefulServer(uvicorn_config(app, settings), app).run(sockets=sockets)
 
 
@@ -55,13 +60,14 @@ def stop_process(process: BaseProcess, timeout: float) -> None:
 
 
 class Supervisor:
-    """Starts the model process and the workers, watches them, and stops them in order."""
+    """Starts the model processes and the workers, watches them, and stops them in order."""
 
     def __init__(self, settings: Settings, folder: Path, signalled: list[int]):
         self.settings, self.signalled = settings, signalled
-        self.model_socket = str(folder / "model.sock")
+        self.model_sockets = [str(folder / f"model-{k}.sock") for k in range(settings.model_processes)]
         self.ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no threads or CUDA state forked
-        self.model: BaseProcess | None = None
+        self.models: list[BaseProcess] = []
+        self.controls: list[Connection] = []
         self.workers: list[BaseProcess] = []
         self.listener: socket.socket | None = None
 
@@ -71,35 +77,40 @@ class Supervisor:
         s = self.settings
         # Bound first: a port in use fails the start before any process is made.
         self.listener = uvicorn.Config("service.app:create_app", host=s.host, port=s.port).bind_socket()
-        self.control, model_end = self.ctx.Pipe()
-        self.model = self.ctx.Process(target=run_model_process, args=(s, self.model_socket, model_end),
-                                      name="siam-model")
-        self.model.start()
-        model_end.close()
-        self.workers = [self.ctx.Process(target=run_worker, args=(s, self.model_socket, [self.listener]),
-                                         name=f"siam-http-{i}") for i in range(s.workers)]
+        for k, path in enumerate(self.model_sockets):
+            control, model_end = self.ctx.Pipe()
+            name = "siam-model" if s.model_processes == 1 else f"siam-model-{k}"
+            model = self.ctx.Process(target=run_model_process, args=(s, path, model_end, k), name=name)
+            model.start()
+            model_end.close()
+            self.models.append(model)
+            self.controls.append(control)
+        # Worker i sends its requests to model process i mod K: each model process batches its workers' requests.
+        self.workers = [self.ctx.Process(target=run_worker, args=(s, self.model_sockets, i % s.model_processes,
+                                                                  [self.listener]), name=f"siam-http-{i}")
+                        for i in range(s.workers)]
         for worker in self.workers:
             worker.start()
-        log.info("model process %d, %d HTTP workers on %s:%d", self.model.pid, len(self.workers), s.host,
-                 self.listener.getsockname()[1])
+        log.info("model process %s, %d HTTP workers on %s:%d", ", ".join(str(m.pid) for m in self.models),
+                 len(self.workers), s.host, self.listener.getsockname()[1])
 
     def watch(self) -> str | None:
         """Until a signal (None) or a failure (its message): a process that died, or a model that did not load."""
-        assert self.model is not None
-        watched = [self.control, self.model.sentinel, *(w.sentinel for w in self.workers)]
+        watched: list[object] = [*self.controls, *(m.sentinel for m in self.models),
+                                 *(w.sentinel for w in self.workers)]
         while not self.signalled:
-            ready = wait(watched, timeout=0.5)
-            if self.control in ready:
+            ready = wait(watched, timeout=0.5)  # type: ignore[arg-type]
+            for control in (c for c in self.controls if c in ready):
                 try:
-                    kind, detail = self.control.recv()
+                    kind, detail = control.recv()
                 except EOFError:  # the model process is exiting: its sentinel says how
-                    watched.remove(self.control)
-                    kind, detail = "gone", None
+                    watched.remove(control)
+                    continue
                 if kind == "load_error":
                     log.error("could not load %s: %s", self.settings.checkpoint, detail)
                     if self.settings.exit_on_load_error:
                         return f"siam serve: could not load {self.settings.checkpoint}: {detail}"
-            dead = [p for p in (self.model, *self.workers) if p.sentinel in ready and not p.is_alive()]
+            dead = [p for p in (*self.models, *self.workers) if p.sentinel in ready and not p.is_alive()]
             # A signal to the whole process group (Ctrl-C) reaches the workers too: they drain and exit
             # by themselves, which is the shutdown asked for, not a failure.
             if dead and not self.signalled:
@@ -108,7 +119,7 @@ class Supervisor:
         return None
 
     def stop(self) -> None:
-        """The workers first (each finishes its accepted requests), then the model process."""
+        """The workers first (each finishes its accepted requests), then the model processes."""
         from prometheus_client import multiprocess
 
         grace = self.settings.graceful_timeout_s + 5
@@ -118,16 +129,20 @@ class Supervisor:
         for worker in self.workers:
             stop_process(worker, grace)
             multiprocess.mark_process_dead(worker.pid)
-        if self.model is not None:
+        for control in self.controls:
             with contextlib.suppress(OSError):  # the model process may be gone already
-                self.control.send(("stop", None))
-            stop_process(self.model, grace)
+                control.send(("stop", None))
+        for model in self.models:
+            stop_process(model, grace)
         if self.listener is not None:
             self.listener.close()
 
 
 def serve_workers(settings: Settings) -> int | str:
     """Run the model process and the workers until a signal (status 0) or a failure (a message, status 1)."""
+    if settings.model_processes > settings.workers:
+        return (f"siam serve: --model-processes {settings.model_processes} needs at least as many --workers "
+                f"(each model process is fed by its own workers); got --workers {settings.workers}")
     if settings.rate_limit_per_s > 0:
         return ("siam serve: --rate-limit-per-s counts per process, so N workers would allow N times the rate; "
                 "run one worker, or rate-limit at the proxy in front")
@@ -152,7 +167,7 @@ def serve_workers(settings: Settings) -> int | str:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    model = supervisor.model
-    if failure is None and model is not None and model.exitcode not in (0, None):
-        failure = f"siam serve: the model process exited with status {model.exitcode}"
+    for model in supervisor.models:
+        if failure is None and model.exitcode not in (0, None):
+            failure = f"siam serve: {model.name} exited with status {model.exitcode}"
     return failure or 0

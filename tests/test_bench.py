@@ -377,3 +377,29 @@ def test_threads_by_rows_times_both_ways_of_sharing_the_threads(tiny_checkpoint:
     for row in results["table"]:
         assert all(len(row["runs_ms"][mode]) == 2 and row["ms"][mode] > 0 for mode in ("per-call", "per-chunk"))
         assert row["per_chunk_over_per_call"] == pytest.approx(row["ms"]["per-chunk"] / row["ms"]["per-call"])
+
+
+def test_bench_refuses_gpu_options_it_cannot_honour(tiny_checkpoint: Path) -> None:
+    with pytest.raises(SystemExit, match="--service-backend torch"):
+        bench_main(["--checkpoint", str(tiny_checkpoint), "--cuda-graphs"])
+    with pytest.raises(SystemExit, match="at most --workers"):
+        bench_main(["--checkpoint", str(tiny_checkpoint), "--workers", "2", "--model-processes", "3"])
+
+
+def test_gpu_paths_times_the_eager_forward_and_engine_and_refuses_graphs_off_a_gpu(tiny_checkpoint: Path,
+                                                                                  tmp_path: Path) -> None:
+    from benchmarks import gpu_paths
+
+    threads = torch.get_num_threads()
+    try:
+        results = gpu_paths.main([str(tiny_checkpoint), "--device", "cpu", "--variants", "eager", "--rows", "1,8",
+                                  "--samples", "2", "--callers", "4", "--duration", "0.3", "--rounds", "2",
+                                  "--tuning-cache", str(tmp_path / "tc.json"), "--output", str(tmp_path / "g.json")])
+        with pytest.raises(SystemExit):
+            gpu_paths.main([str(tiny_checkpoint), "--device", "cpu", "--variants", "eager,graphs"])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "g.json").read_text())["forward"] == results["forward"]
+    assert [row["rows"] for row in results["forward"]] == [1, 8]
+    assert all(len(row["runs_ms"]["eager"]) == 2 and row["ms"]["eager"] > 0 for row in results["forward"])
+    assert results["engine"][0]["samples"] == 2 and results["engine"][0]["predictions_per_s"]["eager"] > 0

@@ -510,6 +510,32 @@ def test_the_tuned_chunk_size_is_measured_once_per_machine_and_remembered(tmp_pa
     assert broken.calls > 5
 
 
+def test_processes_starting_together_measure_the_chunk_size_once(tmp_path: Path) -> None:
+    """The model processes of --model-processes K start at once: one measures, the others wait and read it."""
+    from service.backends import remembered_chunk_rows
+
+    class Slow:
+        name, device, precision, chunk_rows = "stub", torch.device("cpu"), "fp32", 256
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+            self.calls += 1
+            time.sleep(0.002)
+            return torch.zeros(sum(samples), 10)
+
+    cache = tmp_path / "chunk-rows.json"
+    backends = [Slow() for _ in range(3)]
+    threads = [threading.Thread(target=remembered_chunk_rows, args=(b, 8, "ab" * 32, cache)) for b in backends]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(b.calls > 0 for b in backends) == [False, False, True]  # one measured
+    assert len({b.chunk_rows for b in backends}) == 1  # and all serve with its choice
+
+
 def test_the_engine_takes_work_only_between_start_and_stop_and_stop_finishes_what_it_accepted() -> None:
     async def scenario() -> None:
         backend = GatedBackend()

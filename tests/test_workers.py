@@ -26,8 +26,8 @@ import torch
 from service.backends import load_backend
 from service.engine import DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
 from service.metrics import Metrics
-from service.model_process import serve_model
-from service.remote_engine import RemoteEngine, connect
+from service.model_process import new_id, serve_model
+from service.remote_engine import FeedbackRouter, RemoteEngine, connect, owner
 from service.settings import Settings
 from service.state import ServiceState
 from service.wire import ModelProcessError, decode_answers, decode_error, encode_answers, encode_error, frame
@@ -57,15 +57,15 @@ async def until(condition: object, timeout: float = 30.0) -> None:
 class ModelProcessInLoop:
     """serve_model on this loop with a RemoteEngine connected to it; ``state`` is the model process's."""
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def __init__(self, settings: Settings, index: int = 0):
+        self.settings, self.index = settings, index
         self.folder = tempfile.TemporaryDirectory(prefix="siam-test-")
         self.path = Path(self.folder.name, "model.sock")
         self.state = ServiceState(settings)
         self.control, self.model_end = multiprocessing.Pipe()
 
     async def __aenter__(self) -> RemoteEngine:
-        self.task = asyncio.create_task(serve_model(self.settings, self.path, self.model_end, self.state))
+        self.task = asyncio.create_task(serve_model(self.settings, self.path, self.model_end, self.state, self.index))
         reader, writer, hello = await asyncio.wait_for(connect(self.path), 60)
         assert hello["ready"], hello
         assert hello["chunk_rows"] == 64
@@ -181,6 +181,39 @@ def test_feedback_is_kept_by_the_model_process(checkpoint: Path) -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("processes", [1, 2, 3, 16])
+def test_a_prediction_id_names_the_model_process_that_keeps_it(processes: int) -> None:
+    ids = {k: [new_id(k, processes) for _ in range(50)] for k in range(processes)}
+    assert all(owner(i, processes) == k for k, issued in ids.items() for i in issued)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for issued in ids.values() for i in issued)
+    assert len({i for issued in ids.values() for i in issued}) == 50 * processes
+    assert owner("not-hex!", processes) == 0  # a client's made-up id: some process answers "unknown"
+
+
+def test_feedback_reaches_the_process_that_keeps_the_prediction_through_any_worker(checkpoint: Path) -> None:
+    """Two model processes, as ``--model-processes 2`` runs them; a worker's router remembers and recalls each
+    id in the process that :func:`owner` names, whichever process answered the prediction."""
+
+    async def scenario() -> None:
+        settings = settings_for(checkpoint, model_processes=2)
+        async with ModelProcessInLoop(settings, index=0) as first, ModelProcessInLoop(settings, index=1) as second:
+            router = FeedbackRouter([first, second])
+            answered = [*(await first.predict(images(2), 4, "vote")), *(await second.predict(images(2), 4, "vote"))]
+            assert [owner(a.id, 2) for a in answered] == [0, 0, 1, 1]  # type: ignore[arg-type]
+            fresh = [new_id(0, 1) for _ in range(20)]  # a worker's own ids (sequential answers): any owner
+            await router.remember([(i, 3, 16, "tiny") for i in fresh])
+            for a in answered:
+                issued = await router.recall(a.id)  # type: ignore[arg-type]
+                assert issued is not None and issued.label == a.label
+            for i in fresh:
+                issued = await router.recall(i)
+                assert issued is not None and issued.label == 3
+            assert await router.recall(answered[0].id) is None  # type: ignore[arg-type]  # once only
+            assert {owner(i, 2) for i in fresh} == {0, 1}  # both processes were used (20 random ids)
+
+    asyncio.run(scenario())
+
+
 def test_a_lost_model_process_fails_waiting_requests_with_503() -> None:
     """The model process answers hello, takes a request, then dies: the request and every later one get
     ShuttingDownError (503 with Retry-After), and the worker turns not-ready."""
@@ -224,14 +257,16 @@ def metric(url: str, name: str) -> float:
 
 
 @pytest.mark.subprocess
-def test_workers_answer_share_feedback_and_sum_metrics(checkpoint: Path) -> None:
+@pytest.mark.parametrize("model_processes", [1, 2])
+def test_workers_answer_share_feedback_and_sum_metrics(checkpoint: Path, model_processes: int) -> None:
     from fastapi.testclient import TestClient
 
     from service.app import create_app
 
     with TestClient(create_app(settings_for(checkpoint, warmup=True))) as one_process:
         expected = one_process.post("/predict?samples=16&seed=11&certify=true", json=BODY).json()
-    with Server(checkpoint, "--workers", "2", "--backend", "torch", "--chunk-rows", "64", "--allow-seed") as server:
+    with Server(checkpoint, "--workers", "2", "--model-processes", str(model_processes), "--backend", "torch",
+                "--chunk-rows", "64", "--allow-seed") as server:
         status, answer = post(server.url, 16, "&seed=11&certify=true")
         assert status == 200
         for key in ("label", "probabilities", "vote_share", "radius", "p_lower", "abstained"):
@@ -254,11 +289,15 @@ def test_workers_answer_share_feedback_and_sum_metrics(checkpoint: Path) -> None
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("to_group", [False, True], ids=["sigterm-to-siam-serve", "sigint-to-the-group"])
-def test_workers_finish_accepted_requests_on_sigterm_then_exit(checkpoint: Path, to_group: bool) -> None:
+@pytest.mark.parametrize(("to_group", "model_processes"), [(False, 1), (True, 1), (False, 2)],
+                         ids=["sigterm-to-siam-serve", "sigint-to-the-group", "sigterm-two-model-processes"])
+def test_workers_finish_accepted_requests_on_sigterm_then_exit(checkpoint: Path, to_group: bool,
+                                                               model_processes: int) -> None:
     """SIGTERM to `siam serve` alone (as `docker stop` sends it), or SIGINT to every process (Ctrl-C in a
-    terminal): either way every accepted request is answered and the service exits 0."""
-    server = Server(checkpoint, "--workers", "2", "--backend", "torch", "--chunk-rows", "256")
+    terminal): either way every accepted request is answered and the service exits 0; with two model
+    processes too."""
+    server = Server(checkpoint, "--workers", "2", "--model-processes", str(model_processes), "--backend", "torch",
+                    "--chunk-rows", "256")
     with server:
         with ThreadPoolExecutor(4) as pool:
             pending = [pool.submit(post, server.url, 1024) for _ in range(4)]
@@ -296,11 +335,13 @@ def serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.subprocess
-def test_workers_exit_on_a_load_error_and_refuse_a_per_process_rate_limit(tmp_path: Path) -> None:
+def test_workers_exit_on_a_load_error_and_refuse_a_per_process_rate_limit_or_too_few_workers(tmp_path: Path) -> None:
     done = serve(str(tmp_path / "nonexistent"), "--workers", "2")
     assert done.returncode == 1 and "could not load" in done.stderr, done.stderr[-2000:]
     done = serve(str(tmp_path), "--workers", "2", "--rate-limit-per-s", "5", timeout=30)
     assert done.returncode == 1 and "rate-limit" in done.stderr, done.stderr[-2000:]
+    done = serve(str(tmp_path), "--workers", "2", "--model-processes", "3", timeout=30)
+    assert done.returncode == 1 and "needs at least as many --workers" in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.subprocess
