@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-processes", type=lambda text: [int(k) for k in text.split(",")], default=[1],
                    help="model processes of the siam-workers system, each fed by every K-th worker; several "
                    "(1,2,3) make one system each, siam-workers-Kmp, measured side by side [1]")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="the siam systems and the engine replay the forward from CUDA graphs (torch backend, GPU)")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"],
+                   help="SIAM_CUDA_GRAPHS of the siam systems and the engine: replay the forward from CUDA graphs "
+                   "(auto: on for the torch backend on a GPU) [auto]")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     p.add_argument("--engine-callers", type=int, default=None, help="engine callers [most --concurrency]")
     p.add_argument("--chunks", type=int_list, default=None, help="chunk sizes for the limit [16..1024; quick 32,128]")
@@ -134,8 +135,9 @@ def apply_defaults(args: argparse.Namespace) -> None:
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"siam bench: unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
-    if args.cuda_graphs and args.service_backend != "torch":
-        raise SystemExit("siam bench: --cuda-graphs replays the torch backend's forward: add --service-backend torch")
+    if args.cuda_graphs == "true" and args.service_backend != "torch":
+        raise SystemExit("siam bench: --cuda-graphs true replays the torch backend's forward: add --service-backend "
+                         "torch")
     if max(args.model_processes) > args.workers or min(args.model_processes) < 1:
         raise SystemExit("siam bench: --model-processes needs at least 1 and at most --workers")
 

@@ -37,7 +37,7 @@ class EngineResult:
 
 
 def build_backend(checkpoint: Path, backend: str, device: str, threads: int, onnx_cache: Path,
-                  chunk_rows: str = "auto", cuda_graphs: bool = False) -> tuple[Backend, Settings, str, float]:
+                  chunk_rows: str = "auto", cuda_graphs: str = "auto") -> tuple[Backend, Settings, str, float]:
     """The service's backend and settings, warmed up and tuned like ``siam serve`` does at start-up."""
     settings = Settings(checkpoint=checkpoint, backend=backend, device=device, threads=threads,
                         onnx_cache=onnx_cache, chunk_rows=chunk_rows, cuda_graphs=cuda_graphs,  # type: ignore[arg-type]

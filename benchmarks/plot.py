@@ -79,7 +79,8 @@ def plot_results(results: dict[str, Any], path: Path, latency_samples: int = 16)
     right.grid(alpha=0.3, which="both")
 
     machine = results["machine"]
-    fig.suptitle(f"siam bench: {machine['cpu']}, {machine['cores']} cores, device {machine['device']}", fontsize=10)
+    device = machine.get("gpu") or machine["device"]  # the GPU's name where there was one
+    fig.suptitle(f"siam bench: {machine['cpu']}, {machine['cores']} cores, device {device}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -45,12 +45,12 @@ class SystemSpec:
 
 def service_spec(checkpoint: Path, threads: int, backend: str, device: str, onnx_cache: Path,
                  name: str = "siam", workers: int = 1, model_processes: int = 1,
-                 cuda_graphs: bool = False) -> SystemSpec:
+                 cuda_graphs: str = "auto") -> SystemSpec:
     """``siam serve`` as shipped: chunk size tuned at start-up (``auto``), default batching settings;
     ``workers`` > 1: that many HTTP worker processes in front of ``model_processes`` model processes."""
     args = ["service.cli", str(checkpoint), "--port", "{port}", "--threads", str(threads), "--backend", backend,
             "--device", device, "--log-level", "warning", "--onnx-cache", str(onnx_cache), "--workers", str(workers),
-            "--model-processes", str(model_processes), "--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"]
+            "--model-processes", str(model_processes), "--cuda-graphs", cuda_graphs]
     return SystemSpec(name, args, "/health/ready", "query",
                       {"backend": backend, "chunk_rows": "auto", "http_workers": workers,
                        "model_processes": model_processes, "cuda_graphs": cuda_graphs})

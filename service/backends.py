@@ -354,9 +354,12 @@ def load_backend(settings: Settings) -> tuple[Backend, Manifest]:
         raise RuntimeError("the onnx backend serves fp32 and int8 graphs; use SIAM_BACKEND=torch for fp16/bf16")
     if kind == "torch" and settings.precision == "int8":
         raise RuntimeError("int8 is served by the onnx backend (SIAM_BACKEND=onnx or auto)")
-    if settings.cuda_graphs and (kind != "torch" or device.type != "cuda" or has_pni or settings.compile):
-        raise RuntimeError("SIAM_CUDA_GRAPHS needs the torch backend on a CUDA device, a model without PNI "
-                           "weight noise and no SIAM_COMPILE (it captures the eager forward)")
+    graphs_possible = kind == "torch" and device.type == "cuda" and not has_pni and not settings.compile
+    if settings.cuda_graphs is True and not graphs_possible:
+        raise RuntimeError("SIAM_CUDA_GRAPHS=true needs the torch backend on a CUDA device, a model without PNI "
+                           "weight noise and no SIAM_COMPILE (it captures the eager forward); auto turns it off "
+                           "elsewhere")
+    cuda_graphs = graphs_possible and settings.cuda_graphs is not False
     chunk = 256 if settings.chunk_rows == "auto" else int(settings.chunk_rows)
     backend: Backend
     if kind == "onnx":
@@ -367,6 +370,5 @@ def load_backend(settings: Settings) -> tuple[Backend, Manifest]:
                               host_noise=settings.ort_noise == "torch")
         backend.precision = settings.precision
     else:
-        backend = TorchBackend(model, manifest, device, settings.precision, chunk, settings.compile,
-                               settings.cuda_graphs)
+        backend = TorchBackend(model, manifest, device, settings.precision, chunk, settings.compile, cuda_graphs)
     return backend, manifest

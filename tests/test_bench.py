@@ -381,7 +381,7 @@ def test_threads_by_rows_times_both_ways_of_sharing_the_threads(tiny_checkpoint:
 
 def test_bench_refuses_gpu_options_it_cannot_honour(tiny_checkpoint: Path) -> None:
     with pytest.raises(SystemExit, match="--service-backend torch"):
-        bench_main(["--checkpoint", str(tiny_checkpoint), "--cuda-graphs"])
+        bench_main(["--checkpoint", str(tiny_checkpoint), "--cuda-graphs", "true"])
     with pytest.raises(SystemExit, match="at most --workers"):
         bench_main(["--checkpoint", str(tiny_checkpoint), "--workers", "2", "--model-processes", "3"])
 

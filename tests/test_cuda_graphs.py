@@ -56,11 +56,33 @@ def test_each_chunk_gets_its_own_rows_logits_and_a_later_replay_does_not_overwri
     assert torch.equal(out_one, graphed.forward(first[:1]))
 
 
-def test_cuda_graphs_are_refused_where_they_cannot_run(tmp_path: Path, tiny_checkpoint: Path) -> None:
+def test_cuda_graphs_are_refused_where_they_cannot_run_and_auto_leaves_them_off_there(tmp_path: Path,
+                                                                                     tiny_checkpoint: Path) -> None:
     settings = Settings(checkpoint=tiny_checkpoint, backend="torch", device="cpu", cuda_graphs=True,
                         onnx_cache=tmp_path)
-    with pytest.raises(RuntimeError, match="SIAM_CUDA_GRAPHS needs the torch backend on a CUDA device"):
+    with pytest.raises(RuntimeError, match="SIAM_CUDA_GRAPHS=true needs the torch backend on a CUDA device"):
         load_backend(settings)
+    for backend in ("torch", "onnx"):
+        built, _ = load_backend(Settings(checkpoint=tiny_checkpoint, backend=backend, device="cpu",  # type: ignore[arg-type]
+                                         onnx_cache=tmp_path))
+        assert getattr(built, "graphed", None) is None and built.describe().get("cuda_graphs") is None
+
+
+@pytest.mark.parametrize(("text", "value"), [("auto", "auto"), ("true", True), ("false", False), ("1", True)])
+def test_the_setting_reads_auto_or_a_boolean_from_the_environment(text: str, value: object,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIAM_CUDA_GRAPHS", text)
+    assert Settings().cuda_graphs == value
+    monkeypatch.setenv("SIAM_CUDA_GRAPHS", "sometimes")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        Settings()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_auto_replays_the_graphs_for_the_torch_backend(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    built, _ = load_backend(Settings(checkpoint=tiny_checkpoint, backend="torch", device="cuda", onnx_cache=tmp_path))
+    built.logits(torch.rand(2, 3, 32, 32), [3, 5], [None, None])
+    assert built.describe()["cuda_graphs"] == [8]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
