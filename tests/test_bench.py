@@ -403,3 +403,15 @@ def test_gpu_paths_times_the_eager_forward_and_engine_and_refuses_graphs_off_a_g
     assert [row["rows"] for row in results["forward"]] == [1, 8]
     assert all(len(row["runs_ms"]["eager"]) == 2 and row["ms"]["eager"] > 0 for row in results["forward"])
     assert results["engine"][0]["samples"] == 2 and results["engine"][0]["predictions_per_s"]["eager"] > 0
+
+
+def test_engine_overhead_counts_answers_of_a_model_that_costs_nothing(tmp_path: Path) -> None:
+    from benchmarks import engine_overhead
+
+    results = engine_overhead.main(["--samples", "1,4", "--callers", "8", "--duration", "0.3", "--rounds", "2",
+                                    "--output", str(tmp_path / "e.json")])
+    assert json.loads((tmp_path / "e.json").read_text())["table"] == results["table"]
+    assert [row["samples"] for row in results["table"]] == [1, 4]
+    for row in results["table"]:
+        assert len(row["runs"]) == 2 and row["predictions_per_s"] > 100
+        assert row["us_per_request"] == pytest.approx(1e6 / row["predictions_per_s"])
