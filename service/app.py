@@ -109,7 +109,8 @@ async def start_worker(state: ServiceState, model_sockets: Sequence[Path], own: 
         reader, writer, hello = await connect(path)
         if not hello["ready"]:
             state.load_error = hello["load_error"]
-            writer.close()
+            for _, opened, _ in [*links, (reader, writer, hello)]:
+                opened.close()
             return
         links.append((reader, writer, hello))
     hello = links[own][2]

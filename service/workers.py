@@ -8,9 +8,10 @@ the requests of all workers together. Prometheus metrics are summed over the pro
 (prometheus-client's multiprocess mode), and the feedback store lives in the model process.
 
 With ``--model-processes K`` there are K model processes on the one device, each with its own engine, and
-worker i feeds model process i mod K: on a GPU one model process's Python (framing, queueing, answering)
-caps the service below the model. Each prediction id names the model process that keeps it, so feedback
-reaches it through any worker (service/remote_engine.py).
+worker i feeds model process i mod K: for hosts where one model process's Python (framing, queueing,
+answering) caps the service below the model. (On the H200 measured, a second one did not raise the
+ceiling: docs/speed.md.) Each prediction id names the model process that keeps it, so feedback reaches it
+through any worker (service/remote_engine.py).
 
 On SIGTERM or SIGINT the workers drain first (each turns not-ready, finishes its accepted requests
 within the grace period, as the single-process service does), then the model processes finish what they

@@ -481,18 +481,22 @@ def test_served_certificate_is_cohens_bound_on_the_estimation_copies_only(agree:
         assert cert.label == 2 and cert.radius == pytest.approx(sigma * norm.ppf(p_lower), rel=1e-12)
 
 
+class Counting:
+    """Counts its calls (each taking ``delay_s``): how often the chunk-size tuning ran the model."""
+
+    name, device, precision, chunk_rows = "stub", torch.device("cpu"), "fp32", 256
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.calls, self.delay_s = 0, delay_s
+
+    def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.delay_s)
+        return torch.zeros(sum(samples), 10)
+
+
 def test_the_tuned_chunk_size_is_measured_once_per_machine_and_remembered(tmp_path: Path) -> None:
     from service.backends import remembered_chunk_rows
-
-    class Counting:
-        name, device, precision, chunk_rows = "stub", torch.device("cpu"), "fp32", 256
-
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
-            self.calls += 1
-            return torch.zeros(sum(samples), 10)
 
     cache = tmp_path / "cache" / "chunk-rows.json"
     first = Counting()
@@ -514,19 +518,8 @@ def test_processes_starting_together_measure_the_chunk_size_once(tmp_path: Path)
     """The model processes of --model-processes K start at once: one measures, the others wait and read it."""
     from service.backends import remembered_chunk_rows
 
-    class Slow:
-        name, device, precision, chunk_rows = "stub", torch.device("cpu"), "fp32", 256
-
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
-            self.calls += 1
-            time.sleep(0.002)
-            return torch.zeros(sum(samples), 10)
-
     cache = tmp_path / "chunk-rows.json"
-    backends = [Slow() for _ in range(3)]
+    backends = [Counting(delay_s=0.002) for _ in range(3)]
     threads = [threading.Thread(target=remembered_chunk_rows, args=(b, 8, "ab" * 32, cache)) for b in backends]
     for t in threads:
         t.start()
