@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(auto: on for the torch backend on a GPU) [auto]")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     p.add_argument("--engine-callers", type=int, default=None, help="engine callers [most --concurrency]")
-    p.add_argument("--chunks", type=int_list, default=None, help="chunk sizes for the limit [16..1024; quick 32,128]")
+    p.add_argument("--chunks", type=int_list, default=None,
+                   help="chunk sizes for the limit [16..1024, and 2048 on a GPU; quick 32,128]")
     p.add_argument("--limit-budget", type=float, default=None, help="seconds per chunk size [0.5; quick 0.15]")
     p.add_argument("--fastapi-mode", default="sync", choices=["sync", "async"], help="plain FastAPI endpoint kind")
     p.add_argument("--litserve-batch", type=int, default=64, help="LitServe max_batch_size [64]")
@@ -140,6 +141,12 @@ def apply_defaults(args: argparse.Namespace) -> None:
                          "torch")
     if max(args.model_processes) > args.workers or min(args.model_processes) < 1:
         raise SystemExit("siam bench: --model-processes needs at least 1 and at most --workers")
+
+
+def limit_chunks(chunks: list[int], device: torch.device, given: bool) -> list[int]:
+    """The limit's chunk sizes: the default sweep gains 2048 rows on a GPU, where on an H200 the forward was
+    still 6% faster at 2048 than at 1024 (a sweep given on the command line is kept as it is)."""
+    return chunks if given or device.type != "cuda" or 2048 in chunks else [*chunks, 2048]
 
 
 def rounds_fit(clients: int, samples: int, limit: float, duration: float) -> bool:
@@ -316,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore")  # the ONNX exporter's constant-folding chatter
     started, t0 = datetime.now(UTC), time.perf_counter()
     device = resolve_device(args.device)
+    args.chunks = limit_chunks(args.chunks, device, given="--chunks" in argv or args.quick)
     info = machine.describe(device)
     command = "siam bench " + shlex.join(argv)
     print(f"{command}\nmachine: {machine.summary_line(info)}\n", flush=True)

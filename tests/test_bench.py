@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from benchmarks import report
+from benchmarks.bench import limit_chunks, rounds_fit, warmup_for
 from benchmarks.bench import main as bench_main
-from benchmarks.bench import rounds_fit, warmup_for
 from benchmarks.load import closed_loop_rate, read_response
 from models import save_checkpoint
 
@@ -415,3 +415,10 @@ def test_engine_overhead_counts_answers_of_a_model_that_costs_nothing(tmp_path: 
     for row in results["table"]:
         assert len(row["runs"]) == 2 and row["predictions_per_s"] > 100
         assert row["us_per_request"] == pytest.approx(1e6 / row["predictions_per_s"])
+
+
+def test_the_default_limit_sweep_reaches_2048_rows_on_a_gpu_only() -> None:
+    default = [16, 32, 1024]
+    assert limit_chunks(default, torch.device("cuda"), given=False) == [16, 32, 1024, 2048]
+    assert limit_chunks(default, torch.device("cpu"), given=False) == default
+    assert limit_chunks([64], torch.device("cuda"), given=True) == [64]  # --chunks (or --quick) is kept
