@@ -422,3 +422,13 @@ def test_the_default_limit_sweep_reaches_2048_rows_on_a_gpu_only() -> None:
     assert limit_chunks(default, torch.device("cuda"), given=False) == [16, 32, 1024, 2048]
     assert limit_chunks(default, torch.device("cpu"), given=False) == default
     assert limit_chunks([64], torch.device("cuda"), given=True) == [64]  # --chunks (or --quick) is kept
+
+
+def test_model_process_overhead_answers_through_the_socket() -> None:
+    from benchmarks import model_process_overhead
+
+    results = model_process_overhead.main(["--clients", "1", "--callers", "4", "--samples", "2", "--duration",
+                                           "0.5", "--rounds", "1"])
+    (row,) = results["table"]
+    assert (row["samples"], row["clients"], row["callers"]) == (2, 1, 4)
+    assert row["requests_per_s"] > 50 and row["runs"] == [row["requests_per_s"]]
