@@ -36,12 +36,14 @@ class EngineResult:
     p99_ms: float
 
 
-def build_backend(checkpoint: Path, backend: str, device: str, threads: int, onnx_cache: Path,
-                  chunk_rows: str = "auto", cuda_graphs: str = "auto") -> tuple[Backend, Settings, str, float]:
-    """The service's backend and settings, warmed up and tuned like ``siam serve`` does at start-up."""
+def build_backend(checkpoint: Path, backend: str, device: str, threads: int | None, onnx_cache: Path,
+                  chunk_rows: str = "auto", cuda_graphs: str | bool = "auto",
+                  tuning_cache: Path | None = None) -> tuple[Backend, Settings, str, float]:
+    """The service's backend and settings, warmed up and tuned like ``siam serve`` does at start-up (the
+    tuned chunk size kept in ``tuning_cache``, by default beside ``onnx_cache``)."""
     settings = Settings(checkpoint=checkpoint, backend=backend, device=device, threads=threads,
                         onnx_cache=onnx_cache, chunk_rows=chunk_rows, cuda_graphs=cuda_graphs,  # type: ignore[arg-type]
-                        tuning_cache=onnx_cache.parent / "chunk-rows.json")
+                        tuning_cache=tuning_cache or onnx_cache.parent / "chunk-rows.json")
     built, manifest = load_backend(settings)
     warm_up(built, manifest, settings.tuning_cache if settings.chunk_rows == "auto" else None)
     return built, settings, manifest.name, manifest.spec.smoothing.sigma

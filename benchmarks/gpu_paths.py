@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.engine_bench import measure_engine
+from benchmarks.engine_bench import build_backend, measure_engine
 from benchmarks.machine import describe, save_results, summary_line
 from benchmarks.report import in_turn
-from service.app import warm_up
-from service.backends import Backend, load_backend
-from service.settings import DEFAULT_CHECKPOINT, Settings
+from service.backends import Backend
+from service.settings import DEFAULT_CHECKPOINT, DEFAULT_ONNX_CACHE, Settings
 
 VARIANTS = ("eager", "graphs")
 
@@ -73,12 +72,8 @@ def back_us(logits: torch.Tensor, calls: int) -> float:
 
 
 def build(args: argparse.Namespace, variant: str, chunk_rows: int | str) -> tuple[Backend, Settings, str, float]:
-    settings = Settings(checkpoint=args.checkpoint, backend="torch", device=args.device, threads=args.threads,
-                        chunk_rows=chunk_rows, cuda_graphs=variant == "graphs",  # type: ignore[arg-type]
-                        tuning_cache=args.tuning_cache)
-    backend, manifest = load_backend(settings)
-    warm_up(backend, manifest, settings.tuning_cache if chunk_rows == "auto" else None)
-    return backend, settings, manifest.name, manifest.spec.smoothing.sigma
+    return build_backend(args.checkpoint, "torch", args.device, args.threads, DEFAULT_ONNX_CACHE, str(chunk_rows),
+                         cuda_graphs=variant == "graphs", tuning_cache=args.tuning_cache)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
