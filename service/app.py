@@ -21,10 +21,11 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from models.checkpoint import CheckpointError, Manifest
 from service import api, kserve
-from service.auth import Access, read_key_hashes
+from service.auth import SECURITY_SCHEMES, Access, read_key_hashes, require_access
 from service.backends import Backend, load_backend, remembered_chunk_rows
 from service.canary import run_canary_forever
 from service.engine import DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
@@ -165,9 +166,18 @@ def create_app(settings: Settings | None = None, model_sockets: Sequence[Path] |
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's document, plus the KServe request models (those routes read the raw body)."""
+        """FastAPI's document, plus the KServe request models (those routes read the raw body) and the
+        API-key schemes of the routes that check them (``require_access`` reads the headers itself)."""
         if app.openapi_schema is None:
-            generate().setdefault("components", {}).setdefault("schemas", {}).update(kserve.openapi_schemas())
+            document = generate()
+            components = document.setdefault("components", {})
+            components.setdefault("schemas", {}).update(kserve.openapi_schemas())
+            components["securitySchemes"] = SECURITY_SCHEMES
+            for route in [*api.router.routes, *kserve.router.routes]:
+                if isinstance(route, APIRoute) and any(d.dependency is require_access for d in route.dependencies):
+                    for method in route.methods:
+                        document["paths"][route.path_format][method.lower()]["security"] = [
+                            {name: []} for name in SECURITY_SCHEMES]
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -334,12 +334,19 @@ def test_api_keys_guard_predictions_but_not_health_or_metrics(checkpoint: Path, 
                                                              "Authorization": "Bearer s3cret"}).status_code == 200
         assert client.post("/predict", content=PNG, headers={"content-type": "image/png",
                                                              "X-API-Key": "s3cret"}).status_code == 200
+        for authorization, api_key, status in [("bearer s3cret", None, 200),  # the scheme in any case
+                                               ("Basic s3cret", None, 401),  # only Bearer carries a key
+                                               ("Bearer ", "s3cret", 200),  # an empty Bearer: the header key
+                                               ("Bearer wrong", "s3cret", 401)]:  # Bearer first
+            headers = {"content-type": "image/png", "Authorization": authorization} | (
+                {"X-API-Key": api_key} if api_key else {})
+            assert client.post("/predict", content=PNG, headers=headers).status_code == status, authorization
         assert client.get("/v1/models").status_code == 401
         assert client.post("/v2/models/tiny/infer", json={}).status_code == 401
         assert client.post("/feedback", json={"id": "x", "label": 0}).status_code == 401
         for open_path in ("/health/live", "/health/ready", "/metrics", "/v2/health/ready", "/openapi.json"):
             assert client.get(open_path).status_code == 200, open_path
-        assert 'siam_errors_total{kind="unauthorized"} 5.0' in client.get("/metrics").text
+        assert 'siam_errors_total{kind="unauthorized"} 7.0' in client.get("/metrics").text
 
 
 def test_a_keys_file_with_a_plain_key_in_it_is_refused(tmp_path: Path) -> None:

@@ -60,6 +60,13 @@ def test_health_models_and_docs(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     document = client.get("/openapi.json").json()
     assert {"/predict", "/feedback", "/v2/models/{name}/infer"} <= set(document["paths"])
+    # the API-key schemes, on exactly the routes that check a key
+    assert set(document["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+    secured = {f"{method} {path}" for path, operations in document["paths"].items()
+               for method, operation in operations.items() if "security" in operation}
+    assert secured == {"post /predict", "post /feedback", "get /v1/models", "get /v2/models/{name}",
+                       "get /v2/models/{name}/versions/{version}", "post /v2/models/{name}/infer",
+                       "post /v2/models/{name}/versions/{version}/infer"}
     # every reference resolves (the KServe body's nested models included), so generated clients can use it
     schemas = document["components"]["schemas"]
     refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(document)))
