@@ -205,20 +205,25 @@ class OnnxBackend:
                 out[i] = part
         return torch.cat([t for t in out if t is not None])
 
+    @property
+    def group_rows(self) -> int:
+        """Rows the engine hands over per call. With a pool of one-thread calls, about
+        ``CHUNKS_PER_THREAD`` chunks per thread: the threads take chunks as they free up and wait for each
+        other once per call, a small chunk apart (:func:`chunk_bounds`), rather than at every chunk, where a
+        thread that the HTTP side had pre-empted held the other one idle."""
+        return self.chunk_rows * self.workers * CHUNKS_PER_THREAD if self._pool is not None else self.chunk_rows
+
     def _chunked(self, array: np.ndarray, sigma: np.ndarray, noise: np.ndarray | None = None) -> torch.Tensor:
-        size = self.chunk_rows
         shared = self._pool is not None and not (self.ort_threads == "auto" and array.shape[0] < self.workers)
-        if shared:  # every worker gets a share, even of a batch smaller than a chunk
-            size = max(1, min(size, -(-array.shape[0] // self.workers)))
-        starts = range(0, array.shape[0], size)
+        bounds = chunk_bounds(array.shape[0], self.chunk_rows, self.workers if shared else 1)
         session = self._chunk_session if shared else self.session
 
-        def run(start: int) -> np.ndarray:
-            return self._run(array[start:start + size], sigma, None if noise is None else noise[start:start + size],
-                             session)
+        def run(bound: tuple[int, int]) -> np.ndarray:
+            start, stop = bound
+            return self._run(array[start:stop], sigma, None if noise is None else noise[start:stop], session)
 
-        parts = list(self._pool.map(run, starts)) if shared and len(starts) > 1 else [  # type: ignore[union-attr]
-            run(start) for start in starts]
+        parts = list(self._pool.map(run, bounds)) if shared and len(bounds) > 1 else [  # type: ignore[union-attr]
+            run(bound) for bound in bounds]
         return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def describe(self) -> dict[str, object]:
@@ -227,6 +232,27 @@ class OnnxBackend:
                 "ort_threads": self.ort_threads,
                 "noise_drawn_by": "torch" if self.host_noise else "graph",
                 "ort_parallel_calls": self.workers}
+
+
+CHUNKS_PER_THREAD = 8
+
+
+def chunk_bounds(rows: int, size: int, workers: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each call when ``workers`` threads share ``rows`` rows in calls of at most
+    ``size``. Up to ``size * workers`` rows: one equal share per thread. More: chunks of ``size`` while
+    much is left, then each at most ``1 / (2 * workers)`` of what is left, down to ``size // 4`` (guided
+    scheduling, as OpenMP's): threads that take the next chunk as they free up finish about a small chunk
+    apart, not up to a whole chunk."""
+    if rows <= size * workers:
+        share = max(1, -(-rows // workers))
+        return [(start, min(rows, start + share)) for start in range(0, rows, share)]
+    smallest = max(1, size // 4) if workers > 1 else size
+    bounds, start = [], 0
+    while start < rows:
+        stop = min(rows, start + max(smallest, min(size, -(-(rows - start) // (2 * workers)))))
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def onnx_graph(model: Classifier, manifest: Manifest, checkpoint: Path, cache: Path) -> Path:
@@ -261,13 +287,15 @@ def int8_graph(manifest: Manifest, checkpoint: Path) -> Path:
 def tune_chunk_rows(backend: Backend, size: int, candidates: Sequence[int] | None = None,
                     budget_s: float = 0.3) -> int:
     """The chunk size with the most noisy rows per second on this device (measured, not assumed). On a GPU
-    the sizes go up to 2048 rows: on an H200 the forward was still faster at 1024 than at 512."""
+    the sizes go up to 2048 rows: on an H200 the forward was still faster at 1024 than at 512. A backend
+    with a pool of one-thread calls gets one chunk per thread in each measured call, as it serves."""
     if candidates is None:
         candidates = (32, 64, 128, 256, 512) + ((1024, 2048) if backend.device.type == "cuda" else ())
     best, best_rate = backend.chunk_rows, 0.0
     images = torch.rand(1, 3, size, size)
-    for rows in candidates:
-        backend.chunk_rows = rows
+    threads = getattr(backend, "workers", 1)
+    for chunk in candidates:
+        backend.chunk_rows, rows = chunk, chunk * threads
         backend.logits(images, [rows], [None])  # warm this shape
         done, start = 0, time.perf_counter()
         while True:
@@ -277,9 +305,9 @@ def tune_chunk_rows(backend: Backend, size: int, candidates: Sequence[int] | Non
             if elapsed > budget_s:
                 break
         rate = done / elapsed
-        log.info("chunk_rows %d: %.0f rows/s", rows, rate)
+        log.info("chunk_rows %d: %.0f rows/s", chunk, rate)
         if rate > best_rate:
-            best, best_rate = rows, rate
+            best, best_rate = chunk, rate
     backend.chunk_rows = best
     return best
 
@@ -292,7 +320,7 @@ def machine_key(backend: Backend, weights_sha256: str) -> str:
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                     if line.startswith("model name")), cpu)
     gpu = torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else ""
-    parallel = ([f"{backend.ort_threads} x{backend.workers}"]  # type: ignore[attr-defined]
+    parallel = ([f"{backend.ort_threads} x{backend.workers} chunk/thread"]  # type: ignore[attr-defined]
                 if getattr(backend, "workers", 1) > 1 else [])
     return "|".join([weights_sha256[:16], backend.name, str(backend.device), backend.precision, gpu, cpu,
                      str(torch.get_num_threads()), torch.__version__, *parallel])

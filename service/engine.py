@@ -11,8 +11,8 @@ Admission is deadline-aware, as Triton's queue policy is: a request that cannot 
 deadline given the rows queued ahead of it (at the measured cost per row) is refused at once with
 :class:`OverloadedError` (503), so under overload the service spends its time on answers that arrive in
 time. A full queue raises :class:`QueueFullError` (503). A request past its deadline raises
-:class:`DeadlineExceededError` (504); the worker runs a batch in groups of about ``chunk_rows`` rows and,
-before each group, drops the images of requests that expired, were abandoned by their client, or were
+:class:`DeadlineExceededError` (504); the worker runs a batch in calls of about :func:`rows_per_call` rows
+and, before each call, drops the images of requests that expired, were abandoned by their client, or were
 shed by a shutdown, so no work is done for nobody.
 """
 
@@ -107,6 +107,13 @@ class Job:
     @property
     def rows(self) -> int:
         return self.images.shape[0] * self.copies
+
+
+def rows_per_call(backend: Backend) -> int:
+    """Rows the worker hands the backend per call, checking between calls for requests no longer alive:
+    the backend's ``group_rows`` where it has one (a pool of one-thread calls wants several chunks per
+    thread), else a chunk."""
+    return max(1, int(getattr(backend, "group_rows", backend.chunk_rows)))
 
 
 def consistent(certificate: Certificate, label: int) -> Certificate:
@@ -345,15 +352,15 @@ class Engine:
         return batch
 
     def _compute(self, batch: list[Job]) -> list[list[Answer] | list[torch.Tensor] | None]:
-        """Runs on the worker thread: the backend over every copy of every image, in groups of about
-        ``chunk_rows`` rows; before each group the images of jobs no longer alive are dropped. A job
+        """Runs on the worker thread: the backend over every copy of every image, in calls of about
+        :func:`rows_per_call` rows; before each call the images of jobs no longer alive are dropped. A job
         dropped part-way answers None (its future was, or will be, failed on the loop)."""
         start = time.perf_counter()
         for job in batch:
             self.metrics.queue_wait.observe(start - job.enqueued)
         units = [(j, i) for j, job in enumerate(batch) for i in range(job.images.shape[0])]
         parts: list[list[torch.Tensor]] = [[] for _ in batch]
-        target, pos, computed, images = max(1, self.backend.chunk_rows), 0, 0, 0
+        target, pos, computed, images = rows_per_call(self.backend), 0, 0, 0
         while pos < len(units):
             group: list[tuple[int, int]] = []
             rows = 0
@@ -372,7 +379,9 @@ class Engine:
             computed, images = computed + rows, images + len(group)
         answers = self._answers(batch, parts)
         elapsed = time.perf_counter() - start
-        if computed >= target:  # small batches are dominated by fixed costs: they would overprice a row
+        # Priced on a chunk or more, not a call (a pooled backend's calls are larger than most batches): smaller
+        # batches are dominated by fixed costs and would overprice a row.
+        if computed >= self.backend.chunk_rows:
             cost = elapsed / computed
             self.row_cost_s = cost if self.row_cost_s is None else 0.8 * self.row_cost_s + 0.2 * cost
         self.metrics.model_compute.observe(elapsed)

@@ -225,13 +225,22 @@ class PixelBackend:
         return torch.nn.functional.one_hot(classes.repeat_interleave(torch.tensor(samples)), 10).float() * 10
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 5, 4096])
-def test_every_image_is_answered_from_its_own_pixels_whatever_the_grouping(chunk_rows: int) -> None:
+class PooledPixelBackend(PixelBackend):
+    """A backend that spreads each call over a pool (as ONNX Runtime's per-chunk mode does): it asks for
+    calls of ``group_rows`` rows, more than a chunk."""
+
+    def __init__(self, group_rows: int) -> None:
+        super().__init__(chunk_rows=1)
+        self.group_rows = group_rows
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 4096, "pooled 5"])
+def test_every_image_is_answered_from_its_own_pixels_whatever_the_grouping(chunk_rows: int | str) -> None:
     def picture(label: int) -> torch.Tensor:
         return torch.full((1, 3, 8, 8), (label + 0.5) / 10)
 
     async def scenario() -> tuple[list[list[int]], list[int], list[int]]:
-        backend = PixelBackend(chunk_rows)
+        backend = PixelBackend(chunk_rows) if isinstance(chunk_rows, int) else PooledPixelBackend(5)
         engine = engine_with(backend)  # type: ignore[arg-type]
         several = torch.cat([picture(label) for label in (7, 2, 9)])
         answers = await asyncio.gather(engine.predict(picture(4), 1, "vote"), engine.predict(several, 2, "logits"),
@@ -242,8 +251,9 @@ def test_every_image_is_answered_from_its_own_pixels_whatever_the_grouping(chunk
 
     calls, labels, singles = asyncio.run(scenario())
     assert labels == [7, 2, 9] and singles == [4, 0]
-    expected = {1: [[1], [2], [2], [2], [3]], 5: [[1, 2, 2], [2, 3]], 4096: [[1, 2, 2, 2, 3]]}
-    assert calls == expected[chunk_rows]  # groups of about chunk_rows rows, whole images, in order
+    expected = {1: [[1], [2], [2], [2], [3]], 5: [[1, 2, 2], [2, 3]], 4096: [[1, 2, 2, 2, 3]],
+                "pooled 5": [[1, 2, 2], [2, 3]]}
+    assert calls == expected[chunk_rows]  # calls of about group_rows (else chunk_rows) rows, whole images, in order
 
 
 class RandomBackend:
@@ -325,24 +335,29 @@ def test_batch_metrics_count_what_was_computed() -> None:
 
 class ClockedBackend:
     """Advances a fake clock by ``cost`` per row it computes: the engine's row-cost estimate can be checked
-    exactly."""
+    exactly. ``group_rows``: a pooled backend, whose calls hold several chunks."""
 
     chunk_rows = 4
 
-    def __init__(self, clock: list[float]) -> None:
+    def __init__(self, clock: list[float], group_rows: int | None = None) -> None:
         self.clock, self.cost = clock, 0.01
+        if group_rows is not None:
+            self.group_rows = group_rows
 
     def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
         self.clock[0] += self.cost * sum(samples)
         return torch.zeros(sum(samples), 10)
 
 
-def test_the_row_cost_is_measured_on_batches_of_a_chunk_or_more_and_smoothed(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("group_rows", [None, 64])
+def test_the_row_cost_is_measured_on_batches_of_a_chunk_or_more_and_smoothed(monkeypatch: pytest.MonkeyPatch,
+                                                                           group_rows: int | None) -> None:
+    """A chunk, not a call: a pooled backend's calls (64 rows here) are larger than most batches."""
     clock = [1000.0]
     monkeypatch.setattr("service.engine.time.perf_counter", lambda: clock[0])
 
     async def scenario() -> list[float | None]:
-        backend = ClockedBackend(clock)
+        backend = ClockedBackend(clock, group_rows)
         engine = engine_with(backend)  # type: ignore[arg-type]
         seen = [engine.row_cost_s]
         await engine.predict(image(), 3, "vote")  # under a chunk: fixed costs would overprice a row

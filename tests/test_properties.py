@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from models.smooth import aggregate, aggregate_equal, plan_chunks, rows_of_chunk, summarize
 from models.spec import ModelSpec, SmoothingSpec
+from service.backends import chunk_bounds
 from service.images import InputError
 from service.kserve import read_infer
 from service.settings import Settings
@@ -51,6 +52,25 @@ def test_a_chunks_rows_are_its_images_repeated_once_per_copy_in_order(samples: l
 def test_plan_chunks_refuses_chunks_without_room(chunk_rows: int) -> None:
     with pytest.raises(ValueError, match="chunk_rows"):
         list(plan_chunks([3], chunk_rows))
+
+
+# --- chunk_bounds: one call's rows shared by a pool of one-thread ONNX Runtime calls ----------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(1, 3000), st.integers(1, 300), st.integers(1, 16))
+def test_chunk_bounds_cut_every_row_once_in_order_and_end_in_small_chunks(rows: int, size: int, workers: int) -> None:
+    bounds = chunk_bounds(rows, size, workers)
+    assert [b for _, b in bounds[:-1]] == [a for a, _ in bounds[1:]] and bounds[0][0] == 0 and bounds[-1][1] == rows
+    sizes = [stop - start for start, stop in bounds]
+    assert all(1 <= n <= size for n in sizes)
+    assert sizes == sorted(sizes, reverse=True)  # largest first: the threads meet at the end, a small chunk apart
+    if rows <= size * workers:  # one equal share per thread (the last may be short)
+        assert len(bounds) <= workers and max(sizes) - min(sizes[:-1] or sizes) == 0
+    elif workers > 1:  # the tail is a quarter chunk or less, and no chunk before it is smaller (few calls)
+        assert sizes[-1] <= max(1, size // 4) and min(sizes[:-1]) >= max(1, size // 4)
+    else:  # one thread: whole chunks, fewest calls
+        assert sizes[:-1] == [size] * (len(sizes) - 1)
 
 
 # --- aggregation ---------------------------------------------------------------------------------------
