@@ -83,7 +83,8 @@ class ServerProcess:
     """One running system; ``with ServerProcess(spec) as s:`` waits until it answers its health check."""
 
     def __init__(self, spec: SystemSpec, ready_timeout_s: float = 180.0, env: dict[str, str] | None = None,
-                 poll_s: float = 0.25):
+                 poll_s: float = 0.25, cwd: Path = ROOT):
+        """``cwd``: the checkout whose code runs (another one to compare two versions)."""
         self.spec = spec
         self.poll_s = poll_s
         self.port = free_port()
@@ -95,7 +96,7 @@ class ServerProcess:
         self.startup_s = 0.0
         args = [a.replace("{port}", str(self.port)) for a in spec.args]
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=fd, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, stdout=fd, stderr=subprocess.STDOUT,
                                      start_new_session=True,
                                      env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
         os.close(fd)  # the child has its own copy

@@ -311,6 +311,8 @@ def test_asgi_overhead_times_predict_through_the_whole_app(tiny_checkpoint: Path
     assert out.startswith("command: python -m benchmarks.asgi_overhead ")
     median = re.search(r"/predict\?samples=2 in-process, 20 requests: median (\d+) us", out)
     assert median is not None and 0 < int(median.group(1)) < 5_000_000, out
+    loop_cpu = re.search(r"event loop CPU (\d+) us a request", out)  # the HTTP side's own share of it
+    assert loop_cpu is not None and 0 < int(loop_cpu.group(1)) < 5_000_000, out
 
 
 def test_every_item_takes_every_place_once_over_as_many_rounds() -> None:
@@ -432,3 +434,19 @@ def test_model_process_overhead_answers_through_the_socket() -> None:
     (row,) = results["table"]
     assert (row["samples"], row["clients"], row["callers"]) == (2, 1, 4)
     assert row["requests_per_s"] > 50 and row["runs"] == [row["requests_per_s"]]
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads Linux's /proc")
+def test_cpu_share_splits_the_servers_cpu_and_the_idle_time_per_checkout(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from benchmarks import cpu_share
+
+    out = tmp_path / "share.json"
+    shares = cpu_share.main([str(tiny_checkpoint), "--samples", "4", "--concurrency", "4", "--duration", "1",
+                             "--rounds", "2", "--threads", "1", "--backend", "torch", "--output", str(out)])
+    assert len(shares) == 2 and all(s.checkout == str(Path(cpu_share.__file__).resolve().parents[1]) for s in shares)
+    for share in shares:
+        assert share.rows_per_s > 0 and share.p50_ms > 0
+        assert 0 < share.event_loop_cores <= 1.05  # one thread: at most one core, plus tick rounding
+        assert share.other_threads_cores > 0  # the model's thread computed the copies
+        assert 0 <= share.idle_share <= 1
+    assert len(json.loads(out.read_text())["rounds"]) == 2
