@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -62,6 +63,17 @@ def machine_ticks() -> tuple[int, int]:
     return values[3] + values[4], sum(values)  # idle + iowait
 
 
+def commit_of(checkout: Path) -> str:
+    """The checkout's commit, ``+`` when its tracked files differ from it (``?`` outside git)."""
+    def git(*cmd: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(checkout), *cmd], capture_output=True, text=True, check=False)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return "?"
+    return head.stdout.strip() + ("+" if git("diff", "--quiet", "HEAD").returncode else "")
+
+
 def measure(checkout: Path, args: argparse.Namespace) -> Share:
     spec = service_spec(args.checkpoint.resolve(), args.threads, args.backend, "cpu",
                         (checkout / DEFAULT_ONNX_CACHE).resolve())
@@ -98,6 +110,7 @@ def main(argv: list[str] | None = None) -> list[Share]:
     checkouts = [c.resolve() for c in args.checkout or [Path(__file__).resolve().parents[1]]]
     print("command: python -m benchmarks.cpu_share " + shlex.join(argv))
     print("machine: " + summary_line(describe(torch.device("cpu"))))
+    print("checkouts: " + ", ".join(f"{c} at {commit_of(c)}" for c in checkouts))
     shares: list[Share] = []
     for r in range(args.rounds):
         for checkout in checkouts[r % len(checkouts):] + checkouts[:r % len(checkouts)]:
@@ -115,6 +128,7 @@ def main(argv: list[str] | None = None) -> list[Share]:
     if args.output:
         args.output.write_text(json.dumps({"command": "python -m benchmarks.cpu_share " + shlex.join(argv),
                                            "machine": describe(torch.device("cpu")),
+                                           "commits": {str(c): commit_of(c) for c in checkouts},
                                            "rounds": [asdict(s) for s in shares]}, indent=1) + "\n")
     return shares
 

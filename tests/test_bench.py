@@ -449,4 +449,5 @@ def test_cpu_share_splits_the_servers_cpu_and_the_idle_time_per_checkout(tiny_ch
         assert 0 < share.event_loop_cores <= 1.05  # one thread: at most one core, plus tick rounding
         assert share.other_threads_cores > 0  # the model's thread computed the copies
         assert 0 <= share.idle_share <= 1
-    assert len(json.loads(out.read_text())["rounds"]) == 2
+    written = json.loads(out.read_text())
+    assert len(written["rounds"]) == 2 and list(written["commits"]) == [shares[0].checkout]
