@@ -159,8 +159,9 @@ def create_app(settings: Settings | None = None, model_sockets: Sequence[Path] |
                   lifespan=lifespan, description="POST /predict?samples=N answers with the aggregate of the model "
                   "over N noisy copies of each image, batched with every other waiting request.")
     app.state.siam = state
-    app.include_router(api.router)
-    app.include_router(kserve.router)
+    routers = (api.router, kserve.router)
+    for router in routers:
+        app.include_router(router)
     app.add_middleware(ObserveMiddleware, metrics=state.metrics)
     install_error_handlers(app, state)
     generate = app.openapi
@@ -173,7 +174,7 @@ def create_app(settings: Settings | None = None, model_sockets: Sequence[Path] |
             components = document.setdefault("components", {})
             components.setdefault("schemas", {}).update(kserve.openapi_schemas())
             components["securitySchemes"] = SECURITY_SCHEMES
-            for route in [*api.router.routes, *kserve.router.routes]:
+            for route in (route for router in routers for route in router.routes):
                 if isinstance(route, APIRoute) and any(d.dependency is require_access for d in route.dependencies):
                     for method in route.methods:
                         document["paths"][route.path_format][method.lower()]["security"] = [

@@ -239,10 +239,10 @@ CHUNKS_PER_THREAD = 8
 
 def chunk_bounds(rows: int, size: int, workers: int) -> list[tuple[int, int]]:
     """``[start, stop)`` of each call when ``workers`` threads share ``rows`` rows in calls of at most
-    ``size``. Up to ``size * workers`` rows: one equal share per thread. More: chunks of ``size`` while
-    much is left, then each at most ``1 / (2 * workers)`` of what is left, down to ``size // 4`` (guided
-    scheduling, as OpenMP's): threads that take the next chunk as they free up finish about a small chunk
-    apart, not up to a whole chunk."""
+    ``size``. Up to ``size * workers`` rows: one equal share per thread. More, on one thread: chunks of
+    ``size``. More, on several: chunks of ``size`` while much is left, then each at most
+    ``1 / (2 * workers)`` of what is left, down to ``size // 4`` (guided scheduling, as OpenMP's): threads
+    that take the next chunk as they free up finish about a small chunk apart, not up to a whole chunk."""
     if rows <= size * workers:
         share = max(1, -(-rows // workers))
         return [(start, min(rows, start + share)) for start in range(0, rows, share)]
