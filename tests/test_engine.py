@@ -841,3 +841,30 @@ def test_answers_are_counted_under_the_models_name() -> None:
     text = generate_latest(metrics.registry).decode()
     assert 'siam_predictions_total{model="resnet-x",samples="2-4"} 3.0' in text
     assert 'siam_rows_total{model="resnet-x"} 12.0' in text
+
+
+class PooledTimed:
+    """A pooled backend (``workers`` one-thread calls at once) whose speed per row depends on the chunk
+    each thread gets: the tuning must time calls of one chunk per thread, as served."""
+
+    name, device, precision, chunk_rows, workers = "stub", torch.device("cpu"), "fp32", 256, 2
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock, self.rows_asked = clock, []
+
+    def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+        rows = sum(samples)
+        self.rows_asked.append(rows)
+        per_thread = -(-rows // self.workers)
+        self.clock[0] += 0.001 * rows * (1.0 if per_thread == 32 else 2.0)  # 32 rows a thread: twice as fast
+        return torch.zeros(rows, 10)
+
+
+def test_chunk_tuning_times_one_chunk_per_thread_of_a_pooled_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.backends import tune_chunk_rows
+
+    clock = [0.0]
+    monkeypatch.setattr("service.backends.time.perf_counter", lambda: clock[0])
+    backend = PooledTimed(clock)
+    assert tune_chunk_rows(backend, 8, candidates=(16, 32, 64), budget_s=0.01) == 32  # type: ignore[arg-type]
+    assert set(backend.rows_asked) == {32, 64, 128} and backend.chunk_rows == 32
