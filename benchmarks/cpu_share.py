@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.load import run_in_process
 from benchmarks.machine import describe, summary_line
+from benchmarks.report import in_turn
 from benchmarks.servers import ServerProcess, service_spec
 from service.settings import DEFAULT_CHECKPOINT, DEFAULT_ONNX_CACHE
 
@@ -68,10 +69,13 @@ def commit_of(checkout: Path) -> str:
     def git(*cmd: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["git", "-C", str(checkout), *cmd], capture_output=True, text=True, check=False)
 
-    head = git("rev-parse", "--short", "HEAD")
-    if head.returncode != 0:
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return "?"
+        return head.stdout.strip() + ("+" if git("diff", "--quiet", "HEAD").returncode else "")
+    except OSError:  # no git on this machine
         return "?"
-    return head.stdout.strip() + ("+" if git("diff", "--quiet", "HEAD").returncode else "")
 
 
 def measure(checkout: Path, args: argparse.Namespace) -> Share:
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[Share]:
     print("checkouts: " + ", ".join(f"{c} at {commit_of(c)}" for c in checkouts))
     shares: list[Share] = []
     for r in range(args.rounds):
-        for checkout in checkouts[r % len(checkouts):] + checkouts[:r % len(checkouts)]:
+        for checkout in in_turn(checkouts, r):
             share = measure(checkout, args)
             shares.append(share)
             print(f"round {r + 1} {checkout}: {share.rows_per_s:.0f} rows/s, p50 {share.p50_ms:.1f} ms; event loop "
