@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -122,7 +123,13 @@ def aggregate_equal(per_image: torch.Tensor, aggregation: Aggregation) -> tuple[
 
 
 def summarize(logits: torch.Tensor, counts: Sequence[int], aggregation: Aggregation) -> list[Prediction]:
-    """One :class:`Prediction` per image from the logits of its ``counts[i]`` consecutive noisy copies."""
+    """One :class:`Prediction` per image from the logits of its ``counts[i]`` consecutive noisy copies.
+
+    Logits on the CPU are summarized in NumPy (:func:`summarize_numpy`), on an accelerator with torch: a
+    serving thread calls this once per batch, and every torch call releases the GIL, which under load hands
+    it to the HTTP thread for up to a switch interval each time; NumPy keeps it on arrays this small."""
+    if logits.device.type == "cpu":
+        return summarize_numpy((logits.detach() if logits.requires_grad else logits).numpy(), counts, aggregation)
     if counts and all(m == counts[0] for m in counts):
         scores, votes = aggregate_equal(logits.view(len(counts), counts[0], -1), aggregation)
     else:
@@ -137,6 +144,40 @@ def summarize(logits: torch.Tensor, counts: Sequence[int], aggregation: Aggregat
         Prediction(int(label), probs, float(share), int(m))
         for label, probs, share, m in zip(labels.tolist(), scores.tolist(), shares.tolist(), counts, strict=True)
     ]
+
+
+def summarize_numpy(logits: np.ndarray, counts: Sequence[int], aggregation: Aggregation) -> list[Prediction]:
+    """:func:`summarize` in NumPy: the same three rules as :func:`aggregate`, over each image's run of rows."""
+    n, classes = len(counts), logits.shape[1]
+    logits = logits.astype(np.float32, copy=False)
+    m = np.asarray(counts, dtype=np.float32)[:, None]
+    equal = bool(counts) and all(c == counts[0] for c in counts)
+    starts = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.intp)
+
+    def per_image_sum(rows: np.ndarray) -> np.ndarray:
+        return rows.reshape(n, counts[0], -1).sum(1) if equal else np.add.reduceat(rows, starts, axis=0)
+
+    votes = per_image_sum((logits.argmax(1)[:, None] == np.arange(classes)).astype(np.float32))
+    if aggregation == "vote":
+        scores = votes / m
+    elif aggregation == "softmax":
+        scores = per_image_sum(softmax_numpy(logits)) / m
+    elif aggregation == "logits":
+        scores = softmax_numpy(per_image_sum(logits) / m)
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected vote, softmax or logits")
+    labels = scores.argmax(1)
+    shares = votes[np.arange(n), labels] / m[:, 0]
+    return [
+        Prediction(int(label), probs, float(share), int(c))
+        for label, probs, share, c in zip(labels.tolist(), scores.tolist(), shares.tolist(), counts, strict=True)
+    ]
+
+
+def softmax_numpy(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, shifted by the row's maximum as torch's is."""
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
 
 
 def certify_from_counts(selection: torch.Tensor, counts: torch.Tensor, alpha: float, sigma: float) -> Certificate:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from service.auth import require_access
 from service.engine import Answer
-from service.images import InputError, check_count, decode_base64, decode_image
+from service.images import InputError, check_count, decode_base64, decode_image, to_batch
 from service.metrics import samples_bucket
 from service.schemas import (
     ErrorOut,
@@ -75,9 +75,9 @@ def decode_request(body: bytes, content_type: str, state: ServiceState) -> tuple
         check_count(len(encoded), settings.max_images)
         images = [decode_image(decode_base64(text, i), size, settings.allow_resize, i, settings.max_image_pixels)
                   for i, text in enumerate(encoded)]
-        return torch.stack(images), request.images is not None
+        return to_batch(images), request.images is not None
     if media.startswith("image/"):
-        return decode_image(body, size, settings.allow_resize, 0, settings.max_image_pixels).unsqueeze(0), False
+        return to_batch([decode_image(body, size, settings.allow_resize, 0, settings.max_image_pixels)]), False
     raise InputError(f"content type {media or '(none)'!r} is not supported; send application/json or image/png, "
                      "image/jpeg", 415, "unsupported_media_type")
 

@@ -181,7 +181,8 @@ class OnnxBackend:
         return (session or self.session).run(["logits"], feed)[0]  # type: ignore[attr-defined]
 
     def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
-        images = images.float().cpu()
+        if images.dtype != torch.float32 or images.device.type != "cpu":  # (each torch call releases the GIL)
+            images = images.float().cpu()
         if all(s is None for s in seeds):  # the usual batch: the copies in order, fresh noise for each
             return self._chunked(np.repeat(images.numpy(), samples, axis=0), self.sigma)
         out: list[torch.Tensor | None] = [None] * len(samples)

@@ -1,11 +1,12 @@
 """The batching engine: every waiting request's noisy copies go through the model together.
 
-Requests join one queue. Whenever the worker is idle, the dispatch (callbacks on the event loop) takes
-all that are waiting, up to ``max_batch_rows`` noisy rows, and hands them to a single worker thread,
-which expands each image into its ``samples`` copies, runs them through the backend in chunks, and
-aggregates per image. Requests with different ``samples``, aggregation rules or certify flags share a
-batch. The event loop never runs the model: while the worker computes, new requests gather for the next
-batch.
+Requests join one queue. When the worker is idle, the dispatch (callbacks on the event loop) takes all
+that are waiting, up to ``max_batch_rows`` noisy rows, and hands them to a single worker thread, which
+expands each image into its ``samples`` copies, runs them through the backend in chunks, and aggregates
+per image. Requests with different ``samples``, aggregation rules or certify flags share a batch. The
+event loop never runs the model: while the worker computes, new requests gather for the next batch, which
+the worker takes itself as soon as it posts the answers of the last, so that the model does not wait
+for an event loop busy with HTTP work to hand it over. A lock guards the queue, which both take from.
 
 Admission is deadline-aware, as Triton's queue policy is: a request that cannot be answered before its
 deadline given the rows queued ahead of it (at the measured cost per row) is refused at once with
@@ -19,6 +20,7 @@ shed by a shutdown, so no work is done for nobody.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import queue
@@ -116,6 +118,20 @@ def rows_per_call(backend: Backend) -> int:
     return max(1, int(getattr(backend, "group_rows", backend.chunk_rows)))
 
 
+def images_of(batch: list[Job], group: list[tuple[int, int]]) -> torch.Tensor:
+    """The images of ``group`` (``(job, image)`` pairs; a job's images consecutive and in order, since a job
+    that is no longer alive stays so) as one tensor, in one torch call: a whole job's tensor as it is, part of
+    one as a slice. Not a call per image: on the model thread every torch call releases the GIL, which under
+    load the event loop may then hold for up to a switch interval."""
+    pieces: list[torch.Tensor] = []
+    for j, units in itertools.groupby(group, key=lambda unit: unit[0]):
+        images = batch[j].images
+        indices = [i for _, i in units]
+        first, last = indices[0], indices[-1]
+        pieces.append(images if last - first + 1 == images.shape[0] else images[first : last + 1])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def consistent(certificate: Certificate, label: int) -> Certificate:
     """A certificate for a class other than the answer's own (the selection copies picked one class, the
     aggregate of the estimation copies another: possible with softmax or logit aggregation) abstains,
@@ -139,6 +155,9 @@ class Engine:
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self._pending: deque[Job] = deque()
+        # Guards the queue (_pending, _queued_rows, Job.taken) and the worker's state (_busy, _running, _busy_rows):
+        # the loop queues and starts the worker when it is idle; the worker takes the next batch itself.
+        self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         # The model's own thread, fed through a queue and answering through call_soon_threadsafe: one hand-off
         # each way, without an executor's futures chained into the loop's.
@@ -179,14 +198,17 @@ class Engine:
         computing them: called when the shutdown grace period is about to run out, so that no request is
         cut off with a 500 or a reset. Returns how many were shed."""
         self._closing = True
+        with self._lock:
+            jobs = [*self._pending, *self._running]
+            for job in jobs:
+                job.abandoned = job.taken = True
+            self._pending.clear()
+            self._queued_rows = 0
         shed = 0
-        for job in [*self._pending, *self._running]:
-            job.abandoned = job.taken = True
+        for job in jobs:
             if not job.future.done():
                 job.future.set_exception(ShuttingDownError(SHED_MESSAGE))
                 shed += 1
-        self._pending.clear()
-        self._queued_rows = 0
         self.metrics.queue_length.set(0)
         return shed
 
@@ -241,8 +263,9 @@ class Engine:
                 raise OverloadedError(f"the {self._queued_rows + self._busy_rows} noisy rows ahead of this request "
                                       f"would take about {wait:.2f} s, past its {timeout:g} s deadline",
                                       max(1, math.ceil(wait - timeout)))
-        self._pending.append(job)
-        self._queued_rows += job.rows
+        with self._lock:
+            self._pending.append(job)
+            self._queued_rows += job.rows
         self.metrics.queue_length.set(len(self._pending))
         # At the end of this loop iteration, so the requests that arrived in the same tick share a batch.
         loop.call_soon(self._kick)
@@ -255,9 +278,11 @@ class Engine:
             expiry.cancel()
             job.abandoned = True  # answered, late or cancelled: the worker computes no more of it
             if not job.taken:  # late or abandoned while queued: free its place in the queue now
-                job.taken = True
-                self._pending.remove(job)
-                self._queued_rows -= job.rows
+                with self._lock:
+                    if not job.taken:  # (the worker may have taken it meanwhile)
+                        job.taken = True
+                        self._pending.remove(job)
+                        self._queued_rows -= job.rows
                 self.metrics.queue_length.set(len(self._pending))
 
     @staticmethod
@@ -268,9 +293,9 @@ class Engine:
 
     # --- the worker side -------------------------------------------------------------------------
 
-    # Dispatch runs in callbacks on the event loop, not in a task of its own: a request that finds the
-    # worker idle starts its batch at the end of the loop iteration it arrived in (with every request of
-    # that iteration), and a finished batch starts the next from its done-callback.
+    # Dispatch to an idle worker runs in callbacks on the event loop, not in a task of its own: a request that
+    # finds the worker idle starts its batch at the end of the loop iteration it arrived in (with every request
+    # of that iteration). A worker that finishes a batch takes the next itself (_work_loop).
 
     def _kick(self) -> None:
         """Start a batch if the worker is idle and work waits; with ``max_wait``, first let a burst gather."""
@@ -284,36 +309,58 @@ class Engine:
         self._launch()
 
     def _launch(self) -> None:
-        """Hand every waiting request (up to ``max_batch_rows`` rows) to the worker thread."""
+        """Hand every waiting request (up to ``max_batch_rows`` rows) to the idle worker thread."""
         assert self._loop is not None
         self._timer = None
-        batch = self._take_batch()
+        with self._lock:
+            if self._busy:  # the worker took the waiting requests itself meanwhile
+                return
+            batch, dropped = self._take_batch()
+            self._start(batch)
+        self._fail_dropped(dropped)
         self.metrics.queue_length.set(len(self._pending))
         self.metrics.batch_formation.observe(time.perf_counter() - self._gathering_since)
-        if not batch:
-            self._kick()
-            return
-        self._busy, self._running = True, batch
+        if batch:
+            self._work.put(batch)
+
+    def _start(self, batch: list[Job]) -> None:
+        """The worker's state for ``batch`` (none: idle); called with the lock held."""
+        self._busy, self._running = bool(batch), batch
         self._busy_rows, self._busy_since = sum(job.rows for job in batch), time.perf_counter()
-        self._work.put(batch)
 
     def _work_loop(self) -> None:
-        """The model's thread: compute each batch handed over, and post the answers (or the error) back to the loop."""
+        """The model's thread: compute each batch, post its answers (or the error) back to the loop, and take
+        the requests that gathered meanwhile as the next batch, until none wait; then wait to be handed one."""
         assert self._loop is not None
         while (batch := self._work.get()) is not None:
-            try:
-                answers, error = self._compute(batch), None
-            except Exception as e:  # answered to every request of the batch by _finish
-                answers, error = [], e
-            try:
-                self._loop.call_soon_threadsafe(self._finish, batch, answers, error)
-            except RuntimeError:  # the loop was closed without stopping the engine: nobody is waiting
-                return
+            while batch:
+                try:
+                    answers, error = self._compute(batch), None
+                except Exception as e:  # answered to every request of the batch by _finish
+                    answers, error = [], e
+                finished = batch
+                with self._lock:
+                    batch, dropped = self._take_batch()
+                    self._start(batch)
+                if batch:  # no gathering: the requests waited while the last batch ran
+                    self.metrics.batch_formation.observe(0.0)
+                self.metrics.queue_length.set(len(self._pending))
+                try:
+                    self._loop.call_soon_threadsafe(self._finish, finished, answers, error, dropped)
+                except RuntimeError:  # the loop was closed without stopping the engine: nobody is waiting
+                    return
+
+    def _fail_dropped(self, dropped: list[Job]) -> None:
+        """On the loop: answer the requests :meth:`_take_batch` dropped because their deadline had passed."""
+        for job in dropped:
+            if not job.future.done():
+                job.future.set_exception(DeadlineExceededError("deadline passed while queued"))
 
     def _finish(self, batch: list[Job], answers: list[list[Answer] | list[torch.Tensor] | None],
-                error: Exception | None = None) -> None:
-        """Answer every request of the batch (a model failure answers each with the error), then go on."""
-        self._busy, self._running, self._busy_rows = False, [], 0
+                error: Exception | None = None, dropped: list[Job] | None = None) -> None:
+        """Answer every request of the batch (a model failure answers each with the error) and those dropped
+        while the next was taken; if the worker went idle with requests waiting, start it again."""
+        self._fail_dropped(dropped or [])
         if error is not None:
             log.error("batch of %d requests failed", len(batch), exc_info=error)
             for job in batch:
@@ -329,10 +376,12 @@ class Engine:
                     job.future.set_result(answer)
         self._kick()
 
-    def _take_batch(self) -> list[Job]:
-        """Waiting jobs, oldest first, up to ``max_batch_rows`` rows (always at least one job);
-        jobs past their deadline or abandoned by their client are dropped here, uncomputed."""
+    def _take_batch(self) -> tuple[list[Job], list[Job]]:
+        """Waiting jobs, oldest first, up to ``max_batch_rows`` rows (always at least one job), and the jobs
+        dropped here, uncomputed, because their deadline passed or their client left (the loop fails those:
+        see :meth:`_fail_dropped`). Called with the lock held, from either thread."""
         batch: list[Job] = []
+        dropped: list[Job] = []
         rows = 0
         while self._pending:
             job = self._pending[0]
@@ -340,8 +389,7 @@ class Engine:
                 self._pending.popleft()
                 self._queued_rows -= job.rows
                 job.taken = job.abandoned = True
-                if not job.future.done():
-                    job.future.set_exception(DeadlineExceededError("deadline passed while queued"))
+                dropped.append(job)
                 continue
             if batch and rows + job.rows > self.max_batch_rows:
                 break
@@ -349,7 +397,7 @@ class Engine:
             batch.append(self._pending.popleft())
             self._queued_rows -= job.rows
             rows += job.rows
-        return batch
+        return batch, dropped
 
     def _compute(self, batch: list[Job]) -> list[list[Answer] | list[torch.Tensor] | None]:
         """Runs on the worker thread: the backend over every copy of every image, in calls of about
@@ -372,8 +420,8 @@ class Engine:
                     rows += batch[j].copies
             if not group:
                 break
-            logits = self.backend.logits(torch.stack([batch[j].images[i] for j, i in group]),
-                                         [batch[j].copies for j, _ in group], [batch[j].seed for j, _ in group])
+            logits = self.backend.logits(images_of(batch, group), [batch[j].copies for j, _ in group],
+                                         [batch[j].seed for j, _ in group])
             for (j, _), part in zip(group, logits.split([batch[j].copies for j, _ in group]), strict=True):
                 parts[j].append(part)
             computed, images = computed + rows, images + len(group)

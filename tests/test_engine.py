@@ -717,9 +717,9 @@ def test_a_cancelled_queued_request_gives_its_rows_back_to_the_estimate() -> Non
 
 
 def test_a_queued_job_past_its_deadline_is_failed_when_the_batch_is_formed() -> None:
-    """The worker may form a batch before the loop's expiry timer fires: such a job is dropped and failed there,
-    and a job whose batch ran past its deadline is failed when the batch returns (both race paths, driven
-    directly)."""
+    """The worker may form a batch before the loop's expiry timer fires: such a job is dropped there and failed
+    on the loop, and a job whose batch ran past its deadline is failed when the batch returns (both race paths,
+    driven directly)."""
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         engine = engine_with(GatedBackend())
@@ -727,8 +727,9 @@ def test_a_queued_job_past_its_deadline_is_failed_when_the_batch_is_formed() -> 
         alive = Job(image(), 2, "softmax", None, None, 0, time.monotonic() + 60, loop.create_future())
         engine._pending.extend([late, alive])
         engine._queued_rows = 5
-        assert engine._take_batch() == [alive]
+        assert engine._take_batch() == ([alive], [late])
         assert late.taken and late.abandoned and engine._queued_rows == 0
+        engine._fail_dropped([late])
         with pytest.raises(DeadlineExceededError, match=r"^deadline passed while queued$"):
             await late.future
         engine._finish([alive], [None])
@@ -868,3 +869,105 @@ def test_chunk_tuning_times_one_chunk_per_thread_of_a_pooled_backend(monkeypatch
     backend = PooledTimed(clock)
     assert tune_chunk_rows(backend, 8, candidates=(16, 32, 64), budget_s=0.01) == 32  # type: ignore[arg-type]
     assert set(backend.rows_asked) == {32, 64, 128} and backend.chunk_rows == 32
+
+
+def test_the_worker_takes_the_next_batch_itself_while_the_loop_is_busy() -> None:
+    """Requests that gathered while a batch ran start as soon as it ends, without waiting for the event loop
+    to hand them over: here the loop is held busy (a blocking wait on it) from the moment the first batch is
+    released, so the second can start only if the worker takes it."""
+    async def scenario() -> list[list[int]]:
+        backend = GatedBackend()
+        engine = engine_with(backend)
+        first = asyncio.create_task(engine.predict(image(), 2, "softmax"))
+        await wait_started(backend)
+        queued = [asyncio.create_task(engine.predict(image(), m, "softmax")) for m in (3, 4)]
+        await until(lambda: engine.queue_length == 2)
+        backend.started.clear()
+        backend.gate.set()
+        started_while_loop_blocked = backend.started.wait(10)  # blocks the loop: no callback of it can run
+        assert started_while_loop_blocked, "the next batch waited for the event loop"
+        assert [a.prediction.samples for a in await first] == [2]
+        assert [a.prediction.samples for a in (*await queued[0], *await queued[1])] == [3, 4]
+        await engine.stop()
+        return backend.calls
+
+    assert asyncio.run(scenario()) == [[2], [3, 4]]
+
+
+def test_a_request_that_expired_in_the_queue_is_failed_when_the_worker_takes_the_next_batch() -> None:
+    """The worker drops it, uncomputed, when it takes the next batch, and the loop fails it: a 504, never a
+    hang. The loop is held busy from before the deadline until the worker has taken that batch, so the
+    request's own expiry timer cannot fail it first."""
+    async def scenario() -> None:
+        backend = GatedBackend()
+        engine = engine_with(backend)
+        first = asyncio.create_task(engine.predict(image(), 2, "softmax"))
+        await wait_started(backend)
+        queued_at = time.monotonic()
+        late = asyncio.create_task(engine.predict(image(), 3, "softmax", timeout=0.05))
+        kept = asyncio.create_task(engine.predict(image(), 4, "softmax"))
+        await until(lambda: engine.queue_length == 2)
+        while time.monotonic() < queued_at + 0.1:  # blocks the loop until the deadline has surely passed
+            time.sleep(0.005)
+        backend.started.clear()
+        backend.gate.set()
+        assert backend.started.wait(10)  # the worker took the next batch, the loop still blocked
+        with pytest.raises(DeadlineExceededError):
+            await late
+        await first
+        assert [a.prediction.samples for a in await kept] == [4]
+        await engine.stop()
+        assert backend.calls == [[2], [4]]
+        assert engine.queue_length == 0 and engine._queued_rows == 0
+
+    asyncio.run(scenario())
+
+
+def test_cancels_and_deadlines_racing_the_worker_leave_the_queue_consistent() -> None:
+    """Requests cancelled, expiring or answered while the worker takes batches on its own thread: every one
+    ends (answered, 504 or cancelled), none is computed twice, every answered one was computed, and the
+    queue's row count returns to zero. Each request's seed names it in the backend's record."""
+    import random
+
+    class Jittery(GatedBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate.set()
+            self.rng = random.Random(1)
+
+        def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+            time.sleep(self.rng.uniform(0, 0.002))
+            return super().logits(images, samples, seeds)
+
+    async def scenario() -> tuple[Engine, Jittery, list[object]]:
+        rng = random.Random(0)
+        backend = Jittery()
+        engine = engine_with(backend, max_queue=10_000)
+
+        async def one(seed: int) -> str:
+            try:
+                await engine.predict(image(), rng.randint(1, 8), "softmax", seed=seed,
+                                     timeout=rng.choice([0.001, 0.003, 30.0]))
+            except DeadlineExceededError:
+                return "deadline"
+            return f"answered {seed}"
+
+        tasks: list[asyncio.Task[str]] = []
+        for seed in range(400):
+            tasks.append(asyncio.create_task(one(seed)))
+            if rng.random() < 0.3:
+                rng.choice(tasks).cancel()
+            if rng.random() < 0.2:
+                await asyncio.sleep(0)
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        await engine.stop()
+        return engine, backend, outcomes
+
+    engine, backend, outcomes = asyncio.run(scenario())
+    answered = {int(str(o).split()[1]) for o in outcomes if str(o).startswith("answered")}
+    kinds = {"answered" if str(o).startswith("answered") else "deadline" if o == "deadline" else type(o).__name__
+             for o in outcomes}
+    assert kinds == {"answered", "deadline", "CancelledError"}  # all three races happened
+    computed = [seed for call in backend.seeds for seed in call]
+    assert len(computed) == len(set(computed)) and answered <= set(computed)
+    assert engine.queue_length == 0 and engine._queued_rows == 0 and not engine._busy and engine._running == []

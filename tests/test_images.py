@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.images import InputError, check_count, decode_base64, decode_image, from_tensor
+from service.images import InputError, check_count, decode_base64, decode_image, from_tensor, to_batch
 
 
 def encode(pixels: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -64,8 +64,9 @@ def test_a_header_that_claims_too_many_pixels_is_refused_before_decoding() -> No
 def test_png_pixels_arrive_exactly_in_channel_first_order() -> None:
     pixels = rgb()
     x = decode_image(encode(pixels), 32, allow_resize=False)
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-    assert torch.equal(x, torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32 and x.flags.c_contiguous
+    # bit for bit what training feeds the model (training/data.py: uint8 images, then .float().div_(255))
+    assert torch.equal(torch.from_numpy(x), torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
 
 
 def test_a_palette_image_is_converted_to_its_colours() -> None:
@@ -75,7 +76,7 @@ def test_a_palette_image_is_converted_to_its_colours() -> None:
     palette.save(buf, "PNG")
     x = decode_image(buf.getvalue(), 32, allow_resize=False)
     expected = np.asarray(palette.convert("RGB"))
-    assert torch.equal(x, torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 255)
+    assert torch.equal(torch.from_numpy(x), torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 255)
 
 
 @pytest.mark.parametrize(("make", "status", "kind", "message"), [
@@ -101,11 +102,19 @@ def test_resizing_when_allowed_up_to_the_pixel_limit() -> None:
     assert small.shape == (3, 32, 32) and small.min() >= 0 and small.max() <= 1
     pixels = rgb(40)  # PNG: resized bilinearly, as Pillow does it
     expected = np.asarray(Image.fromarray(pixels).resize((32, 32), Image.Resampling.BILINEAR))
-    assert torch.equal(decode_image(encode(pixels), 32, allow_resize=True),
+    assert torch.equal(torch.from_numpy(decode_image(encode(pixels), 32, allow_resize=True)),
                        torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 255)
     big = refused(decode_image, encode(rgb(64)), 32, True, 5, max_pixels=64 * 64 - 1)
     assert (big.status, big.kind) == (413, "payload_too_large")
     assert str(big) == "image 5: 64x64 pixels is over this server's limit of 4095 pixels"
+
+
+def test_decoded_images_become_one_batch_tensor_that_shares_their_order() -> None:
+    one, two = decode_image(encode(rgb()), 32, False), decode_image(encode(rgb()[::-1].copy()), 32, False)
+    batch = to_batch([one, two])
+    assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.float32
+    assert torch.equal(batch[0], torch.from_numpy(one)) and torch.equal(batch[1], torch.from_numpy(two))
+    assert torch.equal(to_batch([two]), torch.from_numpy(two)[None])
 
 
 def test_tensors_in_both_layouts_and_their_refusals() -> None:
