@@ -106,50 +106,21 @@ def aggregate(logits: torch.Tensor, image_of_row: torch.Tensor, num_images: int,
     return scores, votes
 
 
-def aggregate_equal(per_image: torch.Tensor, aggregation: Aggregation) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`aggregate` for images with equally many copies, ``[images, m, C]``: the same scores and votes
-    in half the tensor operations (a serving batch's images all have their request's m)."""
-    per_image = per_image.float()
-    votes = F.one_hot(per_image.argmax(2), per_image.shape[2]).sum(1).float()
-    if aggregation == "vote":
-        scores = votes / per_image.shape[1]
-    elif aggregation == "softmax":
-        scores = per_image.softmax(2).mean(1)
-    elif aggregation == "logits":
-        scores = per_image.mean(1).softmax(1)
-    else:
-        raise ValueError(f"unknown aggregation {aggregation!r}; expected vote, softmax or logits")
-    return scores, votes
-
-
 def summarize(logits: torch.Tensor, counts: Sequence[int], aggregation: Aggregation) -> list[Prediction]:
     """One :class:`Prediction` per image from the logits of its ``counts[i]`` consecutive noisy copies.
 
-    Logits on the CPU are summarized in NumPy (:func:`summarize_numpy`), on an accelerator with torch: a
-    serving thread calls this once per batch, and every torch call releases the GIL, which under load hands
-    it to the HTTP thread for up to a switch interval each time; NumPy keeps it on arrays this small."""
-    if logits.device.type == "cpu":
-        return summarize_numpy((logits.detach() if logits.requires_grad else logits).numpy(), counts, aggregation)
-    if counts and all(m == counts[0] for m in counts):
-        scores, votes = aggregate_equal(logits.view(len(counts), counts[0], -1), aggregation)
-    else:
-        image_of_row = torch.repeat_interleave(
-            torch.arange(len(counts), device=logits.device),
-            torch.as_tensor(counts, device=logits.device))
-        scores, votes = aggregate(logits, image_of_row, len(counts), aggregation)
-    labels = scores.argmax(1)
-    shares = votes.gather(1, labels[:, None]).squeeze(1) / torch.as_tensor(
-        counts, dtype=torch.float32, device=votes.device)
-    return [
-        Prediction(int(label), probs, float(share), int(m))
-        for label, probs, share, m in zip(labels.tolist(), scores.tolist(), shares.tolist(), counts, strict=True)
-    ]
+    In NumPy, after one copy to the host (the answers go there anyway): a serving thread calls this once per
+    batch, and every torch call releases the GIL, which under load the HTTP thread may then hold for up to a
+    switch interval each time; NumPy keeps it on arrays this small. (:func:`aggregate` is the differentiable
+    torch version that attacks use.)"""
+    if logits.requires_grad or logits.device.type != "cpu" or logits.dtype != torch.float32:
+        logits = logits.detach().float().cpu()  # (serving backends hand over float32 on the CPU already)
+    return summarize_numpy(logits.numpy(), counts, aggregation)
 
 
 def summarize_numpy(logits: np.ndarray, counts: Sequence[int], aggregation: Aggregation) -> list[Prediction]:
     """:func:`summarize` in NumPy: the same three rules as :func:`aggregate`, over each image's run of rows."""
     n, classes = len(counts), logits.shape[1]
-    logits = logits.astype(np.float32, copy=False)
     m = np.asarray(counts, dtype=np.float32)[:, None]
     equal = bool(counts) and all(c == counts[0] for c in counts)
     starts = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.intp)

@@ -88,9 +88,15 @@ def decode_image(data: bytes, size: int, allow_resize: bool, index: int = 0,
         raise InputError(f"image {index}: not a PNG or JPEG image", 400) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"image {index}: corrupt or truncated image ({e})", 400) from e
-    pixels = array.transpose(2, 0, 1).astype(np.float32, order="C")
-    pixels /= np.float32(255)  # as training's images.float().div_(255): the same float32 division
-    return pixels
+    return unit_floats(array.transpose(2, 0, 1))
+
+
+def unit_floats(pixels: np.ndarray) -> np.ndarray:
+    """8-bit pixels to C-ordered float32 in [0, 1], as training's ``images.float().div_(255)`` (the same
+    float32 division, bit for bit)."""
+    floats = pixels.astype(np.float32, order="C")
+    floats /= np.float32(255)
+    return floats
 
 
 def to_batch(images: list[np.ndarray]) -> torch.Tensor:
@@ -112,8 +118,7 @@ def from_tensor(array: np.ndarray, layout: str, size: int) -> torch.Tensor:
     if layout == "UINT8":
         if array.ndim != 4 or array.shape[1:] != (size, size, 3):
             raise InputError(f"UINT8 input must have shape [N, {size}, {size}, 3], got {list(array.shape)}")
-        pixels = np.require(array, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])  # a binary tail is read-only
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
+        return torch.from_numpy(unit_floats(array.astype(np.uint8, copy=False).transpose(0, 3, 1, 2)))
     raise InputError(f"datatype {layout} is not supported; send FP32 [N,3,{size},{size}] or UINT8 [N,{size},{size},3]")
 
 

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.smooth import aggregate, aggregate_equal, plan_chunks, rows_of_chunk, summarize
+from models.smooth import aggregate, plan_chunks, rows_of_chunk, summarize
 from models.spec import ModelSpec, SmoothingSpec
 from service.backends import chunk_bounds
 from service.images import InputError
@@ -112,8 +112,10 @@ def test_aggregation_rules_match_the_per_image_definition(case: tuple[torch.Tens
     assert torch.equal(votes, want_votes)
     assert torch.allclose(scores, want_scores, atol=1e-5)
     assert torch.allclose(scores.sum(1), torch.ones(len(counts)), atol=1e-5)
-    for prediction, m, vote in zip(summarize(logits, counts, rule), counts, want_votes, strict=True):  # type: ignore[arg-type]
+    for prediction, m, want, vote in zip(summarize(logits, counts, rule), counts, want_scores, want_votes,  # type: ignore[arg-type]
+                                         strict=True):
         assert prediction.samples == m
+        assert prediction.probabilities == pytest.approx(want.tolist(), abs=1e-5)
         assert prediction.vote_share == pytest.approx(float(vote[prediction.label]) / m)
 
 
@@ -129,22 +131,26 @@ def equal_copies(draw: st.DrawFn) -> tuple[torch.Tensor, list[int]]:
 @given(equal_copies(), st.sampled_from(["vote", "softmax", "logits"]))
 def test_equal_copy_counts_take_a_shorter_path_to_the_same_answers(case: tuple[torch.Tensor, list[int]],
                                                                    rule: str) -> None:
+    """summarize sums each image's rows with a reshape when every image has m copies (a request's images),
+    with np.add.reduceat otherwise: both are checked against the definition, and against aggregate, the
+    differentiable torch version that attacks use."""
     logits, counts = case
     want_scores, want_votes = by_hand(logits, counts, rule)
-    scores, votes = aggregate_equal(logits.view(len(counts), counts[0], -1), rule)  # type: ignore[arg-type]
-    assert torch.equal(votes, want_votes)
-    assert torch.allclose(scores, want_scores, atol=1e-5)
-    for prediction, want, vote in zip(summarize(logits, counts, rule), want_scores, want_votes,  # type: ignore[arg-type]
-                                      strict=True):
+    image_of_row = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    torch_scores, _ = aggregate(logits, image_of_row, len(counts), rule)  # type: ignore[arg-type]
+    for prediction, want, vote, from_torch in zip(summarize(logits, counts, rule), want_scores, want_votes,  # type: ignore[arg-type]
+                                                  torch_scores, strict=True):
         assert prediction.probabilities == pytest.approx(want.tolist(), abs=1e-5)
+        assert prediction.probabilities == pytest.approx(from_torch.tolist(), abs=1e-6)
         assert float(want[prediction.label]) >= float(want.max()) - 1e-5  # the top class (ties either way)
         assert prediction.vote_share == pytest.approx(float(vote[prediction.label]) / counts[0])
         assert prediction.samples == counts[0]
 
 
-def test_equal_copy_counts_refuse_an_unknown_rule() -> None:
-    with pytest.raises(ValueError, match=r"^unknown aggregation 'median'; expected vote, softmax or logits$"):
-        aggregate_equal(torch.zeros(1, 2, 10), "median")  # type: ignore[arg-type]
+def test_summaries_refuse_an_unknown_rule() -> None:
+    for counts in ([2], [1, 1]):
+        with pytest.raises(ValueError, match=r"^unknown aggregation 'median'; expected vote, softmax or logits$"):
+            summarize(torch.zeros(2, 10), counts, "median")  # type: ignore[arg-type]
 
 
 @settings(max_examples=100, deadline=None)
