@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -451,3 +452,16 @@ def test_cpu_share_splits_the_servers_cpu_and_the_idle_time_per_checkout(tiny_ch
         assert 0 <= share.idle_share <= 1
     written = json.loads(out.read_text())
     assert len(written["rounds"]) == 2 and list(written["commits"]) == [shares[0].checkout]
+
+
+def test_gil_handoff_times_each_operation_alone_and_beside_a_busy_thread(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.gil_handoff import main as handoff_main
+    from benchmarks.gil_handoff import operations
+
+    handoff_main(["--calls", "3"])
+    out = capsys.readouterr().out
+    assert out.startswith("command: python -m benchmarks.gil_handoff --calls 3\n") and "switch interval" in out
+    rows = out.splitlines()[3:]
+    assert len(rows) == len(operations())  # one row per operation, with both times in microseconds
+    assert all(row.startswith(name) and row.count(" us") == 2 for name, row in zip(operations(), rows, strict=True))
+    assert not any(t.name == "gil-handoff-busy" for t in threading.enumerate())  # the busy thread stopped
