@@ -121,12 +121,14 @@ def summarize(logits: torch.Tensor, counts: Sequence[int], aggregation: Aggregat
 def summarize_numpy(logits: np.ndarray, counts: Sequence[int], aggregation: Aggregation) -> list[Prediction]:
     """:func:`summarize` in NumPy: the same three rules as :func:`aggregate`, over each image's run of rows."""
     n, classes = len(counts), logits.shape[1]
+    if n == 0:
+        return []
     m = np.asarray(counts, dtype=np.float32)[:, None]
-    equal = bool(counts) and all(c == counts[0] for c in counts)
-    starts = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.intp)
+    starts = None if all(c == counts[0] for c in counts) else np.cumsum([0, *counts[:-1]])
 
     def per_image_sum(rows: np.ndarray) -> np.ndarray:
-        return rows.reshape(n, counts[0], -1).sum(1) if equal else np.add.reduceat(rows, starts, axis=0)
+        """Each image's rows summed: a reshape when all have m copies (a request's images), else by runs."""
+        return rows.reshape(n, counts[0], -1).sum(1) if starts is None else np.add.reduceat(rows, starts, axis=0)
 
     votes = per_image_sum((logits.argmax(1)[:, None] == np.arange(classes)).astype(np.float32))
     if aggregation == "vote":

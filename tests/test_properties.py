@@ -147,6 +147,11 @@ def test_equal_copy_counts_take_a_shorter_path_to_the_same_answers(case: tuple[t
         assert prediction.samples == counts[0]
 
 
+def test_no_images_summarize_to_no_answers() -> None:
+    for rule in ("vote", "softmax", "logits"):
+        assert summarize(torch.zeros(0, 10), [], rule) == []  # type: ignore[arg-type]
+
+
 def test_summaries_refuse_an_unknown_rule() -> None:
     for counts in ([2], [1, 1]):
         with pytest.raises(ValueError, match=r"^unknown aggregation 'median'; expected vote, softmax or logits$"):
