@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.load import png_image
 from benchmarks.machine import describe, summary_line
-from service.images import decode_image, to_batch
+from service.images import decode_image, to_batch, unit_floats
 
 
 def operations() -> dict[str, Callable[[], object]]:
@@ -37,7 +37,7 @@ def operations() -> dict[str, Callable[[], object]]:
     return {
         "pixels to floats, torch (permute, float, div_)": lambda: torch.from_numpy(pixels).permute(2, 0, 1).float()
         .div_(255),
-        "pixels to floats, NumPy": lambda: pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255),
+        "pixels to floats, NumPy (the service's unit_floats)": lambda: unit_floats(pixels.transpose(2, 0, 1)),
         "decode_image + to_batch (the service's, one PNG)": lambda: to_batch([decode_image(png, 32, False)]),
         "32 images to one batch, torch.cat": lambda: torch.cat(images),
         "32 images to one batch, a select each + torch.stack": lambda: torch.stack([image[0] for image in images]),
