@@ -22,7 +22,8 @@ import os
 import platform
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -54,6 +55,54 @@ class Backend(Protocol):
         ...
 
     def describe(self) -> dict[str, object]: ...
+
+
+class Pending(Protocol):
+    """A backend call queued or done: ``result()`` waits for its logits (or raises its error)."""
+
+    def done(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool:
+        """Whether it is done within ``timeout`` seconds (at once when that is not positive)."""
+        ...
+
+    def result(self) -> torch.Tensor: ...
+
+
+class Done:
+    """A call computed already, or failed."""
+
+    def __init__(self, logits: torch.Tensor | None = None, error: Exception | None = None):
+        self.logits, self.error = logits, error
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        return True
+
+    def result(self) -> torch.Tensor:
+        if self.error is not None:
+            raise self.error
+        assert self.logits is not None
+        return self.logits
+
+
+class Chunks:
+    """A call's chunks, queued on a pool's threads."""
+
+    def __init__(self, futures: list[Future[np.ndarray]]):
+        self.futures = futures
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def wait(self, timeout: float) -> bool:
+        return not futures.wait(self.futures, max(0.0, timeout)).not_done
+
+    def result(self) -> torch.Tensor:
+        parts = [f.result() for f in self.futures]
+        return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -214,17 +263,35 @@ class OnnxBackend:
         thread that the HTTP side had pre-empted held the other one idle."""
         return self.chunk_rows * self.workers * CHUNKS_PER_THREAD if self._pool is not None else self.chunk_rows
 
+    def submit(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> Pending:
+        """:meth:`logits`, queued: with a pool of one-thread calls, the chunks are queued on its threads and
+        this returns at once, so the engine can answer the batch before while they run and queue the next
+        call behind them. Other calls (seeded, or one on all threads) are computed here."""
+        if images.dtype != torch.float32 or images.device.type != "cpu":
+            images = images.float().cpu()
+        array = np.repeat(images.numpy(), samples, axis=0)
+        if not self._shared(array) or any(s is not None for s in seeds):
+            return Done(self.logits(images, samples, seeds))
+        return self._queue(array, self.sigma)
+
+    def _shared(self, array: np.ndarray) -> bool:
+        """Whether ``array``'s rows go to the pool of one-thread calls."""
+        return self._pool is not None and not (self.ort_threads == "auto" and array.shape[0] < self.workers)
+
+    def _queue(self, array: np.ndarray, sigma: np.ndarray, noise: np.ndarray | None = None) -> Chunks:
+        assert self._pool is not None
+        return Chunks([self._pool.submit(self._run, array[start:stop], sigma,
+                                         None if noise is None else noise[start:stop], self._chunk_session)
+                       for start, stop in chunk_bounds(array.shape[0], self.chunk_rows, self.workers)])
+
     def _chunked(self, array: np.ndarray, sigma: np.ndarray, noise: np.ndarray | None = None) -> torch.Tensor:
-        shared = self._pool is not None and not (self.ort_threads == "auto" and array.shape[0] < self.workers)
+        shared = self._shared(array)
         bounds = chunk_bounds(array.shape[0], self.chunk_rows, self.workers if shared else 1)
+        if shared and len(bounds) > 1:
+            return self._queue(array, sigma, noise).result()
         session = self._chunk_session if shared else self.session
-
-        def run(bound: tuple[int, int]) -> np.ndarray:
-            start, stop = bound
-            return self._run(array[start:stop], sigma, None if noise is None else noise[start:stop], session)
-
-        parts = list(self._pool.map(run, bounds)) if shared and len(bounds) > 1 else [  # type: ignore[union-attr]
-            run(bound) for bound in bounds]
+        parts = [self._run(array[start:stop], sigma, None if noise is None else noise[start:stop], session)
+                 for start, stop in bounds]
         return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def describe(self) -> dict[str, object]:

@@ -5,21 +5,25 @@ that are waiting, up to ``max_batch_rows`` noisy rows, and hands them to a singl
 expands each image into its ``samples`` copies, runs them through the backend in chunks, and aggregates
 per image. Requests with different ``samples``, aggregation rules or certify flags share a batch. The
 event loop never runs the model: while the worker computes, new requests gather for the next batch, which
-the worker takes itself as soon as it posts the answers of the last, so that the model does not wait
-for an event loop busy with HTTP work to hand it over. A lock guards the queue, which both take from.
+the worker takes itself, so that the model does not wait for an event loop busy with HTTP work to hand it
+over. A lock guards the queue, which both take from. With a backend that queues its calls (ONNX Runtime's
+pool of one-thread calls), the worker keeps two calls in flight: it queues the next call (of this batch,
+or of the next, taken halfway through the running call when it would give every thread a chunk) before
+the running one ends, and answers a batch while the model computes the next.
 
 Admission is deadline-aware, as Triton's queue policy is: a request that cannot be answered before its
 deadline given the rows queued ahead of it (at the measured cost per row) is refused at once with
 :class:`OverloadedError` (503), so under overload the service spends its time on answers that arrive in
 time. A full queue raises :class:`QueueFullError` (503). A request past its deadline raises
 :class:`DeadlineExceededError` (504); the worker runs a batch in calls of about :func:`rows_per_call` rows
-and, before each call, drops the images of requests that expired, were abandoned by their client, or were
-shed by a shutdown, so no work is done for nobody.
+and, as it queues each call, drops the images of requests that expired, were abandoned by their client, or
+were shed by a shutdown, so no work is done for nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -27,13 +31,15 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from models.smooth import ABSTAIN, Certificate, Prediction, certify_from_counts, summarize
 from models.spec import Aggregation
-from service.backends import Backend
+from service.backends import Backend, Done, Pending
 from service.metrics import Metrics, samples_bucket
 
 log = logging.getLogger("siam.engine")
@@ -132,6 +138,52 @@ def images_of(batch: list[Job], group: list[tuple[int, int]]) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
+# Backend calls queued at once on a backend that queues them (``submit``): one running, the next waiting
+# behind it, so the model thread answers one batch and takes the next while the model computes.
+CALLS_IN_FLIGHT = 2
+
+
+@dataclass(eq=False)
+class Flight:
+    """A batch on the model thread: its calls, queued in order, and the logits collected so far."""
+
+    batch: list[Job]
+    start: float
+    pos: int = 0  # the next image (of ``units``) to queue
+    calls: int = 0  # queued and not collected yet
+    formed: bool = False  # every call is queued
+    completed: bool = False  # answered (posted to the loop)
+    error: Exception | None = None
+    compute_s: float = 0.0
+    computed: int = 0  # rows
+    images: int = 0
+    units: list[tuple[int, int]] = field(init=False)  # (job, image), in order
+    parts: list[list[torch.Tensor]] = field(init=False)  # each job's logits, call by call
+
+    def __post_init__(self) -> None:
+        self.units = [(j, i) for j, job in enumerate(self.batch) for i in range(job.images.shape[0])]
+        self.parts = [[] for _ in self.batch]
+
+    def next_group(self, target: int) -> list[tuple[int, int]] | None:
+        """The images of the next call, about ``target`` rows of the jobs still alive (checked now, so no
+        work is queued for a request that expired or was abandoned); None when none are left or a call of
+        this batch failed."""
+        if self.error is not None:
+            return None
+        group: list[tuple[int, int]] = []
+        rows = 0
+        while self.pos < len(self.units) and rows < target:
+            j, i = self.units[self.pos]
+            self.pos += 1
+            if self.batch[j].alive():
+                group.append((j, i))
+                rows += self.batch[j].copies
+        return group or None
+
+
+Queued = tuple[Flight, list[tuple[int, int]], "Pending", float]  # a call: its batch, images, logits, when queued
+
+
 def consistent(certificate: Certificate, label: int) -> Certificate:
     """A certificate for a class other than the answer's own (the selection copies picked one class, the
     aggregate of the estimation copies another: possible with softmax or logit aggregation) abstains,
@@ -174,6 +226,8 @@ class Engine:
         # Seconds per noisy row, measured on batches of at least a chunk (None until the first such batch
         # or a start-up measurement): prices the queue for deadline-aware admission.
         self.row_cost_s: float | None = None
+        self._last_collected = 0.0  # when the model thread last collected a call's logits
+        self._answered: list[tuple[list[Job], list[Any], Exception | None]] = []  # batches to post to the loop
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -324,31 +378,159 @@ class Engine:
             self._work.put(batch)
 
     def _start(self, batch: list[Job]) -> None:
-        """The worker's state for ``batch`` (none: idle); called with the lock held."""
-        self._busy, self._running = bool(batch), batch
-        self._busy_rows, self._busy_since = sum(job.rows for job in batch), time.perf_counter()
+        """``batch`` joins the work in flight; none: the worker goes idle (nothing is in flight then). Called
+        with the lock held."""
+        if not batch:
+            self._busy, self._running, self._busy_rows = False, [], 0
+            return
+        if not self._busy:
+            self._busy, self._busy_since = True, time.perf_counter()
+        self._running.extend(batch)
+        self._busy_rows += sum(job.rows for job in batch)
 
     def _work_loop(self) -> None:
-        """The model's thread: compute each batch, post its answers (or the error) back to the loop, and take
-        the requests that gathered meanwhile as the next batch, until none wait; then wait to be handed one."""
+        """The model's thread: run each batch's calls, post its answers (or the error) back to the loop, and
+        take the requests that gathered meanwhile as the next batch, until none wait; then wait to be handed
+        one. With a backend that queues calls (:meth:`service.backends.OnnxBackend.submit`), up to
+        ``CALLS_IN_FLIGHT`` are queued at once: the next batch is taken, and its first call queued, while
+        the last call of the current one runs, so the model does not wait while a batch is answered."""
         assert self._loop is not None
+        depth = CALLS_IN_FLIGHT if hasattr(self.backend, "submit") else 1
         while (batch := self._work.get()) is not None:
-            while batch:
-                try:
-                    answers, error = self._compute(batch), None
-                except Exception as e:  # answered to every request of the batch by _finish
-                    answers, error = [], e
-                finished = batch
-                with self._lock:
-                    batch, dropped = self._take_batch()
-                    self._start(batch)
-                if batch:  # no gathering: the requests waited while the last batch ran
-                    self.metrics.batch_formation.observe(0.0)
-                self.metrics.queue_length.set(len(self._pending))
-                try:
-                    self._loop.call_soon_threadsafe(self._finish, finished, answers, error, dropped)
-                except RuntimeError:  # the loop was closed without stopping the engine: nobody is waiting
-                    return
+            queued: deque[Queued] = deque()  # oldest first
+            forming: Flight | None = self._flight(batch)  # the batch whose calls are being queued
+            while forming is not None or queued:
+                if forming is not None and len(queued) < depth:
+                    group = forming.next_group(rows_per_call(self.backend))
+                    if group is not None:
+                        queued_at = time.perf_counter()  # (before: a backend that only computes does so here)
+                        queued.append((forming, group, self._queue_call(forming, group), queued_at))
+                        forming.calls += 1
+                        continue
+                    forming.formed = True  # every call of it is queued
+                    if forming.calls == 0 or queued[-1][2].done():  # nothing to overlap: answer it first
+                        while queued:
+                            self._collect_next(queued)
+                        if not forming.completed:  # (one without calls: every image was dropped)
+                            self._complete(forming)
+                    forming = self._next_flight(idle=not queued)
+                else:
+                    if forming is None and len(queued) < depth:
+                        forming = self._take_midway(queued[0])
+                    if forming is None or len(queued) == depth:
+                        self._collect_next(queued)
+                        if forming is None:
+                            forming = self._next_flight(idle=not queued)
+                # Answers are posted after the next batch is taken: requests sent once an answer arrived find
+                # the worker busy or idle, never about to take them, and gather (max_wait) as for an idle one.
+                for args in self._answered:
+                    self._post(self._finish, *args)
+                self._answered.clear()
+
+    def _flight(self, batch: list[Job]) -> Flight:
+        start = time.perf_counter()
+        for job in batch:
+            self.metrics.queue_wait.observe(start - job.enqueued)
+        return Flight(batch, start)
+
+    def _next_flight(self, idle: bool) -> Flight | None:
+        """Take the requests waiting as the next batch (failing those dropped on the loop); with none waiting
+        and ``idle``, mark the worker idle, atomically with finding the queue empty."""
+        with self._lock:
+            batch, dropped = self._take_batch()
+            if batch or idle:
+                self._start(batch)
+        if batch:  # no gathering: the requests waited while the last batch ran
+            self.metrics.batch_formation.observe(0.0)
+        self.metrics.queue_length.set(len(self._pending))
+        if dropped:
+            self._post(self._fail_dropped, dropped)
+        return self._flight(batch) if batch else None
+
+    def _take_midway(self, running: Queued) -> Flight | None:
+        """While a call runs with room queued behind it: wait until it is about half done (by the measured cost
+        of a row), then, if enough rows gathered to give every model thread a chunk, take them as the next
+        batch, so that its call is queued before this one ends. None if the call ends first or fewer wait: a
+        smaller call queued early measured no faster (its rows cost more than the model's idle time saved)."""
+        flight, group, pending, queued_at = running
+        if self.row_cost_s is None:
+            return None
+        rows = sum(flight.batch[j].copies for j, _ in group)
+        halfway = max(queued_at, self._last_collected) + rows * self.row_cost_s / 2
+        if pending.wait(halfway - time.perf_counter()):
+            return None
+        if self._queued_rows < self.backend.chunk_rows * getattr(self.backend, "workers", 1):
+            return None
+        return self._next_flight(idle=False)
+
+    def _queue_call(self, flight: Flight, group: list[tuple[int, int]]) -> Pending:
+        """Queue one backend call on ``group`` (or compute it here, with a backend that only computes)."""
+        batch = flight.batch
+        args = (images_of(batch, group), [batch[j].copies for j, _ in group], [batch[j].seed for j, _ in group])
+        try:
+            submit = getattr(self.backend, "submit", None)
+            return submit(*args) if submit is not None else Done(self.backend.logits(*args))
+        except Exception as e:  # answered to every request of the batch by _finish
+            return Done(error=e)
+
+    def _collect_next(self, queued: deque[Queued]) -> None:
+        """Wait for the oldest queued call and keep each image's logits (a failed call fails its batch);
+        answer its batch if that was the batch's last call."""
+        flight, group, pending, queued_at = queued.popleft()
+        flight.calls -= 1
+        try:
+            logits = pending.result()
+        except Exception as e:
+            flight.error = flight.error or e
+        else:
+            batch = flight.batch
+            for (j, _), part in zip(group, logits.split([batch[j].copies for j, _ in group]), strict=True):
+                flight.parts[j].append(part)
+            now = time.perf_counter()
+            # The call ran from when it was queued or when the call before it was collected, whichever is later.
+            flight.compute_s += now - max(queued_at, self._last_collected)
+            self._last_collected = now
+            flight.computed += logits.shape[0]
+            flight.images += len(group)
+        if flight.formed and flight.calls == 0:
+            self._complete(flight)
+
+    def _complete(self, flight: Flight) -> None:
+        """Answer a batch whose calls are all collected: post its answers (or the error) to the loop."""
+        flight.completed = True
+        answers: list[list[Answer] | list[torch.Tensor] | None] = []
+        error = flight.error
+        if error is None:
+            start = time.perf_counter()
+            try:
+                answers = self._answers(flight.batch, flight.parts)
+                flight.compute_s += time.perf_counter() - start  # (aggregation is part of the model's time)
+                self._account(flight)
+            except Exception as e:
+                error = e
+        with self._lock:
+            del self._running[: len(flight.batch)]  # batches finish in the order they were taken
+            self._busy_rows -= sum(job.rows for job in flight.batch)
+            self._busy_since = time.perf_counter()
+        self._answered.append((flight.batch, answers, error))
+
+    def _account(self, flight: Flight) -> None:
+        """The batch's metrics, and the cost per row that prices the queue."""
+        # Priced on a chunk or more, not a call (a pooled backend's calls are larger than most batches): smaller
+        # batches are dominated by fixed costs and would overprice a row.
+        if flight.computed >= self.backend.chunk_rows:
+            cost = flight.compute_s / flight.computed
+            self.row_cost_s = cost if self.row_cost_s is None else 0.8 * self.row_cost_s + 0.2 * cost
+        self.metrics.model_compute.observe(flight.compute_s)
+        self.metrics.batch_images.observe(flight.images)
+        self.metrics.batch_rows.observe(flight.computed)
+        self.metrics.rows.labels(self.model_name).inc(flight.computed)
+
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        """Run ``callback`` on the event loop (nobody waits if the loop was closed without stopping the engine)."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
 
     def _fail_dropped(self, dropped: list[Job]) -> None:
         """On the loop: answer the requests :meth:`_take_batch` dropped because their deadline had passed."""
@@ -357,10 +539,9 @@ class Engine:
                 job.future.set_exception(DeadlineExceededError("deadline passed while queued"))
 
     def _finish(self, batch: list[Job], answers: list[list[Answer] | list[torch.Tensor] | None],
-                error: Exception | None = None, dropped: list[Job] | None = None) -> None:
-        """Answer every request of the batch (a model failure answers each with the error) and those dropped
-        while the next was taken; if the worker went idle with requests waiting, start it again."""
-        self._fail_dropped(dropped or [])
+                error: Exception | None = None) -> None:
+        """Answer every request of the batch (a model failure answers each with the error); if the worker went
+        idle with requests waiting, start it again."""
         if error is not None:
             log.error("batch of %d requests failed", len(batch), exc_info=error)
             for job in batch:
@@ -398,45 +579,6 @@ class Engine:
             self._queued_rows -= job.rows
             rows += job.rows
         return batch, dropped
-
-    def _compute(self, batch: list[Job]) -> list[list[Answer] | list[torch.Tensor] | None]:
-        """Runs on the worker thread: the backend over every copy of every image, in calls of about
-        :func:`rows_per_call` rows; before each call the images of jobs no longer alive are dropped. A job
-        dropped part-way answers None (its future was, or will be, failed on the loop)."""
-        start = time.perf_counter()
-        for job in batch:
-            self.metrics.queue_wait.observe(start - job.enqueued)
-        units = [(j, i) for j, job in enumerate(batch) for i in range(job.images.shape[0])]
-        parts: list[list[torch.Tensor]] = [[] for _ in batch]
-        target, pos, computed, images = rows_per_call(self.backend), 0, 0, 0
-        while pos < len(units):
-            group: list[tuple[int, int]] = []
-            rows = 0
-            while pos < len(units) and rows < target:
-                j, i = units[pos]
-                pos += 1
-                if batch[j].alive():
-                    group.append((j, i))
-                    rows += batch[j].copies
-            if not group:
-                break
-            logits = self.backend.logits(images_of(batch, group), [batch[j].copies for j, _ in group],
-                                         [batch[j].seed for j, _ in group])
-            for (j, _), part in zip(group, logits.split([batch[j].copies for j, _ in group]), strict=True):
-                parts[j].append(part)
-            computed, images = computed + rows, images + len(group)
-        answers = self._answers(batch, parts)
-        elapsed = time.perf_counter() - start
-        # Priced on a chunk or more, not a call (a pooled backend's calls are larger than most batches): smaller
-        # batches are dominated by fixed costs and would overprice a row.
-        if computed >= self.backend.chunk_rows:
-            cost = elapsed / computed
-            self.row_cost_s = cost if self.row_cost_s is None else 0.8 * self.row_cost_s + 0.2 * cost
-        self.metrics.model_compute.observe(elapsed)
-        self.metrics.batch_images.observe(images)
-        self.metrics.batch_rows.observe(computed)
-        self.metrics.rows.labels(self.model_name).inc(computed)
-        return answers
 
     def _answers(self, batch: list[Job],
                  parts: list[list[torch.Tensor]]) -> list[list[Answer] | list[torch.Tensor] | None]:
