@@ -267,16 +267,15 @@ class OnnxBackend:
         """:meth:`logits`, queued: with a pool of one-thread calls, the chunks are queued on its threads and
         this returns at once, so the engine can answer the batch before while they run and queue the next
         call behind them. Other calls (seeded, or one on all threads) are computed here."""
+        if not self._shared(sum(samples)) or any(s is not None for s in seeds):
+            return Done(self.logits(images, samples, seeds))
         if images.dtype != torch.float32 or images.device.type != "cpu":
             images = images.float().cpu()
-        array = np.repeat(images.numpy(), samples, axis=0)
-        if not self._shared(array) or any(s is not None for s in seeds):
-            return Done(self.logits(images, samples, seeds))
-        return self._queue(array, self.sigma)
+        return self._queue(np.repeat(images.numpy(), samples, axis=0), self.sigma)
 
-    def _shared(self, array: np.ndarray) -> bool:
-        """Whether ``array``'s rows go to the pool of one-thread calls."""
-        return self._pool is not None and not (self.ort_threads == "auto" and array.shape[0] < self.workers)
+    def _shared(self, rows: int) -> bool:
+        """Whether a call of ``rows`` rows goes to the pool of one-thread calls."""
+        return self._pool is not None and not (self.ort_threads == "auto" and rows < self.workers)
 
     def _queue(self, array: np.ndarray, sigma: np.ndarray, noise: np.ndarray | None = None) -> Chunks:
         assert self._pool is not None
@@ -285,7 +284,7 @@ class OnnxBackend:
                        for start, stop in chunk_bounds(array.shape[0], self.chunk_rows, self.workers)])
 
     def _chunked(self, array: np.ndarray, sigma: np.ndarray, noise: np.ndarray | None = None) -> torch.Tensor:
-        shared = self._shared(array)
+        shared = self._shared(array.shape[0])
         bounds = chunk_bounds(array.shape[0], self.chunk_rows, self.workers if shared else 1)
         if shared and len(bounds) > 1:
             return self._queue(array, sigma, noise).result()

@@ -8,8 +8,8 @@ event loop never runs the model: while the worker computes, new requests gather 
 the worker takes itself, so that the model does not wait for an event loop busy with HTTP work to hand it
 over. A lock guards the queue, which both take from. With a backend that queues its calls (ONNX Runtime's
 pool of one-thread calls), the worker keeps two calls in flight: it queues the next call (of this batch,
-or of the next, taken halfway through the running call when it would give every thread a chunk) before
-the running one ends, and answers a batch while the model computes the next.
+or of the next when the requests waiting give every model thread a chunk) before the running one ends,
+and answers a batch while the model computes the next.
 
 Admission is deadline-aware, as Triton's queue policy is: a request that cannot be answered before its
 deadline given the rows queued ahead of it (at the measured cost per row) is refused at once with
@@ -413,14 +413,18 @@ class Engine:
                             self._collect_next(queued)
                         if not forming.completed:  # (one without calls: every image was dropped)
                             self._complete(forming)
-                    forming = self._next_flight(idle=not queued)
+                        forming = self._next_flight(idle=True)
+                    elif self._queued_rows >= self.backend.chunk_rows * getattr(self.backend, "workers", 1):
+                        # Enough waits to give every model thread a chunk: queue it behind the running call.
+                        # (Fewer rows, queued early, measured slower: a smaller next batch costs more per row
+                        # than the model's idle time it saves.)
+                        forming = self._next_flight(idle=False)
+                    else:
+                        forming = None
                 else:
-                    if forming is None and len(queued) < depth:
-                        forming = self._take_midway(queued[0])
-                    if forming is None or len(queued) == depth:
-                        self._collect_next(queued)
-                        if forming is None:
-                            forming = self._next_flight(idle=not queued)
+                    self._collect_next(queued)
+                    if forming is None:
+                        forming = self._next_flight(idle=not queued)
                 # Answers are posted after the next batch is taken: requests sent once an answer arrived find
                 # the worker busy or idle, never about to take them, and gather (max_wait) as for an idle one.
                 for args in self._answered:
@@ -446,22 +450,6 @@ class Engine:
         if dropped:
             self._post(self._fail_dropped, dropped)
         return self._flight(batch) if batch else None
-
-    def _take_midway(self, running: Queued) -> Flight | None:
-        """While a call runs with room queued behind it: wait until it is about half done (by the measured cost
-        of a row), then, if enough rows gathered to give every model thread a chunk, take them as the next
-        batch, so that its call is queued before this one ends. None if the call ends first or fewer wait: a
-        smaller call queued early measured no faster (its rows cost more than the model's idle time saved)."""
-        flight, group, pending, queued_at = running
-        if self.row_cost_s is None:
-            return None
-        rows = sum(flight.batch[j].copies for j, _ in group)
-        halfway = max(queued_at, self._last_collected) + rows * self.row_cost_s / 2
-        if pending.wait(halfway - time.perf_counter()):
-            return None
-        if self._queued_rows < self.backend.chunk_rows * getattr(self.backend, "workers", 1):
-            return None
-        return self._next_flight(idle=False)
 
     def _queue_call(self, flight: Flight, group: list[tuple[int, int]]) -> Pending:
         """Queue one backend call on ``group`` (or compute it here, with a backend that only computes)."""

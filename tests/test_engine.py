@@ -52,8 +52,10 @@ class QueuedCall:
 
     def __init__(self, future: Future[torch.Tensor]) -> None:
         self.future = future
+        self.asked = threading.Event()  # the engine asked whether it is done
 
     def done(self) -> bool:
+        self.asked.set()
         return self.future.done()
 
     def wait(self, timeout: float) -> bool:

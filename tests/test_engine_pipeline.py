@@ -34,6 +34,8 @@ class QueuingBackend:
         self.fail = fail or set()
         self.queued: list[list[int]] = []  # each call's copies per image, in the order queued
         self.finished: list[int] = []
+        self.finished_when_queued: list[list[int]] = []
+        self.handles: list[QueuedCall] = []
         self.gates: defaultdict[int, threading.Event] = defaultdict(threading.Event)
         self.pool = ThreadPoolExecutor(1)
 
@@ -43,6 +45,7 @@ class QueuingBackend:
     def submit(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> QueuedCall:
         call = len(self.queued)
         self.queued.append(list(samples))
+        self.finished_when_queued.append(list(self.finished))
         gate = self.gates[call]
 
         def run() -> torch.Tensor:
@@ -53,7 +56,8 @@ class QueuingBackend:
             classes = (images[:, 0, 0, 0] * 10).long().clamp(0, 9)
             return torch.nn.functional.one_hot(classes.repeat_interleave(torch.tensor(samples)), 10).float() * 10
 
-        return QueuedCall(self.pool.submit(run))
+        self.handles.append(QueuedCall(self.pool.submit(run)))
+        return self.handles[-1]
 
     def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
         return self.submit(images, samples, seeds).result()
@@ -66,38 +70,52 @@ def queued_engine(backend: QueuingBackend) -> Engine:
     return engine
 
 
-async def three_requests(backend: QueuingBackend) -> tuple[list[object], list[int]]:
+async def three_requests(backend: QueuingBackend, third_copies: int) -> tuple[list[object], list[list[int]]]:
     """Two requests of one batch (one call each: chunks of 4 rows), then a third that arrives while the
-    first call runs; the calls are released one by one. Returns each request's labels or error."""
+    first call runs; the calls are released one by one. Returns each request's labels or error, and which
+    calls had finished when each call was queued."""
     engine = queued_engine(backend)
     first = [asyncio.create_task(engine.predict(picture(label), 4, "vote")) for label in (3, 5)]
     await until(lambda: len(backend.queued) == 2)  # both calls of the batch queued, neither computed
     assert backend.finished == []
-    third = asyncio.create_task(engine.predict(picture(7), 2, "vote"))
+    third = asyncio.create_task(engine.predict(picture(7), third_copies, "vote"))
     await until(lambda: engine.queue_length == 1)
     backend.release(0)
-    # The next batch is taken, and its call queued, while the last call of the first batch has not run.
-    await until(lambda: len(backend.queued) == 3)
-    assert backend.finished == [0] and not any(task.done() for task in first)
+    # The worker has queued every call of the first batch and asks whether the last one has run (not yet).
+    await until(lambda: backend.handles[1].asked.is_set())
+    if third_copies >= backend.chunk_rows:  # it takes the third request and queues its call behind
+        await until(lambda: len(backend.queued) == 3)
     backend.release(1)
     await until(lambda: all(task.done() for task in first))
-    assert not third.done()
     backend.release(2)
     outcomes = await asyncio.gather(*first, third, return_exceptions=True)
     await engine.stop()
-    return [o if isinstance(o, Exception) else [a.prediction.label for a in o] for o in outcomes], backend.finished
+    labels = [o if isinstance(o, Exception) else [a.prediction.label for a in o] for o in outcomes]
+    return labels, backend.finished_when_queued
 
 
-def test_the_next_batch_is_queued_behind_the_running_call_and_each_is_answered_from_its_own_rows() -> None:
-    outcomes, finished = asyncio.run(three_requests(QueuingBackend(chunk_rows=4)))
-    assert outcomes == [[3], [5], [7]] and finished == [0, 1, 2]
+def test_a_batch_that_fills_a_chunk_is_queued_behind_the_running_call_and_each_is_answered_from_its_own_rows(
+) -> None:
+    """The third request (4 copies: a chunk) is taken, and its call queued, once the first batch's last call
+    is queued and before it has run; each request is answered from its own rows."""
+    outcomes, finished_when_queued = asyncio.run(three_requests(QueuingBackend(chunk_rows=4), 4))
+    assert outcomes == [[3], [5], [7]]
+    assert finished_when_queued == [[], [], [0]]
+
+
+def test_fewer_rows_than_a_chunk_wait_for_the_running_call_to_end() -> None:
+    """Two copies, under a chunk: taken only once the first batch's calls have all finished (a smaller
+    call queued early costs more per row than the model's idle time it saves)."""
+    outcomes, finished_when_queued = asyncio.run(three_requests(QueuingBackend(chunk_rows=4), 2))
+    assert outcomes == [[3], [5], [7]]
+    assert finished_when_queued == [[], [], [0, 1]]
 
 
 @pytest.mark.parametrize("failing", [0, 1])
 def test_a_failed_call_fails_its_own_batch_only_with_the_next_batch_queued_behind_it(failing: int) -> None:
-    outcomes, _ = asyncio.run(three_requests(QueuingBackend(chunk_rows=4, fail={failing})))
+    outcomes, finished_when_queued = asyncio.run(three_requests(QueuingBackend(chunk_rows=4, fail={failing}), 4))
     assert [str(o) for o in outcomes[:2]] == [f"call {failing} failed"] * 2
-    assert outcomes[2] == [7]
+    assert outcomes[2] == [7] and finished_when_queued[2] == [0]
 
 
 def test_a_lone_request_is_answered_and_the_worker_goes_idle() -> None:
@@ -136,24 +154,3 @@ def test_onnx_submit_queues_a_batchs_chunks_and_gives_every_row_its_own_logits(c
     seeded = pooled.submit(images, rows, list(range(len(rows))))  # type: ignore[attr-defined]
     assert isinstance(seeded, Done)
     assert torch.allclose(seeded.result(), per_call.logits(images, rows, list(range(len(rows)))), atol=1e-5)
-
-
-def test_requests_that_fill_a_chunk_while_a_call_runs_are_taken_and_queued_behind_it() -> None:
-    """Halfway through the running call (by the cost of a row), the rows gathered meanwhile give the model a
-    chunk: they are taken as the next batch and its call is queued before the running one ends."""
-    async def scenario() -> None:
-        backend = QueuingBackend(chunk_rows=4)
-        engine = queued_engine(backend)
-        engine.row_cost_s = 1.0  # the running call's halfway point: 2 s after it was queued
-        first = asyncio.create_task(engine.predict(picture(1), 4, "vote"))
-        await until(lambda: len(backend.queued) == 1)
-        gathered = [asyncio.create_task(engine.predict(picture(label), m, "vote")) for label, m in ((2, 2), (8, 3))]
-        await until(lambda: len(backend.queued) == 2)  # taken while the first call is still held
-        assert backend.queued == [[4], [2, 3]] and backend.finished == [] and engine.queue_length == 0
-        backend.release(0)
-        backend.release(1)
-        labels = [[a.prediction.label for a in await task] for task in (first, *gathered)]
-        assert labels == [[1], [2], [8]]
-        await engine.stop()
-
-    asyncio.run(scenario())
