@@ -25,6 +25,7 @@ import itertools
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,11 +197,15 @@ def run_in_process(url: str, samples: int, concurrency: int, duration_s: float, 
            str(concurrency), "--duration", str(duration_s), "--warmup", str(warmup_s), "--body", body_style]
     cmd += ["--images", str(images_dir)] if images_dir else []
     cmd += ["--confidence", str(confidence)] if confidence is not None else []
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=warmup_s + duration_s + 120)
-    if done.returncode != 0:
-        raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr[-2000:]}")
-    data = json.loads(done.stdout)
-    return LoadResult(**data)
+    # The result comes back in a file, not on stdout: a result of over 128 KiB once came back from the pipe
+    # with a line break inserted at 131,072 characters.
+    with tempfile.TemporaryDirectory(prefix="siam-load-") as folder:
+        result = Path(folder) / "result.json"
+        done = subprocess.run([*cmd, "--result-file", str(result)], capture_output=True, text=True,
+                              timeout=warmup_s + duration_s + 120)
+        if done.returncode != 0 or not result.is_file():
+            raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr[-2000:]}")
+        return LoadResult(**json.loads(result.read_text()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="a folder of image files to send, in turn (default: one random PNG)")
     p.add_argument("--confidence", type=float, default=None,
                    help="sequential sampling at this confidence (siam only); --samples is the budget")
+    p.add_argument("--result-file", type=Path, default=None, help="write the result's JSON here, not to stdout")
     args = p.parse_args(argv)
     images = [f.read_bytes() for f in sorted(args.images.iterdir()) if f.is_file()] if args.images else None
     if args.images and not images:
@@ -228,7 +234,11 @@ def main(argv: list[str] | None = None) -> None:
         result = asyncio.run(load)
     else:
         result = uvloop.run(load)
-    print(json.dumps(asdict(result)))
+    text = json.dumps(asdict(result))
+    if args.result_file is None:
+        print(text)
+    else:
+        args.result_file.write_text(text + "\n")
 
 
 if __name__ == "__main__":
