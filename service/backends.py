@@ -22,7 +22,6 @@ import os
 import platform
 import time
 from collections.abc import Iterator, Sequence
-from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -62,10 +61,6 @@ class Pending(Protocol):
 
     def done(self) -> bool: ...
 
-    def wait(self, timeout: float) -> bool:
-        """Whether it is done within ``timeout`` seconds (at once when that is not positive)."""
-        ...
-
     def result(self) -> torch.Tensor: ...
 
 
@@ -76,9 +71,6 @@ class Done:
         self.logits, self.error = logits, error
 
     def done(self) -> bool:
-        return True
-
-    def wait(self, timeout: float) -> bool:
         return True
 
     def result(self) -> torch.Tensor:
@@ -96,9 +88,6 @@ class Chunks:
 
     def done(self) -> bool:
         return all(f.done() for f in self.futures)
-
-    def wait(self, timeout: float) -> bool:
-        return not futures.wait(self.futures, max(0.0, timeout)).not_done
 
     def result(self) -> torch.Tensor:
         parts = [f.result() for f in self.futures]

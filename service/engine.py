@@ -148,7 +148,6 @@ class Flight:
     """A batch on the model thread: its calls, queued in order, and the logits collected so far."""
 
     batch: list[Job]
-    start: float
     pos: int = 0  # the next image (of ``units``) to queue
     calls: int = 0  # queued and not collected yet
     formed: bool = False  # every call is queued
@@ -181,7 +180,7 @@ class Flight:
         return group or None
 
 
-Queued = tuple[Flight, list[tuple[int, int]], "Pending", float]  # a call: its batch, images, logits, when queued
+Queued = tuple[Flight, list[tuple[int, int]], Pending, float]  # a call: its batch, images, logits, when queued
 
 
 def consistent(certificate: Certificate, label: int) -> Certificate:
@@ -392,8 +391,9 @@ class Engine:
         """The model's thread: run each batch's calls, post its answers (or the error) back to the loop, and
         take the requests that gathered meanwhile as the next batch, until none wait; then wait to be handed
         one. With a backend that queues calls (:meth:`service.backends.OnnxBackend.submit`), up to
-        ``CALLS_IN_FLIGHT`` are queued at once: the next batch is taken, and its first call queued, while
-        the last call of the current one runs, so the model does not wait while a batch is answered."""
+        ``CALLS_IN_FLIGHT`` are queued at once: the next call of a batch, or, when the requests waiting give
+        every model thread a chunk, the next batch's first call, is queued while the one before runs, so the
+        model does not wait while a batch is answered."""
         assert self._loop is not None
         depth = CALLS_IN_FLIGHT if hasattr(self.backend, "submit") else 1
         while (batch := self._work.get()) is not None:
@@ -435,7 +435,7 @@ class Engine:
         start = time.perf_counter()
         for job in batch:
             self.metrics.queue_wait.observe(start - job.enqueued)
-        return Flight(batch, start)
+        return Flight(batch)
 
     def _next_flight(self, idle: bool) -> Flight | None:
         """Take the requests waiting as the next batch (failing those dropped on the loop); with none waiting

@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,9 +56,6 @@ class QueuedCall:
     def done(self) -> bool:
         self.asked.set()
         return self.future.done()
-
-    def wait(self, timeout: float) -> bool:
-        return not futures.wait([self.future], max(0.0, timeout)).not_done
 
     def result(self) -> torch.Tensor:
         return self.future.result()
