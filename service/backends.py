@@ -80,6 +80,16 @@ class Done:
         return self.logits
 
 
+def joined(parts: list[np.ndarray]) -> torch.Tensor:
+    """A call's chunk logits, in order, as one tensor (no copy for a single chunk)."""
+    return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+def host_floats(images: torch.Tensor) -> torch.Tensor:
+    """``images`` as float32 on the CPU, untouched when they are already (each torch call releases the GIL)."""
+    return images if images.dtype == torch.float32 and images.device.type == "cpu" else images.float().cpu()
+
+
 class Chunks:
     """A call's chunks, queued on a pool's threads."""
 
@@ -90,8 +100,7 @@ class Chunks:
         return all(f.done() for f in self.futures)
 
     def result(self) -> torch.Tensor:
-        parts = [f.result() for f in self.futures]
-        return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        return joined([f.result() for f in self.futures])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -219,8 +228,7 @@ class OnnxBackend:
         return (session or self.session).run(["logits"], feed)[0]  # type: ignore[attr-defined]
 
     def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
-        if images.dtype != torch.float32 or images.device.type != "cpu":  # (each torch call releases the GIL)
-            images = images.float().cpu()
+        images = host_floats(images)
         if all(s is None for s in seeds):  # the usual batch: the copies in order, fresh noise for each
             return self._chunked(np.repeat(images.numpy(), samples, axis=0), self.sigma)
         out: list[torch.Tensor | None] = [None] * len(samples)
@@ -258,9 +266,7 @@ class OnnxBackend:
         call behind them. Other calls (seeded, or one on all threads) are computed here."""
         if not self._shared(sum(samples)) or any(s is not None for s in seeds):
             return Done(self.logits(images, samples, seeds))
-        if images.dtype != torch.float32 or images.device.type != "cpu":
-            images = images.float().cpu()
-        return self._queue(np.repeat(images.numpy(), samples, axis=0), self.sigma)
+        return self._queue(np.repeat(host_floats(images).numpy(), samples, axis=0), self.sigma)
 
     def _shared(self, rows: int) -> bool:
         """Whether a call of ``rows`` rows goes to the pool of one-thread calls."""
@@ -280,7 +286,7 @@ class OnnxBackend:
         session = self._chunk_session if shared else self.session
         parts = [self._run(array[start:stop], sigma, None if noise is None else noise[start:stop], session)
                  for start, stop in bounds]
-        return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        return joined(parts)
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "device": str(self.device), "precision": self.precision,
