@@ -4,7 +4,9 @@ and how much of the machine stays idle, next to the rate the clients got.
 On a few cores the HTTP side and the model share them, so a served rate below the model's limit is either
 the HTTP side's CPU or idle time (the model waiting on something). Per-thread CPU comes from
 ``/proc/<pid>/task/*/stat`` and the machine's idle share from ``/proc/stat``, read before and after the
-measured window (Linux only). Give ``--checkout`` twice to compare two checkouts of this repository in
+measured window (Linux only). With ``--serve-args "--workers N"`` it also gives each child process's CPU
+(the workers and the model process, busiest first), which shows whether the connections spread over the
+workers. Give ``--checkout`` twice to compare two checkouts of this repository in
 alternating rounds (the first place rotating), e.g. ``git worktree add /tmp/before HEAD~1``:
 
     python -m benchmarks.cpu_share --samples 16 --concurrency 64 --rounds 3 --checkout . --checkout /tmp/before
@@ -20,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +46,9 @@ class Share:
     event_loop_cores: float  # the server's main thread: HTTP, decoding, the engine's dispatch
     other_threads_cores: float  # the model thread and ONNX Runtime's threads
     idle_share: float  # of the whole machine, 0-1
+    # With --workers: each child process (the workers, the model process), busiest first. An uneven split
+    # shows connections gathered on a few workers.
+    child_cores: list[float] = field(default_factory=list)
 
 
 def thread_ticks(pid: int) -> dict[int, int]:
@@ -55,6 +60,21 @@ def thread_ticks(pid: int) -> dict[int, int]:
         except (FileNotFoundError, ProcessLookupError):
             continue  # a thread that ended
         ticks[int(task.name)] = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return ticks
+
+
+def children_ticks(pid: int) -> dict[int, int]:
+    """User + system clock ticks of each child process of ``pid`` (all its threads)."""
+    ticks = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:  # ppid (field 4 of stat)
+            ticks[int(proc.name)] = int(fields[11]) + int(fields[12])
     return ticks
 
 
@@ -85,14 +105,18 @@ def measure(checkout: Path, args: argparse.Namespace) -> Share:
     with ServerProcess(spec, cwd=checkout) as server:
         pid = server.proc.pid
         run_in_process(server.predict_url, args.samples, args.concurrency, 1.0, 0.5)  # warm every path
-        threads_before, (idle_before, total_before), start = thread_ticks(pid), machine_ticks(), time.perf_counter()
+        threads_before, children_before = thread_ticks(pid), children_ticks(pid)
+        (idle_before, total_before), start = machine_ticks(), time.perf_counter()
         load = run_in_process(server.predict_url, args.samples, args.concurrency, args.duration, 0.0)
         elapsed = time.perf_counter() - start
-        threads_after, (idle_after, total_after) = thread_ticks(pid), machine_ticks()
+        threads_after, children_after = thread_ticks(pid), children_ticks(pid)
+        idle_after, total_after = machine_ticks()
     used = {tid: (ticks - threads_before.get(tid, 0)) / TICKS / elapsed for tid, ticks in threads_after.items()}
+    children = sorted(((ticks - children_before.get(child, 0)) / TICKS / elapsed
+                       for child, ticks in children_after.items()), reverse=True)
     return Share(str(checkout), load.rows_per_s, load.p50_ms, used.get(pid, 0.0),
                  sum(v for tid, v in used.items() if tid != pid),
-                 (idle_after - idle_before) / max(1, total_after - total_before))
+                 (idle_after - idle_before) / max(1, total_after - total_before), [round(c, 3) for c in children])
 
 
 def main(argv: list[str] | None = None) -> list[Share]:
@@ -122,7 +146,8 @@ def main(argv: list[str] | None = None) -> list[Share]:
             shares.append(share)
             print(f"round {r + 1} {checkout}: {share.rows_per_s:.0f} rows/s, p50 {share.p50_ms:.1f} ms; event loop "
                   f"{share.event_loop_cores:.2f} cores, other threads {share.other_threads_cores:.2f}, machine idle "
-                  f"{share.idle_share:.1%}", flush=True)
+                  f"{share.idle_share:.1%}" + (f"; child processes {', '.join(f'{c:.2f}' for c in share.child_cores)}"
+                                               f" cores" if share.child_cores else ""), flush=True)
     for checkout in checkouts:
         mine = [s for s in shares if s.checkout == str(checkout)]
         rates, idle = [s.rows_per_s for s in mine], [s.idle_share for s in mine]

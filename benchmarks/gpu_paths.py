@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ms = {v: statistics.median(found) for v, found in runs.items()}
             line = {"rows": rows, "ms": ms, "runs_ms": runs, "rows_per_s": {v: rows / t * 1e3 for v, t in ms.items()}}
             table.append(line)
-            ratio = f", graphs {ms['eager'] / ms['graphs']:.2f}x eager" if "graphs" in ms else ""
+            ratio = f", graphs {ms['eager'] / ms['graphs']:.2f}x eager" if {"graphs", "eager"} <= ms.keys() else ""
             print(f"  forward, {rows:5d} rows: " + ", ".join(f"{v} {t:.3f} ms" for v, t in ms.items()) + ratio,
                   flush=True)
         results["forward"] = table
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     runs[v].append(found.predictions_per_s)
             rate = {v: statistics.median(found) for v, found in runs.items()}
             table.append({"samples": m, "callers": args.callers, "predictions_per_s": rate, "runs": runs})
-            ratio = f", graphs {rate['graphs'] / rate['eager']:.2f}x eager" if "graphs" in rate else ""
+            both = {"graphs", "eager"} <= rate.keys()
+            ratio = f", graphs {rate['graphs'] / rate['eager']:.2f}x eager" if both else ""
             print(f"  engine, m = {m}, {args.callers} callers: " +
                   ", ".join(f"{v} {r:.0f} pred/s" for v, r in rate.items()) + ratio, flush=True)
         results["engine"] = table

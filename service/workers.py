@@ -2,10 +2,11 @@
 
 One Python process parses, decodes and serialises every request of the single-process service while its
 model thread computes; with a fast accelerator that process, not the model, sets the ceiling. Here the
-HTTP side runs in N processes sharing the listening socket (the kernel spreads connections over them),
-and each sends its requests to the model process (service/model_process.py), whose one engine batches
-the requests of all workers together. Prometheus metrics are summed over the processes
-(prometheus-client's multiprocess mode), and the feedback store lives in the model process.
+HTTP side runs in N processes, each with its own listening socket on the one port (the kernel spreads
+connections over them: :func:`listening_sockets`), and each sends its requests to the model process
+(service/model_process.py), whose one engine batches the requests of all workers together. Prometheus
+metrics are summed over the processes (prometheus-client's multiprocess mode), and the feedback store
+lives in the model process.
 
 With ``--model-processes K`` there are K model processes on the one device, each with its own engine, and
 worker i feeds model process i mod K: for hosts where one model process's Python (framing, queueing,
@@ -27,6 +28,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import tempfile
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -51,6 +53,31 @@ def run_worker(settings: Settings, model_sockets: list[str], own: int, sockets: 
     GracefulServer(uvicorn_config(app, settings), app).run(sockets=sockets)
 
 
+def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on ``host:port``, one per worker, with ``SO_REUSEPORT``: the kernel gives
+    each new connection to one of them by a hash of its addresses, so the workers get about equal shares.
+    With one shared socket, whichever worker woke first accepted every connection waiting (asyncio accepts
+    until none is left): 64 clients that connected at once went to 2 of 4 workers (docs/speed.md). A first
+    socket, bound without ``SO_REUSEPORT`` and closed, fails the start when another program holds the port
+    (which ``SO_REUSEPORT`` alone would let this one share) and picks the port when ``port`` is 0. Outside
+    Linux, where ``SO_REUSEPORT`` does not spread connections, the workers share one socket."""
+    probe = uvicorn.Config("service.app:create_app", host=host, port=port).bind_socket()
+    if sys.platform != "linux" or count == 1:
+        return [probe] * count
+    family, address = probe.family, probe.getsockname()
+    probe.close()
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(2048)  # uvicorn's default backlog
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    return sockets
+
+
 def stop_process(process: BaseProcess, timeout: float) -> None:
     """Wait for ``process`` to end, killing it if it takes longer than ``timeout`` seconds."""
     process.join(timeout)
@@ -70,14 +97,14 @@ class Supervisor:
         self.models: list[BaseProcess] = []
         self.controls: list[Connection] = []
         self.workers: list[BaseProcess] = []
-        self.listener: socket.socket | None = None
+        self.listeners: list[socket.socket] = []
 
     def start(self) -> None:
         from service.model_process import run_model_process
 
         s = self.settings
         # Bound first: a port in use fails the start before any process is made.
-        self.listener = uvicorn.Config("service.app:create_app", host=s.host, port=s.port).bind_socket()
+        self.listeners = listening_sockets(s.host, s.port, s.workers)
         for k, path in enumerate(self.model_sockets):
             control, model_end = self.ctx.Pipe()
             name = "siam-model" if s.model_processes == 1 else f"siam-model-{k}"
@@ -88,12 +115,12 @@ class Supervisor:
             self.controls.append(control)
         # Worker i sends its requests to model process i mod K: each model process batches its workers' requests.
         self.workers = [self.ctx.Process(target=run_worker, args=(s, self.model_sockets, i % s.model_processes,
-                                                                  [self.listener]), name=f"siam-http-{i}")
+                                                                  [self.listeners[i]]), name=f"siam-http-{i}")
                         for i in range(s.workers)]
         for worker in self.workers:
             worker.start()
         log.info("model process %s, %d HTTP workers on %s:%d", ", ".join(str(m.pid) for m in self.models),
-                 len(self.workers), s.host, self.listener.getsockname()[1])
+                 len(self.workers), s.host, self.listeners[0].getsockname()[1])
 
     def watch(self) -> str | None:
         """Until a signal (None) or a failure (its message): a process that died, or a model that did not load."""
@@ -135,8 +162,8 @@ class Supervisor:
                 control.send(("stop", None))
         for model in self.models:
             stop_process(model, grace)
-        if self.listener is not None:
-            self.listener.close()
+        for listener in self.listeners:
+            listener.close()
 
 
 def serve_workers(settings: Settings) -> int | str:

@@ -154,3 +154,29 @@ def test_onnx_submit_queues_a_batchs_chunks_and_gives_every_row_its_own_logits(c
     seeded = pooled.submit(images, rows, list(range(len(rows))))  # type: ignore[attr-defined]
     assert isinstance(seeded, Done)
     assert torch.allclose(seeded.result(), per_call.logits(images, rows, list(range(len(rows)))), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_the_engine_answers_64_concurrent_requests_each_from_its_own_image(checkpoint: Path) -> None:
+    """Closed-loop callers, so batches of different sizes form while others run (CUDA graphs on, which pad a
+    batch up to its graph's size): each request's logits (noise off) are its own image's."""
+    from service.backends import load_backend
+
+    built, _ = load_backend(settings(checkpoint, backend="torch", device="cuda", cuda_graphs=True))
+    built.smooth.sigma = 0.0  # type: ignore[attr-defined]
+    images = [torch.rand(1, 3, 32, 32) for _ in range(64)]
+    expected = [built.logits(x, [4], [None]) for x in images]
+
+    async def scenario() -> None:
+        engine = Engine(built, "tiny", 0.0, Metrics(), max_batch_rows=4096, max_wait_ms=0, max_queue=256)
+        engine.start()
+
+        async def caller(i: int) -> None:  # closed loop: each batch forms while another is computed
+            for _ in range(5):
+                got = await engine.copy_logits(images[i], 4, None, 30.0)
+                torch.testing.assert_close(got[0], expected[i], atol=1e-3, rtol=1e-3)
+
+        await asyncio.gather(*(caller(i) for i in range(len(images))))
+        await engine.stop()
+
+    asyncio.run(scenario())

@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from service.remote_engine import FeedbackRouter, RemoteEngine, connect, owner
 from service.settings import Settings
 from service.state import ServiceState
 from service.wire import ModelProcessError, decode_answers, decode_error, encode_answers, encode_error, frame
+from service.workers import listening_sockets
 from tests.service_helpers import ROOT, Server, b64, image_bytes
 
 BODY = {"image": b64(image_bytes(0))}
@@ -254,6 +256,54 @@ def post(url: str, samples: int, query: str = "", timeout: float = 60) -> tuple[
 def metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=5).text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT spreads connections on Linux")
+def test_each_worker_gets_its_own_socket_on_the_port_and_connections_spread_over_them() -> None:
+    """64 connections made at once to four sockets: each socket holds some of them, waiting to be accepted.
+    (With one shared socket, the worker that woke first took them all.) A socket that none holds is odds of
+    4 x (3/4)^64, about 4e-8."""
+    listeners = listening_sockets("127.0.0.1", 0, 4)
+    clients: list[socket.socket] = []
+    try:
+        port = listeners[0].getsockname()[1]
+        assert len({id(s) for s in listeners}) == 4 and {s.getsockname()[1] for s in listeners} == {port}
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]
+        accepted = []
+        for listener in listeners:
+            listener.setblocking(False)
+            count = 0
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and sum(accepted) + count < 64:
+                try:
+                    listener.accept()[0].close()
+                    count += 1
+                except BlockingIOError:
+                    if count:  # this socket's queue is empty: the rest are in the others'
+                        break
+                    time.sleep(0.01)  # (a handshake may still be completing)
+            accepted.append(count)
+        assert sum(accepted) == 64 and min(accepted) >= 1, accepted
+    finally:
+        for s in [*clients, *listeners]:
+            s.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT spreads connections on Linux")
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["plain", "so-reuseport"])
+def test_a_port_held_by_another_program_fails_the_start_even_one_that_allows_sharing(reuse_port: bool) -> None:
+    """SO_REUSEPORT alone would let the workers join another program's SO_REUSEPORT socket and take half of
+    its connections: the start must fail instead, as it does for a plain one."""
+    holder = socket.socket()
+    if reuse_port:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        with pytest.raises(SystemExit):  # (uvicorn's bind: it logs the error and exits with status 3)
+            listening_sockets("127.0.0.1", holder.getsockname()[1], 2)
+    finally:
+        holder.close()
 
 
 @pytest.mark.subprocess
