@@ -62,7 +62,7 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     (which ``SO_REUSEPORT`` alone would let this one share) and picks the port when ``port`` is 0. Outside
     Linux, where ``SO_REUSEPORT`` does not spread connections, the workers share one socket."""
     probe = uvicorn.Config("service.app:create_app", host=host, port=port).bind_socket()
-    if sys.platform != "linux" or count == 1:
+    if sys.platform != "linux":
         return [probe] * count
     family, address = probe.family, probe.getsockname()
     probe.close()
