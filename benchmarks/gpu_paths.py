@@ -76,6 +76,14 @@ def build(args: argparse.Namespace, variant: str, chunk_rows: int | str) -> tupl
                          cuda_graphs=variant == "graphs", tuning_cache=args.tuning_cache)
 
 
+def graphs_vs_eager(values: dict[str, float], higher_is_faster: bool) -> str:
+    """``, graphs N.NNx eager`` (how much faster graphs ran) when both variants ran, else nothing."""
+    if not {"graphs", "eager"} <= values.keys():
+        return ""
+    speedup = values["graphs"] / values["eager"] if higher_is_faster else values["eager"] / values["graphs"]
+    return f", graphs {speedup:.2f}x eager"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_paths", description=__doc__,
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ms = {v: statistics.median(found) for v, found in runs.items()}
             line = {"rows": rows, "ms": ms, "runs_ms": runs, "rows_per_s": {v: rows / t * 1e3 for v, t in ms.items()}}
             table.append(line)
-            ratio = f", graphs {ms['eager'] / ms['graphs']:.2f}x eager" if {"graphs", "eager"} <= ms.keys() else ""
+            ratio = graphs_vs_eager(ms, higher_is_faster=False)
             print(f"  forward, {rows:5d} rows: " + ", ".join(f"{v} {t:.3f} ms" for v, t in ms.items()) + ratio,
                   flush=True)
         results["forward"] = table
@@ -143,8 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     runs[v].append(found.predictions_per_s)
             rate = {v: statistics.median(found) for v, found in runs.items()}
             table.append({"samples": m, "callers": args.callers, "predictions_per_s": rate, "runs": runs})
-            both = {"graphs", "eager"} <= rate.keys()
-            ratio = f", graphs {rate['graphs'] / rate['eager']:.2f}x eager" if both else ""
+            ratio = graphs_vs_eager(rate, higher_is_faster=True)
             print(f"  engine, m = {m}, {args.callers} callers: " +
                   ", ".join(f"{v} {r:.0f} pred/s" for v, r in rate.items()) + ratio, flush=True)
         results["engine"] = table
