@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from models import load_checkpoint, save_checkpoint
 from models.onnx import export_onnx
 from tests.conftest import make_model
 from training import evaluate, export, train
+from training.data import Dataset
 from training.export import check_parity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +186,23 @@ def test_a_run_stopped_mid_epoch_resumes_where_it_stopped_and_matches_an_uninter
     straight_model, _ = load_checkpoint(straight / "checkpoint")
     for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_the_per_epoch_check_leaves_weights_and_batchnorm_statistics_alone() -> None:
+    """The check runs on test images: a train-mode forward there would fold their statistics into every
+    BatchNorm running mean and variance (the leak of the checkpoints trained before 3dd85fc)."""
+    model, spec = make_model(sigma=0.1)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    test = Dataset(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=generator),
+                   torch.randint(0, 10, (12,), generator=generator), tuple("abcdefghij"), "made here", "", "png")
+    args = argparse.Namespace(eval_images=6, eval_attack_images=6)
+    record = train.evaluate_epoch(args, model, spec, test, torch.device("cpu"))
+    assert record["eval_images"] == 6 and record["eval_attack_images"] == 6
+    assert model.training, "training goes on in train mode"
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 def test_trades_run_records_beta_and_no_clean_weight(tiny_cifar_tar: Path, tmp_path: Path) -> None:
