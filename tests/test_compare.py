@@ -71,6 +71,8 @@ def test_the_difference_counts_the_images_that_changed(report: dict[str, Any]) -
     (lambda r: [row.update(attack={"clean": "eot", "pgd": "adaptive"}[row["attack"]]) for row in r["results"]],
      "no attack and m in common"),
     (lambda r: r["results"].extend(dict(row, sigma=0.5) for row in list(r["results"])), "several sigmas"),
+    (lambda r: r["results"].extend(dict(row, aggregation="vote") for row in list(r["results"])),
+     "several aggregation rules"),
 ])
 def test_it_refuses_what_cannot_be_paired(report: dict[str, Any], change: Any, message: str) -> None:
     other = copy.deepcopy(report)

@@ -236,6 +236,28 @@ def test_paired_difference_counts_only_the_images_that_changed() -> None:
     assert paired_difference(before, before)["ci95"] == [0.0, 0.0]
 
 
+def test_every_aggregation_rule_reads_the_same_copies() -> None:
+    from tests.conftest import make_lively_model
+    from training.robustness import answers_by_m, answers_by_rule
+
+    model, spec = make_lively_model()
+    smooth = Smooth(model, spec.smoothing, 10)
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    answers = answers_by_rule(smooth, x, [1, 16], ["vote", "logits", "softmax"])
+    torch.manual_seed(0)
+    logits = smooth.noisy_logits(x, [16] * 8).view(8, 16, -1)
+    assert torch.equal(answers["vote"].labels[16],
+                       torch.nn.functional.one_hot(logits.argmax(-1), 10).sum(1).float().argmax(1))
+    assert torch.equal(answers["softmax"].labels[16], logits.softmax(-1).mean(1).argmax(1))
+    assert torch.equal(answers["logits"].labels[16], logits.mean(1).argmax(1))
+    for rule in ("vote", "logits", "softmax"):  # one copy: every rule answers its argmax; the votes are shared
+        assert torch.equal(answers[rule].labels[1], logits[:, 0].argmax(-1))
+        assert torch.equal(answers[rule].votes[16], answers["vote"].votes[16])
+    torch.manual_seed(1)  # and the answers move with the noise, so rules that drew their own copies would differ
+    assert not torch.equal(answers_by_m(smooth, x, [1]).labels[1], answers["softmax"].labels[1])
+
+
 def test_answers_by_m_are_prefixes_of_one_draw_and_certify_uses_both_sets() -> None:
     from tests.conftest import make_model
     from training.robustness import answers_by_m, certify_by_m

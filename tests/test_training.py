@@ -146,6 +146,39 @@ def test_evaluate_writes_table_json_and_plot(tiny_checkpoint: Path, tiny_cifar_t
     assert f"| `tiny` | 0.25 | {images} | {clean16:.1f} | {worst[0]:.1f} / {worst[1]:.1f} / - / - |" in text
 
 
+def test_evaluate_answers_with_each_rule_from_the_same_copies(lively_checkpoint: Path, tiny_cifar_tar: Path,
+                                                              tmp_path: Path) -> None:
+    """--aggregations: every rule reads the same noisy copies of the same adversarial images. So at m = 1 (one
+    copy: its argmax is every rule's answer) the rules agree image by image, and the checkpoint's own rule
+    (softmax) answers exactly as an evaluation without the flag, same seed. (The model's answers move with
+    the noise, so rules that drew copies of their own would differ.)"""
+    common = [str(lively_checkpoint), "--data", str(tiny_cifar_tar), "--cache-dir", str(tmp_path / "c"),
+              "--images", "40", "--samples", "1,8", "--attacks", "clean,pgd,eot", "--steps", "1", "--eot", "2",
+              "--threads", "1"]
+    evaluate.main([*common, "--output", str(tmp_path / "one")])
+    evaluate.main([*common, "--aggregations", "logits,vote,softmax", "--output", str(tmp_path / "all")])
+    one, every = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "all"))
+    assert every["aggregations"] == ["logits", "vote", "softmax"] and one["aggregations"] == ["softmax"]
+    rows = {(r["aggregation"], r["attack"], r["samples"]): r for r in every["results"]}
+    assert len(rows) == len(every["results"]) == 3 * 4 * 2  # rules x (3 attacks + worst) x m
+    for attack in ("clean", "pgd", "eot", "worst"):
+        assert len({rows[rule, attack, 1]["per_image"] for rule in ("vote", "softmax", "logits")}) == 1, attack
+    for r in one["results"]:
+        same = rows["softmax", r["attack"], r["samples"]]
+        assert (same["per_image"], same.get("agreement")) == (r["per_image"], r.get("agreement")), r["attack"]
+    assert len(every["gain_over_m1"]) == 3 * 4 and every["certified"] == one["certified"]
+    text = (tmp_path / "all" / "eval.md").read_text()
+    assert "| sigma | rule | attack |" in text and "| 0.5 | vote | pgd |" in text
+    assert "(the checkpoint's: softmax)" in text
+    assert evaluate.to_markdown(every) == text
+    from training.compare import NotComparableError, compare
+
+    with pytest.raises(NotComparableError, match="several aggregation rules"):
+        compare(one, every)
+    with pytest.raises(SystemExit, match="vote, softmax, logits"):
+        evaluate.main([*common, "--aggregations", "median", "--output", str(tmp_path / "bad")])
+
+
 def test_service_uses_the_checkpoints_own_graph_only_when_it_matches_the_weights(tiny_checkpoint: Path,
                                                                                  tmp_path: Path) -> None:
     from models.onnx import exported_weights

@@ -59,7 +59,20 @@ def _bits(row: dict[str, Any], model: str) -> torch.Tensor:
     return torch.tensor([c == "1" for c in row["per_image"]], dtype=torch.bool)
 
 
+def rule_of(row: dict[str, Any], report: dict[str, Any]) -> str:
+    """A result's aggregation rule (results written before ``--aggregations`` used the checkpoint's)."""
+    return row.get("aggregation", report["smoothing"]["aggregation"])
+
+
+def own_rule(report: dict[str, Any], key: str = "results") -> list[dict[str, Any]]:
+    """The results (or ``gain_over_m1``) under the checkpoint's own aggregation rule: what it serves."""
+    return [r for r in report.get(key, []) if rule_of(r, report) == report["smoothing"]["aggregation"]]
+
+
 def _by_key(report: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    if len({row.get("aggregation") for row in report["results"]}) > 1:
+        raise NotComparableError(f"{report['model']}'s evaluation answered with several aggregation rules: compare "
+                                 "evaluations made with one (the checkpoint's own, without --aggregations)")
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for row in report["results"]:
         key = (row["attack"], int(row["samples"]))

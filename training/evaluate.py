@@ -1,8 +1,9 @@
 """What a smoothed checkpoint's knob buys, clean and under attack, against m (``siam evaluate``).
 
 For each sigma the adversarial examples are crafted once per attack, then the smoothed classifier
-answers them at each m (the aggregation rule stored in the checkpoint), twice, from two independent
-draws of noise. Attacks (all L-inf, eps 8/255 by default):
+answers them at each m (the aggregation rule stored in the checkpoint, or each of ``--aggregations``,
+all reading the same noisy copies), twice, from two independent draws of noise. Attacks (all L-inf,
+eps 8/255 by default):
 
 * ``pgd``: the paper's PGD-k, gradient from one noise draw per step;
 * ``eot``: PGD-k with the gradient averaged over ``--eot`` noise draws (EOT);
@@ -47,13 +48,14 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs
-from training.compare import WORST, per_image_bits
+from training.compare import WORST, per_image_bits, rule_of
 from training.data import add_data_arguments, load_split, to_float
 from training.measure import clopper_pearson, latency_ms, paired_difference
-from training.robustness import accuracy_entry, answers_by_m, certified_accuracy, certify_by_m
+from training.robustness import accuracy_entry, answers_by_rule, certified_accuracy, certify_by_m
 from training.train import resolve_device
 
 ATTACKS = ("clean", "pgd", "eot", "adaptive", "apgd-ce", "apgd-dlr")
+RULES = ("vote", "softmax", "logits")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=1000, help="test images (a fixed random subset; default %(default)s)")
     p.add_argument("--samples", default="1,4,16,64", help="comma-separated m values (default: %(default)s)")
     p.add_argument("--sigmas", default=None, help="comma-separated sigmas (default: the checkpoint's)")
+    p.add_argument("--aggregations", default=None,
+                   help="comma-separated aggregation rules to answer with, of vote,softmax,logits, each reading the "
+                        "same noisy copies of the same adversarial images (default: the checkpoint's)")
     p.add_argument("--attacks", default="clean,pgd,eot,adaptive",
                    help=f"subset of {','.join(ATTACKS)} (default: %(default)s)")
     p.add_argument("--eps", type=float, default=8 / 255)
@@ -127,6 +132,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
         raise SystemExit(f"unknown attacks {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
+    rules = list(dict.fromkeys(_parse_list(args.aggregations, str.strip))) if args.aggregations else [
+        spec.smoothing.aggregation]
+    if not rules or set(rules) - set(RULES):
+        raise SystemExit(f"--aggregations takes rules from {', '.join(RULES)}; got {args.aggregations!r}")
     if not samples or samples[0] < 1:
         raise SystemExit("--samples needs m values >= 1")
     test = load_split(args.data, "test", args.cache_dir).subset(args.images, seed=args.seed)
@@ -138,8 +147,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     bar = tqdm(total=len(sigmas) * len(attacks) * len(test), desc="evaluate", unit="img", dynamic_ncols=True)
     for sigma in sigmas:
         smooth = Smooth(model, spec.smoothing.model_copy(update={"sigma": sigma}), spec.architecture.num_classes)
-        correct: dict[str, dict[int, list[torch.Tensor]]] = {a: {m: [] for m in samples} for a in attacks}
-        agree: dict[str, dict[int, list[torch.Tensor]]] = {a: {m: [] for m in samples} for a in attacks}
+        correct: dict[tuple[str, str], dict[int, list[torch.Tensor]]] = {
+            (rule, a): {m: [] for m in samples} for rule in rules for a in attacks}
+        agree: dict[tuple[str, str], dict[int, list[torch.Tensor]]] = {
+            (rule, a): {m: [] for m in samples} for rule in rules for a in attacks}
         certificates: dict[int, list[Any]] = {m: [] for m in samples}
         for i in range(0, len(test), args.batch_size):
             x = to_float(test.images[i:i + args.batch_size].to(device))
@@ -147,28 +158,32 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             for attack in attacks:
                 bar.set_postfix(sigma=sigma, attack=attack)
                 adv = craft(attack, smooth, x, y.to(device), args)
-                first, second = answers_by_m(smooth, adv, samples), answers_by_m(smooth, adv, samples)
-                for m in samples:
-                    correct[attack][m].append(first.labels[m] == y)
-                    agree[attack][m].append(first.labels[m] == second.labels[m])
-                if attack == "clean":
-                    for m, certs in certify_by_m(first, second, sigma, args.alpha).items():
+                first, second = (answers_by_rule(smooth, adv, samples, rules),
+                                 answers_by_rule(smooth, adv, samples, rules))
+                for rule in rules:
+                    for m in samples:
+                        correct[rule, attack][m].append(first[rule].labels[m] == y)
+                        agree[rule, attack][m].append(first[rule].labels[m] == second[rule].labels[m])
+                if attack == "clean":  # from the vote counts, which every rule shares
+                    for m, certs in certify_by_m(first[rules[0]], second[rules[0]], sigma, args.alpha).items():
                         certificates[m].extend(certs)
                 bar.update(len(y))
-        by_m = {a: {m: torch.cat(v) for m, v in per_m.items()} for a, per_m in correct.items()}
-        attacked = [a for a in attacks if a != "clean"]
-        if len(attacked) > 1:  # the per-image worst case: right under every attack that was run
-            by_m[WORST] = {m: torch.stack([by_m[a][m] for a in attacked]).all(0) for m in samples}
-        for attack, per_m in by_m.items():
-            for m in samples:
-                repeat = torch.cat(agree[attack][m]) if attack in agree else None
-                rows.append({"sigma": sigma, "attack": attack, "samples": m, **accuracy_entry(per_m[m]),
-                             **({"agreement": float(repeat.float().mean()),
-                                 "agreement_ci95": list(clopper_pearson(int(repeat.sum()), int(repeat.numel())))}
-                                if repeat is not None else {}),
-                             "per_image": per_image_bits(per_m[m])})
-            gains += [{"sigma": sigma, "attack": attack, "samples": m, **paired_difference(per_m[m], per_m[samples[0]])}
-                      for m in samples[1:]]
+        for rule in rules:
+            by_m = {a: {m: torch.cat(v) for m, v in correct[rule, a].items()} for a in attacks}
+            attacked = [a for a in attacks if a != "clean"]
+            if len(attacked) > 1:  # the per-image worst case: right under every attack that was run
+                by_m[WORST] = {m: torch.stack([by_m[a][m] for a in attacked]).all(0) for m in samples}
+            for attack, per_m in by_m.items():
+                for m in samples:
+                    repeat = torch.cat(agree[rule, attack][m]) if (rule, attack) in agree else None
+                    rows.append({"sigma": sigma, "aggregation": rule, "attack": attack, "samples": m,
+                                 **accuracy_entry(per_m[m]),
+                                 **({"agreement": float(repeat.float().mean()),
+                                     "agreement_ci95": list(clopper_pearson(int(repeat.sum()), int(repeat.numel())))}
+                                    if repeat is not None else {}),
+                                 "per_image": per_image_bits(per_m[m])})
+                gains += [{"sigma": sigma, "aggregation": rule, "attack": attack, "samples": m,
+                           **paired_difference(per_m[m], per_m[samples[0]])} for m in samples[1:]]
         if certificates[samples[0]]:
             labels = test.labels.tolist()
             certified += [{"sigma": sigma, "samples": m, **entry}
@@ -180,7 +195,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "siam evaluate " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:]),
         "checkpoint": str(args.checkpoint), "model": manifest.name, "weights_sha256": manifest.weights.sha256,
-        "smoothing": spec.smoothing.model_dump(), "noise_layers": spec.noise_layers.model_dump(),
+        "smoothing": spec.smoothing.model_dump(), "aggregations": rules, "noise_layers": spec.noise_layers.model_dump(),
         "data": {"source": test.source, "sha256": test.checksum, "encoding": test.encoding,
                  "images": len(test), "subset_seed": args.seed},
         "attack": {"norm": "Linf", "eps": args.eps, "step": args.step, "steps": args.steps,
@@ -209,16 +224,26 @@ def latency_by_m(report: dict[str, Any]) -> dict[int, float]:
 def to_markdown(report: dict[str, Any]) -> str:
     results = report["results"]
     samples = sorted({r["samples"] for r in results})
-    head = "| sigma | attack | " + " | ".join(f"m={m}" for m in samples) + " |"
-    rule = "|---|---|" + "---|" * len(samples)
+    rules = list(dict.fromkeys(rule_of(r, report) for r in results))
+    several = len(rules) > 1  # then a column says which rule answered
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["sigma"], rules.index(rule_of(r, report)), _order(r["attack"]), r["attack"]
+
+    def label(k: tuple[Any, ...]) -> str:
+        return f"| {k[0]:g} | " + (f"{rules[k[1]]} | " if several else "") + f"{k[3]} | "
+
+    def head(columns: list[int]) -> list[str]:
+        return ["| sigma | " + ("rule | " if several else "") + "attack | " + " | ".join(f"m={m}" for m in columns)
+                + " |", "|---|---|" + ("---|" if several else "") + "---|" * len(columns)]
+
     a = report["attack"]
 
     def table(keep: Any, cell: Any) -> list[str]:
-        keys = sorted({(r["sigma"], r["attack"]) for r in results if keep(r)}, key=lambda k: (k[0], _order(k[1])))
-        lines = [head, rule]
-        for sigma, attack in keys:
-            by_m = {r["samples"]: r for r in results if (r["sigma"], r["attack"]) == (sigma, attack)}
-            lines.append(f"| {sigma:g} | {attack} | " + " | ".join(cell(by_m[m]) for m in samples) + " |")
+        lines = head(samples)
+        for k in sorted({key(r) for r in results if keep(r)}):
+            by_m = {r["samples"]: r for r in results if key(r) == k}
+            lines.append(label(k) + " | ".join(cell(by_m[m]) for m in samples) + " |")
         return lines
 
     ran = {r["attack"] for r in results}
@@ -238,7 +263,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"({report['data']['encoding']} encoding), 95% intervals",
         "",
         f"Attacks: {'; '.join(described)}. worst = right under every attack run. "
-        f"Aggregation: {report['smoothing']['aggregation']}.",
+        + (f"Aggregation rules: {', '.join(rules)}, each reading the same noisy copies (the checkpoint's: "
+           f"{report['smoothing']['aggregation']})." if several else f"Aggregation: {rules[0]}."),
         "",
         "**Accuracy (%)**",
         "",
@@ -247,11 +273,10 @@ def to_markdown(report: dict[str, Any]) -> str:
     gains = report.get("gain_over_m1", [])
     if gains:
         lines += ["", f"**Gain over m={samples[0]} (points, same adversarial images, paired 95% interval)**", "",
-                  "| sigma | attack | " + " | ".join(f"m={m}" for m in samples[1:]) + " |",
-                  "|---|---|" + "---|" * (len(samples) - 1)]
-        for sigma, attack in sorted({(g["sigma"], g["attack"]) for g in gains}, key=lambda k: (k[0], _order(k[1]))):
-            by_m = {g["samples"]: g for g in gains if (g["sigma"], g["attack"]) == (sigma, attack)}
-            lines.append(f"| {sigma:g} | {attack} | " + " | ".join(
+                  *head(samples[1:])]
+        for k in sorted({key(g) for g in gains}):
+            by_m = {g["samples"]: g for g in gains if key(g) == k}
+            lines.append(label(k) + " | ".join(
                 f"{100 * by_m[m]['difference']:+.1f} [{100 * by_m[m]['ci95'][0]:+.1f}, {100 * by_m[m]['ci95'][1]:+.1f}]"
                 for m in samples[1:]) + " |")
     if any("agreement" in r for r in results):
@@ -285,13 +310,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     results = report["results"]
     samples = sorted({r["samples"] for r in results})
+    rules = list(dict.fromkeys(rule_of(r, report) for r in results))
+    styles = dict(zip(rules, ("-", ":", "-."), strict=False))  # dashed is the latency
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, key, title in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "agreement", "two answers agree (%)")):
-        for sigma, attack in sorted({(r["sigma"], r["attack"]) for r in results if key in r},
-                                    key=lambda k: (k[0], _order(k[1]))):
+        for sigma, rule, attack in sorted({(r["sigma"], rule_of(r, report), r["attack"]) for r in results if key in r},
+                                          key=lambda k: (k[0], rules.index(k[1]), _order(k[2]))):
             pts = sorted((r["samples"], r[key]) for r in results
-                         if r["sigma"] == sigma and r["attack"] == attack and key in r)
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"{attack}, σ={sigma:g}",
+                         if (r["sigma"], rule_of(r, report), r["attack"]) == (sigma, rule, attack) and key in r)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", linestyle=styles[rule],
+                    label=f"{attack}, σ={sigma:g}" + (f", {rule}" if len(rules) > 1 else ""),
                     linewidth=2.5 if attack == WORST else 1.2)
         ax.set_ylabel(title)
     lat = axes[0].twinx()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import read_manifest
-from training.compare import WORST
+from training.compare import WORST, own_rule
 
 
 def load(path: Path) -> dict[str, Any] | None:
@@ -35,6 +35,7 @@ def evaluation(checkpoint: Path, kind: str) -> dict[str, Any] | None:
         if made_from != shipped:
             raise SystemExit(f"{checkpoint}/eval/{kind}/eval.json was made from weights {made_from[:16]}, not from "
                              f"the checkpoint's {shipped[:16]}: run that evaluation again")
+        found |= {key: own_rule(found, key) for key in ("results", "gain_over_m1")}  # the rule it serves
     return found
 
 

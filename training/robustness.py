@@ -42,14 +42,24 @@ def answers_by_m(smooth: Smooth, x: torch.Tensor, samples: Sequence[int],
     noisy copies per image; the answer at m aggregates the first m of them, so every m costs nothing
     extra (each is still an answer from m independent copies). Results are on the CPU."""
     rule = aggregation or smooth.smoothing.aggregation
+    return answers_by_rule(smooth, x, samples, [rule])[rule]
+
+
+def answers_by_rule(smooth: Smooth, x: torch.Tensor, samples: Sequence[int],
+                    rules: Sequence[Aggregation]) -> dict[Aggregation, Answers]:
+    """:func:`answers_by_m` under each aggregation rule in ``rules``, all from the same noisy copies, so the
+    rules differ only in how they read them (and the vote counts are the same for all)."""
     top = max(samples)
     logits = smooth.noisy_logits(x, [top] * x.shape[0]).view(x.shape[0], top, -1)
-    labels, votes = {}, {}
-    for m in samples:
-        rows = torch.arange(x.shape[0], device=logits.device).repeat_interleave(m)
-        scores, counts = aggregate(logits[:, :m].reshape(-1, logits.shape[-1]), rows, x.shape[0], rule)
-        labels[m], votes[m] = scores.argmax(1).cpu(), counts.round().long().cpu()
-    return Answers(labels, votes)
+    answers = {}
+    for rule in rules:
+        labels, votes = {}, {}
+        for m in samples:
+            rows = torch.arange(x.shape[0], device=logits.device).repeat_interleave(m)
+            scores, counts = aggregate(logits[:, :m].reshape(-1, logits.shape[-1]), rows, x.shape[0], rule)
+            labels[m], votes[m] = scores.argmax(1).cpu(), counts.round().long().cpu()
+        answers[rule] = Answers(labels, votes)
+    return answers
 
 
 def correct_by_m(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, samples: Sequence[int],
