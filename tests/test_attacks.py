@@ -18,6 +18,7 @@ from training.attacks import (
     fgsm,
     pgd,
     smoothed_log_probs,
+    smoothed_mean_logits,
     trades_kl,
     trades_pgd,
     undecided,
@@ -100,6 +101,23 @@ def test_adaptive_attack_on_the_smoothed_output(problem: tuple[Classifier, torch
     adv = pgd(f, x, y)
     attacked = [p.label for p in smooth.predict_batch(adv, 16)]
     assert sum(int(a == b) for a, b in zip(clean, y.tolist(), strict=True)) > 0.95 * len(y)
+    assert sum(int(a == b) for a, b in zip(attacked, y.tolist(), strict=True)) < 0.05 * len(y)
+
+
+def test_adaptive_attack_on_the_mean_logits(problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
+    """The logits rule's smoothed output: the mean of the same copies' logits, and PGD on it breaks a model
+    that is not robust, as the logits rule answers it."""
+    model, x, y = problem
+    smooth = Smooth(model, SmoothingSpec(sigma=0.1, aggregation="logits"), 10)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        mean = smoothed_mean_logits(smooth, 8)(x[:5])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        copies = smooth.forward_noisy(x[:5].repeat_interleave(8, dim=0)).view(5, 8, -1)
+    assert torch.allclose(mean, copies.mean(1), atol=1e-6)
+    adv = pgd(smoothed_mean_logits(smooth, 8), x, y)
+    attacked = [p.label for p in smooth.predict_batch(adv, 16)]
     assert sum(int(a == b) for a, b in zip(attacked, y.tolist(), strict=True)) < 0.05 * len(y)
 
 

@@ -153,20 +153,21 @@ def test_evaluate_answers_with_each_rule_from_the_same_copies(lively_checkpoint:
     (softmax) answers exactly as an evaluation without the flag, same seed. (The model's answers move with
     the noise, so rules that drew copies of their own would differ.)"""
     common = [str(lively_checkpoint), "--data", str(tiny_cifar_tar), "--cache-dir", str(tmp_path / "c"),
-              "--images", "40", "--samples", "1,8", "--attacks", "clean,pgd,eot", "--steps", "1", "--eot", "2",
-              "--threads", "1"]
+              "--images", "40", "--samples", "1,8", "--attacks", "clean,pgd,eot,adaptive-logits", "--steps", "1",
+              "--eot", "2", "--adaptive-samples", "2", "--threads", "1"]
     evaluate.main([*common, "--output", str(tmp_path / "one")])
     evaluate.main([*common, "--aggregations", "logits,vote,softmax", "--output", str(tmp_path / "all")])
     one, every = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "all"))
     assert every["aggregations"] == ["logits", "vote", "softmax"] and one["aggregations"] == ["softmax"]
     rows = {(r["aggregation"], r["attack"], r["samples"]): r for r in every["results"]}
-    assert len(rows) == len(every["results"]) == 3 * 4 * 2  # rules x (3 attacks + worst) x m
-    for attack in ("clean", "pgd", "eot", "worst"):
+    assert len(rows) == len(every["results"]) == 3 * 5 * 2  # rules x (4 attacks + worst) x m
+    for attack in ("clean", "pgd", "eot", "adaptive-logits", "worst"):
         assert len({rows[rule, attack, 1]["per_image"] for rule in ("vote", "softmax", "logits")}) == 1, attack
     for r in one["results"]:
         same = rows["softmax", r["attack"], r["samples"]]
         assert (same["per_image"], same.get("agreement")) == (r["per_image"], r.get("agreement")), r["attack"]
-    assert len(every["gain_over_m1"]) == 3 * 4 and every["certified"] == one["certified"]
+    assert len(every["gain_over_m1"]) == 3 * 5 and every["certified"] == one["certified"]
+    assert "adaptive-logits = PGD on the mean logits of 2 copies" in (tmp_path / "all" / "eval.md").read_text()
     text = (tmp_path / "all" / "eval.md").read_text()
     assert "| sigma | rule | attack |" in text and "| 0.5 | vote | pgd |" in text
     assert "(the checkpoint's: softmax)" in text

@@ -160,6 +160,17 @@ def smoothed_log_probs(smooth: Smooth, samples: int) -> LogitFn:
     return f
 
 
+def smoothed_mean_logits(smooth: Smooth, samples: int) -> LogitFn:
+    """The mean of the logits over ``samples`` noisy copies (differentiable): the smoothed output of the
+    ``logits`` aggregation rule, whose softmax it answers, so cross-entropy on it attacks that rule itself."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        logits = smooth.forward_noisy(x.repeat_interleave(samples, dim=0)).float()
+        return logits.view(x.shape[0], samples, -1).mean(1)
+
+    return f
+
+
 def smoothed_probabilities(smooth: Smooth, samples: int, aggregation: Aggregation | None = None) -> LogitFn:
     """The served answer as a black box: per-image scores (probabilities or vote shares) from ``samples``
     fresh noisy copies, with the checkpoint's aggregation rule; no gradient flows."""

@@ -30,7 +30,7 @@ _PGD = ("norm", "eps", "step", "steps", "restarts")
 _APGD = ("norm", "eps", "apgd_steps", "apgd_eot")
 ATTACK_SETTINGS: dict[str, tuple[str, ...]] = {
     "clean": (), "pgd": _PGD, "eot": (*_PGD, "eot_draws"), "adaptive": (*_PGD, "adaptive_samples"),
-    "apgd-ce": _APGD, "apgd-dlr": _APGD}
+    "adaptive-logits": (*_PGD, "adaptive_samples"), "apgd-ce": _APGD, "apgd-dlr": _APGD}
 
 
 class NotComparableError(ValueError):

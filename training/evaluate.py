@@ -9,6 +9,9 @@ eps 8/255 by default):
 * ``eot``: PGD-k with the gradient averaged over ``--eot`` noise draws (EOT);
 * ``adaptive``: PGD-k on the smoothed soft output itself, log of the mean softmax over
   ``--adaptive-samples`` copies (Salman et al., 2019);
+* ``adaptive-logits``: the same on the mean of the logits over those copies, the smoothed output of the
+  ``logits`` aggregation rule (not in the default list: ``adaptive`` attacks the checkpoint's rule unless
+  that is ``logits``);
 * ``apgd-ce``, ``apgd-dlr``: AutoAttack's protocol for randomized defenses, APGD with the cross-entropy
   and the DLR loss, ``--apgd-steps`` steps, gradients averaged over ``--apgd-eot`` draws (torchattacks'
   implementation; slow on a CPU, so not in the default list).
@@ -47,14 +50,14 @@ from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
 from models.smooth import Smooth
-from training.attacks import apgd, pgd, smoothed_log_probs
+from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_mean_logits
 from training.compare import WORST, per_image_bits, rule_of
 from training.data import add_data_arguments, load_split, to_float
 from training.measure import clopper_pearson, latency_ms, paired_difference
 from training.robustness import accuracy_entry, answers_by_rule, certified_accuracy, certify_by_m
 from training.train import resolve_device
 
-ATTACKS = ("clean", "pgd", "eot", "adaptive", "apgd-ce", "apgd-dlr")
+ATTACKS = ("clean", "pgd", "eot", "adaptive", "adaptive-logits", "apgd-ce", "apgd-dlr")
 RULES = ("vote", "softmax", "logits")
 
 
@@ -107,6 +110,8 @@ def craft(attack: str, smooth: Smooth, x: torch.Tensor, y: torch.Tensor, args: a
         return pgd(smooth.forward_noisy, x, y, eot=args.eot, **kw)
     if attack == "adaptive":
         return pgd(smoothed_log_probs(smooth, args.adaptive_samples), x, y, **kw)
+    if attack == "adaptive-logits":
+        return pgd(smoothed_mean_logits(smooth, args.adaptive_samples), x, y, **kw)
     if attack in ("apgd-ce", "apgd-dlr"):
         return apgd(smooth.forward_noisy, smooth.model, x, y, loss=attack.removeprefix("apgd-"), eps=args.eps,
                     steps=args.apgd_steps, eot=args.apgd_eot)
@@ -247,7 +252,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         return lines
 
     ran = {r["attack"] for r in results}
-    pgd_kinds = "/".join(k for k in ("pgd", "eot", "adaptive") if k in ran)
+    pgd_kinds = "/".join(k for k in ("pgd", "eot", "adaptive", "adaptive-logits") if k in ran)
     described = [f"L-inf eps={a['eps'] * 255:.1f}/255"]
     if pgd_kinds:
         described.append(f"{pgd_kinds}: {a['steps']} steps of {a['step'] * 255:.1f}/255, random start, "
@@ -256,6 +261,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         described.append(f"eot = {a['eot_draws']} noise draws per gradient")
     if "adaptive" in ran:
         described.append(f"adaptive = PGD on the log mean softmax of {a['adaptive_samples']} copies")
+    if "adaptive-logits" in ran:
+        described.append(f"adaptive-logits = PGD on the mean logits of {a['adaptive_samples']} copies")
     if ran & {"apgd-ce", "apgd-dlr"}:  # only where APGD ran: its settings are recorded either way
         described.append(f"apgd = torchattacks' APGD, {a.get('apgd_steps', '-')} steps, EOT {a.get('apgd_eot', '-')}")
     lines = [
