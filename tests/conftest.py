@@ -46,35 +46,35 @@ def make_lively_model(sigma: float = 0.5, seed: int = 0) -> tuple[Classifier, Mo
     with the noise draw (a plain random ResNet-20 answers one class whatever its input): for tests of which
     copies an answer reads."""
     model, spec = make_model(sigma=sigma, seed=seed)
-    for layer in model.modules():
-        if isinstance(layer, torch.nn.BatchNorm2d):
-            layer.momentum = None  # a plain average over the batch
+    norms = [layer for layer in model.modules() if isinstance(layer, torch.nn.BatchNorm2d)]
+    for layer in norms:
+        layer.momentum = None  # a plain average over the batch
     model.train()
     with torch.no_grad():
         images = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
         model(images + sigma * torch.randn(images.shape, generator=torch.Generator().manual_seed(seed + 1)))
-    for layer in model.modules():
-        if isinstance(layer, torch.nn.BatchNorm2d):
-            layer.momentum = 0.1
+    for layer in norms:
+        layer.momentum = 0.1
     return model.eval(), spec
+
+
+def saved_tiny(folder: Path, made: tuple[Classifier, ModelSpec]) -> Path:
+    """``made`` written as a checkpoint named ``tiny`` into ``folder``."""
+    model, spec = made
+    save_checkpoint(folder, model, spec, name="tiny", training={"note": "random weights for tests"})
+    return folder
 
 
 @pytest.fixture
 def lively_checkpoint(tmp_path: Path) -> Path:
     """A checkpoint of :func:`make_lively_model` (sigma 0.5 pixel, m=8, softmax), named ``tiny``."""
-    model, spec = make_lively_model()
-    folder = tmp_path / "lively"
-    save_checkpoint(folder, model, spec, name="tiny", training={"note": "random weights for tests"})
-    return folder
+    return saved_tiny(tmp_path / "lively", make_lively_model())
 
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path) -> Path:
     """A valid checkpoint folder with a random ResNet-20 (sigma 0.25 pixel, m=8, softmax)."""
-    model, spec = make_model()
-    folder = tmp_path / "tiny"
-    save_checkpoint(folder, model, spec, name="tiny", training={"note": "random weights for tests"})
-    return folder
+    return saved_tiny(tmp_path / "tiny", make_model())
 
 
 @pytest.fixture(scope="module")
