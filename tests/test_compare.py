@@ -81,6 +81,27 @@ def test_it_refuses_what_cannot_be_paired(report: dict[str, Any], change: Any, m
         compare(report, other)
 
 
+def test_two_rules_of_one_evaluation_pair_like_two_models(report: dict[str, Any], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    vote = flipped(report, "pgd", 4, [0, 1, 2])
+    both = copy.deepcopy(report)
+    both["results"] += [dict(row, aggregation="vote") for row in vote["results"]]
+    path = tmp_path / "both.json"
+    path.write_text(json.dumps(both))
+    main([str(path), str(path), "--rules", "softmax,vote"])
+    out = capsys.readouterr().out
+    assert "### tiny (vote) against tiny (softmax)" in out
+    changed = compare(report, vote)
+    row = next(r for r in changed if (r["attack"], r["samples"]) == ("pgd", 4))
+    low, high = row["ci95"]
+    assert (f"| pgd | 4 | {100 * row['first']:.1f} | {100 * row['second']:.1f} | {100 * row['difference']:+.1f} "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}] | {row['gained']} / {row['lost']} |") in out
+    with pytest.raises(SystemExit, match="no results under the logits rule"):
+        main([str(path), str(path), "--rules", "softmax,logits"])
+    with pytest.raises(SystemExit, match="several aggregation rules: pick one for each side with --rules"):
+        main([str(path), str(path)])
+
+
 def test_the_command_prints_and_writes_the_table(report: dict[str, Any], tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     first, second = tmp_path / "a" / "eval.json", tmp_path / "b.json"

@@ -5,7 +5,8 @@ and the same attack settings can be paired image by image: only the images on wh
 disagree carry information, so the paired interval is far narrower than two independent ones: two
 models' 95% intervals can overlap while their paired difference excludes zero. Prints, for every attack and m that
 both evaluations ran, the second model's accuracy minus the first's with its 95% interval and the
-images gained and lost.
+images gained and lost. With ``--rules``, two aggregation rules (``siam evaluate --aggregations``, one
+evaluation or two) pair the same way.
 """
 
 from __future__ import annotations
@@ -69,10 +70,21 @@ def own_rule(report: dict[str, Any], key: str = "results") -> list[dict[str, Any
     return [r for r in report.get(key, []) if rule_of(r, report) == report["smoothing"]["aggregation"]]
 
 
+def under_rule(report: dict[str, Any], rule: str) -> dict[str, Any]:
+    """The evaluation's results under one aggregation rule, named ``<model> (<rule>)``: so two rules of one
+    ``siam evaluate --aggregations`` run pair image by image like two models."""
+    kept = {key: [r for r in report.get(key, []) if rule_of(r, report) == rule] for key in ("results", "gain_over_m1")}
+    if not kept["results"]:
+        ran = sorted({rule_of(r, report) for r in report["results"]})
+        raise NotComparableError(f"{report['model']}'s evaluation has no results under the {rule} rule "
+                                 f"(it answered with {', '.join(ran)})")
+    return {**report, **kept, "model": f"{report['model']} ({rule})"}
+
+
 def _by_key(report: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
     if len({row.get("aggregation") for row in report["results"]}) > 1:
-        raise NotComparableError(f"{report['model']}'s evaluation answered with several aggregation rules: compare "
-                                 "evaluations made with one (the checkpoint's own, without --aggregations)")
+        raise NotComparableError(f"{report['model']}'s evaluation answered with several aggregation rules: pick "
+                                 "one for each side with --rules")
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for row in report["results"]:
         key = (row["attack"], int(row["samples"]))
@@ -143,10 +155,18 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("first", type=Path, help="the baseline's eval.json (or the folder holding it)")
     p.add_argument("second", type=Path, help="the other model's eval.json (or folder), on the same images")
+    p.add_argument("--rules", default=None, metavar="FIRST,SECOND",
+                   help="the aggregation rule of each side, for evaluations made with `siam evaluate --aggregations` "
+                        "(both sides may be the same evaluation: `--rules softmax,vote`)")
     p.add_argument("--output", type=Path, default=None, help="also write the table here (Markdown)")
     args = p.parse_args(argv)
     first, second = load_evaluation(args.first), load_evaluation(args.second)
     try:
+        if args.rules is not None:
+            rules = [r.strip() for r in args.rules.split(",")]
+            if len(rules) != 2:
+                p.error(f"--rules takes two rules, the first side's and the second's: got {args.rules!r}")
+            first, second = under_rule(first, rules[0]), under_rule(second, rules[1])
         rows = compare(first, second)
     except NotComparableError as e:
         raise SystemExit(f"siam compare: {e}") from None
