@@ -318,7 +318,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     results = report["results"]
     samples = sorted({r["samples"] for r in results})
     rules = list(dict.fromkeys(rule_of(r, report) for r in results))
-    if len(rules) > 1:  # a colour per rule, and only clean, adaptive and the worst case (else every attack)
+    several = len(rules) > 1
+    if several:  # a colour per rule, and only clean, adaptive and the worst case (else every attack)
         ran = {r["attack"] for r in results}
         results = [r for r in results if r["attack"] in ({"clean", "adaptive", WORST} if WORST in ran else ran)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -327,7 +328,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
                                           key=lambda k: (k[0], rules.index(k[1]), _order(k[2]))):
             pts = sorted((r["samples"], r[key]) for r in results
                          if (r["sigma"], rule_of(r, report), r["attack"]) == (sigma, rule, attack) and key in r)
-            several = len(rules) > 1
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o",
                     label=f"{attack}, σ={sigma:g}" + (f", {rule}" if several else ""),
                     color=f"C{rules.index(rule)}" if several else None,
