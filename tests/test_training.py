@@ -167,9 +167,9 @@ def test_evaluate_answers_with_each_rule_from_the_same_copies(lively_checkpoint:
         same = rows["softmax", r["attack"], r["samples"]]
         assert (same["per_image"], same.get("agreement")) == (r["per_image"], r.get("agreement")), r["attack"]
     assert len(every["gain_over_m1"]) == 3 * 5 and every["certified"] == one["certified"]
-    assert "adaptive-logits = PGD on the mean logits of 2 copies" in (tmp_path / "all" / "eval.md").read_text()
     text = (tmp_path / "all" / "eval.md").read_text()
     assert "| sigma | rule | attack |" in text and "| 0.5 | vote | pgd |" in text
+    assert "adaptive-logits = PGD on the mean logits of 2 copies" in text
     assert "(the checkpoint's: softmax)" in text
     assert evaluate.to_markdown(every) == text
     from training.compare import NotComparableError, compare
