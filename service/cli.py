@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pydantic import ValidationError
+
 from service.app import create_app
 from service.observe import setup_logging
 from service.server import GracefulServer, uvicorn_config
@@ -34,13 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def describe_invalid(error: ValidationError, given: set[str]) -> str:
+    """One line per bad setting, named as the user set it (flag or environment variable), with what was given.
+
+    pydantic's own text names the field only, with a link, which leaves the user to guess where it came from.
+    """
+    lines = []
+    for err in error.errors():
+        name = str(err["loc"][0]) if err["loc"] else "settings"
+        flag = "the checkpoint argument" if name == "checkpoint" else f"--{name.replace('_', '-')}"
+        where = flag if name in given else f"SIAM_{name.upper()}"
+        lines.append(f"  {where}: {err['msg']} (given: {err.get('input')!r})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = vars(build_parser().parse_args(argv))
     overrides = {k: v for k, v in args.items() if v is not None}
     try:
         settings = Settings(**overrides)
-    except Exception as e:  # pydantic's message names the bad setting
-        sys.exit(f"siam serve: invalid settings: {e}")
+    except ValidationError as e:
+        sys.exit("siam serve: invalid settings:\n" + describe_invalid(e, set(overrides)))
     setup_logging(settings.log_level)
     if (settings.ssl_certfile is None) != (settings.ssl_keyfile is None):
         sys.exit("siam serve: HTTPS needs both --ssl-certfile and --ssl-keyfile")

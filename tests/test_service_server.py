@@ -138,3 +138,17 @@ def test_kserve_v2_with_the_official_triton_client(checkpoint: Path) -> None:
         assert result.as_numpy("vote_share").shape == (3,)
         with pytest.raises(tritonclient.InferenceServerException, match="samples"):
             client.infer("tiny", [inp], parameters={"samples": 0})
+
+
+def test_a_bad_setting_is_named_as_the_user_gave_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`siam serve` refuses bad settings before loading anything, naming the flag or variable and the value."""
+    from service import cli
+
+    monkeypatch.setenv("SIAM_MAX_BATCH_ROWS", "abc")
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["--port", "99999"])
+    message = str(refused.value.code)
+    assert message.startswith("siam serve: invalid settings:"), message
+    assert "--port: Input should be less than or equal to 65535 (given: '99999')" in message
+    assert "SIAM_MAX_BATCH_ROWS: Input should be a valid integer" in message and "(given: 'abc')" in message
+    assert "--max-batch-rows" not in message and "SIAM_PORT" not in message
