@@ -368,6 +368,21 @@ def test_trades_pgd_moves_the_output_distribution_and_stays_in_the_ball(
     assert accuracy(model, x, y) > 0.95 and accuracy(model, adv, y) < 0.8
 
 
+def test_trades_pgd_starts_from_the_reference_codes_tiny_gaussian_inside_the_image_box() -> None:
+    """TRADES's reference code starts its attack at x + 0.001 * N(0, I), clipped to [0, 1]: a start that
+    only breaks the tie of KL(x || x) = 0, not a random point of the eps ball. With no steps the start is
+    what comes back."""
+    model = Classifier(Normalize((0, 0, 0), (1, 1, 1)), nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))).eval()
+    x = torch.rand(64, 3, 8, 8) * 0.98 + 0.01  # away from the box's edges
+    start = trades_pgd(model, x, steps=0)
+    moved = start - x
+    assert abs(moved.std().item() - 0.001) < 1e-4 and abs(moved.mean().item()) < 1e-4
+    edges = torch.cat([torch.zeros(8, 3, 8, 8), torch.ones(8, 3, 8, 8)])
+    at_edges = trades_pgd(model, edges, steps=0)
+    assert at_edges.min() >= 0 and at_edges.max() <= 1
+    assert (at_edges != edges).float().mean() > 0.4  # half of each side moves inward, none outward
+
+
 def test_trades_kl_is_zero_for_equal_outputs_and_positive_otherwise() -> None:
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
     assert torch.allclose(trades_kl(logits, logits), torch.zeros(2), atol=1e-6)
