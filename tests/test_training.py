@@ -60,6 +60,21 @@ def test_resume_continues_from_the_last_epoch(tiny_cifar_tar: Path, tmp_path: Pa
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[1]["steps"] == 8  # 4 steps per epoch, continued rather than restarted
     assert manifest.training["complete"]
+    # the same command again: nothing to train, said so, and the checkpoint left as it was
+    train.main([*common, "--epochs", "2"])
+    assert "has already trained 2 epochs (--epochs 2): nothing to do" in capsys.readouterr().out
+    _, again = load_checkpoint(out / "checkpoint")
+    assert again.weights.sha256 == manifest.weights.sha256 and again.training["history"] == history
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--batch-size", "--max-steps"])
+def test_counts_below_one_are_refused_before_any_data_loads(flag: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--data", str(tmp_path / "no-data"), "--output", str(tmp_path / "x"), flag, "0"])
+    assert refused.value.code == 2
+    assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_distributed_data_parallel_on_two_cpu_processes(tiny_cifar_tar: Path, tmp_path: Path) -> None:

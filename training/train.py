@@ -54,6 +54,14 @@ RESUME_INVARIANTS = ("data", "train_images", "val_images", "val_seed", "arch", "
                      "batch_size", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "seed", "init")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1: refused at parse time, before any data loads."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="siam train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta", type=float, default=None,
                    help="trades: weight of the KL term (default: 6.0, the TRADES paper's CIFAR-10 value)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=200)
-    g.add_argument("--batch-size", type=int, default=128, help="global batch size (split across processes)")
+    g.add_argument("--epochs", type=positive_int, default=200)
+    g.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (split across processes)")
     g.add_argument("--lr", type=float, default=0.1)
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
@@ -120,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a state")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke tests)")
     g.add_argument("--quick", action="store_true",
                    help="a tiny run for trying things out: 2000 images, 1 epoch, FGSM, small evaluation")
     return p
@@ -413,6 +421,9 @@ def train(args: argparse.Namespace) -> Path:
         **({"init": parent_record(args.init, parent)} if parent is not None else {}),
     }
     step = start_epoch * steps_per_epoch + skip
+    if start_epoch >= args.epochs and ddp.main:  # a finished run resumed with the same or fewer --epochs
+        print(f"{out} has already trained {start_epoch} epochs (--epochs {args.epochs}): nothing to do; "
+              f"raise --epochs to train on")
     for epoch in range(start_epoch, args.epochs):
         model.train()
         perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
