@@ -48,6 +48,7 @@ from benchmarks.servers import (
 )
 from service.backends import resolve_device
 from service.settings import DEFAULT_CHECKPOINT, DEFAULT_ONNX_CACHE
+from training.cli_types import positive_float, positive_int
 from training.data import DEFAULT_DATA, load_split
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,7 +57,11 @@ DEFAULT_SYSTEMS = ("siam", "fastapi", "fastapi-onnx", "litserve", CEILING)
 
 
 def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    """Comma-separated counts (m, clients, chunk sizes), each at least 1."""
+    values = [positive_int(x) for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one value")
+    return values
 
 
 def str_list(text: str) -> list[str]:
@@ -68,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint folder [%(default)s]")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (about a minute)")
-    p.add_argument("--duration", type=float, default=None, help="measured seconds per cell [4; quick 1]")
+    p.add_argument("--duration", type=positive_float, default=None, help="measured seconds per cell [4; quick 1]")
     p.add_argument("--warmup", type=float, default=None,
                    help="seconds of load before measuring; at least 1.5 rounds of every client's copies [1; quick 0.3]")
     p.add_argument("--concurrency", type=int_list, default=None, help="HTTP clients [1,8,64; quick 1,8]")
@@ -89,23 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "(plain, the service's ONNX graph), litserve, instant (answers at once, no model: the load "
                    "generator's own ceiling, measured at the first --samples only) "
                    "[siam,fastapi,fastapi-onnx,litserve,instant]")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of every system [all cores]")
-    p.add_argument("--workers", type=int, default=2, help="HTTP worker processes of the siam-workers system [2]")
-    p.add_argument("--model-processes", type=lambda text: [int(k) for k in text.split(",")], default=[1],
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
+                   help="CPU threads of every system [all cores]")
+    p.add_argument("--workers", type=positive_int, default=2,
+                   help="HTTP worker processes of the siam-workers system [2]")
+    p.add_argument("--model-processes", type=int_list, default=[1],
                    help="model processes of the siam-workers system, each fed by every K-th worker; several "
                    "(1,2,3) make one system each, siam-workers-Kmp, measured side by side [1]")
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"],
                    help="SIAM_CUDA_GRAPHS of the siam systems and the engine: replay the forward from CUDA graphs "
                    "(auto: on for the torch backend on a GPU) [auto]")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
-    p.add_argument("--engine-callers", type=int, default=None, help="engine callers [most --concurrency]")
+    p.add_argument("--engine-callers", type=positive_int, default=None, help="engine callers [most --concurrency]")
     p.add_argument("--chunks", type=int_list, default=None,
                    help="chunk sizes for the limit [16..1024, and 2048 on a GPU; quick 32,128]")
-    p.add_argument("--limit-budget", type=float, default=None, help="seconds per chunk size [0.5; quick 0.15]")
+    p.add_argument("--limit-budget", type=positive_float, default=None, help="seconds per chunk size [0.5; quick 0.15]")
     p.add_argument("--fastapi-mode", default="sync", choices=["sync", "async"], help="plain FastAPI endpoint kind")
-    p.add_argument("--litserve-batch", type=int, default=64, help="LitServe max_batch_size [64]")
+    p.add_argument("--litserve-batch", type=positive_int, default=64, help="LitServe max_batch_size [64]")
     p.add_argument("--litserve-timeout", type=float, default=0.005, help="LitServe batch_timeout, s [0.005]")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="runs of every HTTP cell on every system, and of every backend's limit, the order rotating "
                         "between runs; the table shows medians and their min-max [1]")
     p.add_argument("--all-cells", action="store_true", help="do not skip cells too long for --duration")
@@ -115,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--samples as the budget, beside its fixed cells; all cells then send real test images")
     p.add_argument("--data", default=DEFAULT_DATA, help="CIFAR-10 (archive or folder) for the test images "
                                                         "that --confidence sends [%(default)s]")
-    p.add_argument("--images", type=int, default=256, help="test images the clients send in turn [256]")
+    p.add_argument("--images", type=positive_int, default=256, help="test images the clients send in turn [256]")
     p.add_argument("--output", type=Path, default=None,
                    help="results JSON; the PNG goes beside it [benchmarks/results/<device>-<cores>cores.json]")
     return p
@@ -131,8 +138,6 @@ def apply_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, small if quick else full)
     if args.engine_callers is None:
         args.engine_callers = max(args.concurrency)
-    if args.repeats < 1:
-        raise SystemExit("siam bench: --repeats must be at least 1")
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"siam bench: unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")

@@ -51,6 +51,7 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_mean_logits
+from training.cli_types import positive_int
 from training.compare import WORST, per_image_bits, rule_of
 from training.data import add_data_arguments, load_split, to_float
 from training.measure import clopper_pearson, latency_ms, paired_difference
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint folder (manifest.json + weights.safetensors)")
     add_data_arguments(p)
-    p.add_argument("--images", type=int, default=1000, help="test images (a fixed random subset; default %(default)s)")
+    p.add_argument("--images", type=positive_int, default=1000,
+                   help="test images (a fixed random subset; default %(default)s)")
     p.add_argument("--samples", default="1,4,16,64", help="comma-separated m values (default: %(default)s)")
     p.add_argument("--sigmas", default=None, help="comma-separated sigmas (default: the checkpoint's)")
     p.add_argument("--aggregations", default=None,
@@ -76,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"subset of {','.join(ATTACKS)} (default: %(default)s)")
     p.add_argument("--eps", type=float, default=8 / 255)
     p.add_argument("--step", type=float, default=2 / 255)
-    p.add_argument("--steps", type=int, default=7)
-    p.add_argument("--restarts", type=int, default=1)
-    p.add_argument("--eot", type=int, default=8, help="noise draws per gradient for the eot attack")
+    p.add_argument("--steps", type=positive_int, default=7)
+    p.add_argument("--restarts", type=positive_int, default=1)
+    p.add_argument("--eot", type=positive_int, default=8, help="noise draws per gradient for the eot attack")
     p.add_argument("--adaptive-samples", type=int, default=8, help="copies in the adaptive attack's soft output")
     p.add_argument("--apgd-steps", type=int, default=100, help="APGD iterations (default: %(default)s)")
     p.add_argument("--apgd-eot", type=int, default=20, help="noise draws per APGD gradient (default: %(default)s)")
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.001, help="CERTIFY's failure probability (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=100, help="images per attack batch")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seeds the subset choice, the attacks' and the noise draws")
     p.add_argument("--output", default=None, help="output folder (default: <checkpoint>/eval)")
     p.add_argument("--quick", action="store_true", help="100 images, m in 1,4, PGD and EOT only")

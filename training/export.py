@@ -16,6 +16,7 @@ import torch
 from models.checkpoint import Manifest, load_checkpoint
 from models.onnx import default_providers, export_onnx
 from models.pni import has_weight_noise
+from training.cli_types import non_negative_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="ONNX file (default: <checkpoint>/model.onnx)")
     p.add_argument("--atol", type=float, default=1e-3, help="largest allowed |logit difference| (default: %(default)s)")
     p.add_argument("--provider", default=None, help="ONNX Runtime provider for the check (default: best available)")
-    p.add_argument("--canary", type=int, default=0, metavar="N",
+    p.add_argument("--canary", type=non_negative_int, default=0, metavar="N",
                    help="also write <checkpoint>/canary.safetensors: N test images, clean and EOT-PGD-attacked, "
                         "that the service re-scores when SIAM_CANARY_INTERVAL_S > 0 (default: none)")
     p.add_argument("--data", default=None, help="CIFAR source for --canary and --int8 (default: as siam train)")

@@ -49,6 +49,7 @@ from models.checkpoint import Manifest, load_checkpoint
 from models.resnet import Classifier
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_probabilities
+from training.cli_types import positive_int
 from training.data import Dataset, add_data_arguments, load_split, to_float
 from training.measure import latency_ms
 from training.nattack import nattack
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-seed", type=int, default=2019,
                    help="choice of validation images when the checkpoint recorded no held-out split")
     g.add_argument("--device", default="auto")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (share the machine politely)")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (share the machine politely)")
     g.add_argument("--max-rows", type=int, default=512, help="noisy rows per attack batch (memory cap)")
     g = p.add_argument_group("sizes (default: full preset / --quick preset)")
     for name, help_ in (("val_images", "validation images (from the train split)"),
@@ -113,14 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("white-box attacks (L-inf)")
     g.add_argument("--eps", type=float, default=8 / 255)
     g.add_argument("--step", type=float, default=2 / 255, help="PGD-k step")
-    g.add_argument("--steps", type=int, default=7, help="k of the paper's PGD-k (default %(default)s)")
-    g.add_argument("--eot", type=int, default=8, help="noise draws per gradient, grid EOT attack")
+    g.add_argument("--steps", type=positive_int, default=7, help="k of the paper's PGD-k (default %(default)s)")
+    g.add_argument("--eot", type=positive_int, default=8, help="noise draws per gradient, grid EOT attack")
     g.add_argument("--eot-large", type=int, default=32, help="noise draws per gradient, stronger EOT attack")
     g.add_argument("--adaptive-samples", type=int, default=8, help="copies in the adaptive attack's soft output")
     g.add_argument("--strong-steps", type=int, default=50)
     g.add_argument("--strong-step", type=float, default=2 / 255)
     g.add_argument("--strong-eot", type=int, default=8, help="noise draws per gradient of the 50-step attack")
-    g.add_argument("--restarts", type=int, default=None, help=f"restarts of the 50-step attack "
+    g.add_argument("--restarts", type=positive_int, default=None, help=f"restarts of the 50-step attack "
                                                               f"({FULL['restarts']} / {QUICK['restarts']})")
     g.add_argument("--apgd-steps", type=int, default=None,
                    help=f"APGD-CE and APGD-DLR iterations ({FULL['apgd_steps']} / {QUICK['apgd_steps']}; 0: no APGD)")

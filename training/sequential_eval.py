@@ -33,6 +33,7 @@ from models.checkpoint import load_checkpoint
 from models.sequential import rounds
 from models.smooth import Smooth
 from training.attacks import cross_entropy, pgd, smoothed_log_probs, undecided
+from training.cli_types import positive_int
 from training.data import add_data_arguments, load_split, to_float
 from training.measure import clopper_pearson
 from training.train import resolve_device
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint folder")
     add_data_arguments(p)
-    p.add_argument("--images", type=int, default=1000, help="clean test images (default: %(default)s)")
+    p.add_argument("--images", type=positive_int, default=1000, help="clean test images (default: %(default)s)")
     p.add_argument("--attacked-images", type=int, default=500,
                    help="of those, how many are also attacked (default: %(default)s)")
     p.add_argument("--stalling-images", type=int, default=0,
@@ -53,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float, default=0.999, help="stopping confidence (default: %(default)s)")
     p.add_argument("--eps", type=float, default=8 / 255)
     p.add_argument("--step", type=float, default=2 / 255)
-    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--steps", type=positive_int, default=7)
     p.add_argument("--adaptive-samples", type=int, default=8, help="copies in the attack's soft output")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seeds the subset, the attack and the noise")
     p.add_argument("--output", default=None, help="output folder (default: <checkpoint>/eval/sequential)")
     return p

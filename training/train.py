@@ -46,6 +46,7 @@ from models.resnet import Classifier, build_classifier
 from models.smooth import Smooth
 from models.spec import ArchitectureSpec, ModelSpec, NoiseLayerSpec, NormalizationSpec, SmoothingSpec
 from training.attacks import fgsm, pgd, smoothed_log_probs, trades_kl, trades_pgd
+from training.cli_types import positive_int
 from training.data import Dataset, add_data_arguments, augment, load_split, to_float
 
 # Settings a resumed run must share with the run it resumes (the others, such as --epochs, may change).
@@ -54,20 +55,12 @@ RESUME_INVARIANTS = ("data", "train_images", "val_images", "val_seed", "arch", "
                      "batch_size", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "seed", "init")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type for counts that must be at least 1: refused at parse time, before any data loads."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="siam train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     add_data_arguments(g)
-    g.add_argument("--train-images", type=int, default=None, help="train on a random subset of this size")
+    g.add_argument("--train-images", type=positive_int, default=None, help="train on a random subset of this size")
     g.add_argument("--val-images", type=int, default=None,
                    help="hold this many training images out of training (a fixed random choice, --val-seed) and "
                         "record them in the checkpoint, so `siam evaluate --report` can pick sigma and m on images "
@@ -105,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noisy copies in the smoothed classifier that smoothadv attacks (default: %(default)s)")
     g.add_argument("--eps", type=float, default=8 / 255)
     g.add_argument("--step", type=float, default=2 / 255, help="PGD step size (FGSM uses 1.25 * eps)")
-    g.add_argument("--steps", type=int, default=7, help="PGD steps (default: %(default)s)")
+    g.add_argument("--steps", type=positive_int, default=7, help="PGD steps (default: %(default)s)")
     g.add_argument("--clean-weight", type=float, default=None,
                    help="weight of the clean loss for pgd, fgsm and smoothadv (default: 0.5; trades has its own)")
     g.add_argument("--beta", type=float, default=None,
@@ -125,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
                    help="mixed precision (auto: bf16 on CUDA, none on CPU)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a state")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke tests)")

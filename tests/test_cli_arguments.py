@@ -1,0 +1,51 @@
+"""Counts and durations on every command line are refused when the line is read, naming the flag: before,
+`siam evaluate --images -5` evaluated all but the last five test images for hours, `--images 0` and
+`siam bench --duration 0` or `--samples 0,16` ended in tracebacks, and `siam export --canary -1` passed."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import pytest
+
+from benchmarks import bench
+from training import evaluate, export, report, sequential_eval, train
+
+Parser = Callable[[], argparse.ArgumentParser]
+
+REFUSED: list[tuple[Parser, list[str], str]] = [
+    (evaluate.build_parser, ["ckpt", "--images", "-5"], "argument --images: must be >= 1, got -5"),
+    (evaluate.build_parser, ["ckpt", "--images", "0"], "argument --images: must be >= 1, got 0"),
+    (evaluate.build_parser, ["ckpt", "--eot", "0"], "argument --eot: must be >= 1, got 0"),
+    (evaluate.build_parser, ["ckpt", "--restarts", "0"], "argument --restarts: must be >= 1, got 0"),
+    (evaluate.build_parser, ["ckpt", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (sequential_eval.build_parser, ["ckpt", "--images", "0"], "argument --images: must be >= 1, got 0"),
+    (report.build_parser, ["--eot", "0"], "argument --eot: must be >= 1, got 0"),
+    (export.build_parser, ["ckpt", "--canary", "-1"], "argument --canary: must be >= 0, got -1"),
+    (train.build_parser, ["--train-images", "0"], "argument --train-images: must be >= 1, got 0"),
+    (train.build_parser, ["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (bench.build_parser, ["--duration", "0"], "argument --duration: must be > 0, got 0"),
+    (bench.build_parser, ["--limit-budget", "-1"], "argument --limit-budget: must be > 0, got -1"),
+    (bench.build_parser, ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    (bench.build_parser, ["--samples", "0,16"], "argument --samples: must be >= 1, got 0"),
+    (bench.build_parser, ["--concurrency", ","], "argument --concurrency: needs at least one value"),
+    (bench.build_parser, ["--model-processes", "0"], "argument --model-processes: must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize(("parser", "argv", "message"), REFUSED,
+                         ids=[f"{p.__module__.rsplit('.', 1)[-1]}:{' '.join(a)}" for p, a, _ in REFUSED])
+def test_a_count_below_its_bound_is_refused_with_the_flag_named(parser: Parser, argv: list[str], message: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        parser().parse_args(argv)
+    assert refused.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_bounds_admit_their_smallest_values() -> None:
+    assert evaluate.build_parser().parse_args(["ckpt", "--images", "1", "--eot", "1"]).images == 1
+    assert export.build_parser().parse_args(["ckpt", "--canary", "0"]).canary == 0
+    args = bench.build_parser().parse_args(["--duration", "0.5", "--samples", "1,16", "--model-processes", "1,2"])
+    assert (args.duration, args.samples, args.model_processes) == (0.5, [1, 16], [1, 2])
