@@ -46,9 +46,9 @@ from benchmarks.servers import (
     model_info,
     service_spec,
 )
+from models.cli_types import positive_float, positive_int
 from service.backends import resolve_device
 from service.settings import DEFAULT_CHECKPOINT, DEFAULT_ONNX_CACHE
-from training.cli_types import positive_float, positive_int
 from training.data import DEFAULT_DATA, load_split
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -210,7 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Checked here rather than with models.cli_types, whose package imports torch: the client stays light.
+    for flag, value, ok, bound in (("--concurrency", args.concurrency, args.concurrency >= 1, ">= 1"),
+                                   ("--retries", args.retries, args.retries >= 0, ">= 0"),
+                                   ("--timeout", args.timeout, args.timeout > 0, "> 0"),
+                                   ("--samples", args.samples, args.samples is None or args.samples >= 1, ">= 1")):
+        if not ok:
+            parser.error(f"argument {flag}: must be {bound}, got {value}")
     try:
         files = list(image_files(args.paths))
     except FileNotFoundError as e:

@@ -1,6 +1,7 @@
 """Counts and durations on every command line are refused when the line is read, naming the flag: before,
 `siam evaluate --images -5` evaluated all but the last five test images for hours, `--images 0` and
-`siam bench --duration 0` or `--samples 0,16` ended in tracebacks, and `siam export --canary -1` passed."""
+`siam bench --duration 0` or `--samples 0,16` and `siam predict --retries -1` ended in tracebacks, and
+`siam export --canary -1` passed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from benchmarks import bench
+from service import client
 from training import evaluate, export, report, sequential_eval, train
 
 Parser = Callable[[], argparse.ArgumentParser]
@@ -40,6 +42,20 @@ def test_a_count_below_its_bound_is_refused_with_the_flag_named(parser: Parser, 
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as refused:
         parser().parse_args(argv)
+    assert refused.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--retries", "-1"], "argument --retries: must be >= 0, got -1"),
+    (["--concurrency", "0"], "argument --concurrency: must be >= 1, got 0"),
+    (["--timeout", "0"], "argument --timeout: must be > 0, got 0.0"),
+    (["--samples", "0"], "argument --samples: must be >= 1, got 0"),
+])
+def test_the_client_refuses_its_counts_below_their_bound_before_sending(argv: list[str], message: str,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        client.main(["a.png", "--url", "http://127.0.0.1:1", *argv])
     assert refused.value.code == 2
     assert message in capsys.readouterr().err
 

@@ -49,9 +49,9 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
+from models.cli_types import positive_int
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_mean_logits
-from training.cli_types import positive_int
 from training.compare import WORST, per_image_bits, rule_of
 from training.data import add_data_arguments, load_split, to_float
 from training.measure import clopper_pearson, latency_ms, paired_difference

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from models.checkpoint import Manifest, load_checkpoint
+from models.cli_types import non_negative_int
 from models.onnx import default_providers, export_onnx
 from models.pni import has_weight_noise
-from training.cli_types import non_negative_int
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,10 +46,10 @@ from scipy.stats import norm
 from tqdm import tqdm
 
 from models.checkpoint import Manifest, load_checkpoint
+from models.cli_types import positive_int
 from models.resnet import Classifier
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_probabilities
-from training.cli_types import positive_int
 from training.data import Dataset, add_data_arguments, load_split, to_float
 from training.measure import latency_ms
 from training.nattack import nattack

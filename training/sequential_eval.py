@@ -30,10 +30,10 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
+from models.cli_types import positive_int
 from models.sequential import rounds
 from models.smooth import Smooth
 from training.attacks import cross_entropy, pgd, smoothed_log_probs, undecided
-from training.cli_types import positive_int
 from training.data import add_data_arguments, load_split, to_float
 from training.measure import clopper_pearson
 from training.train import resolve_device

@@ -42,11 +42,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models.checkpoint import Manifest, load_checkpoint, read_manifest, save_checkpoint
+from models.cli_types import positive_int
 from models.resnet import Classifier, build_classifier
 from models.smooth import Smooth
 from models.spec import ArchitectureSpec, ModelSpec, NoiseLayerSpec, NormalizationSpec, SmoothingSpec
 from training.attacks import fgsm, pgd, smoothed_log_probs, trades_kl, trades_pgd
-from training.cli_types import positive_int
 from training.data import Dataset, add_data_arguments, augment, load_split, to_float
 
 # Settings a resumed run must share with the run it resumes (the others, such as --epochs, may change).
