@@ -27,6 +27,10 @@ REFUSED: list[tuple[Parser, list[str], str]] = [
     (export.build_parser, ["ckpt", "--canary", "-1"], "argument --canary: must be >= 0, got -1"),
     (train.build_parser, ["--train-images", "0"], "argument --train-images: must be >= 1, got 0"),
     (train.build_parser, ["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (train.build_parser, ["--sigma", "-0.1"], "argument --sigma: must be >= 0, got -0.1"),
+    (train.build_parser, ["--sigma", "nan"], "argument --sigma: must be >= 0, got nan"),
+    (train.build_parser, ["--lr", "-1"], "argument --lr: must be >= 0, got -1"),
+    (evaluate.build_parser, ["ckpt", "--eps", "-0.03"], "argument --eps: must be >= 0, got -0.03"),
     (bench.build_parser, ["--duration", "0"], "argument --duration: must be > 0, got 0"),
     (bench.build_parser, ["--limit-budget", "-1"], "argument --limit-budget: must be > 0, got -1"),
     (bench.build_parser, ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
@@ -63,5 +67,6 @@ def test_the_client_refuses_its_counts_below_their_bound_before_sending(argv: li
 def test_the_bounds_admit_their_smallest_values() -> None:
     assert evaluate.build_parser().parse_args(["ckpt", "--images", "1", "--eot", "1"]).images == 1
     assert export.build_parser().parse_args(["ckpt", "--canary", "0"]).canary == 0
+    assert train.build_parser().parse_args(["--sigma", "0", "--lr", "0"]).lr == 0  # lr 0: a fine-tune test's
     args = bench.build_parser().parse_args(["--duration", "0.5", "--samples", "1,16", "--model-processes", "1,2"])
     assert (args.duration, args.samples, args.model_processes) == (0.5, [1, 16], [1, 2])

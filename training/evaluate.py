@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
-from models.cli_types import positive_int
+from models.cli_types import non_negative_float, positive_int
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_mean_logits
 from training.compare import WORST, per_image_bits, rule_of
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "same noisy copies of the same adversarial images (default: the checkpoint's)")
     p.add_argument("--attacks", default="clean,pgd,eot,adaptive",
                    help=f"subset of {','.join(ATTACKS)} (default: %(default)s)")
-    p.add_argument("--eps", type=float, default=8 / 255)
-    p.add_argument("--step", type=float, default=2 / 255)
+    p.add_argument("--eps", type=non_negative_float, default=8 / 255)
+    p.add_argument("--step", type=non_negative_float, default=2 / 255)
     p.add_argument("--steps", type=positive_int, default=7)
     p.add_argument("--restarts", type=positive_int, default=1)
     p.add_argument("--eot", type=positive_int, default=8, help="noise draws per gradient for the eot attack")

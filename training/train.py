@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models.checkpoint import Manifest, load_checkpoint, read_manifest, save_checkpoint
-from models.cli_types import positive_int
+from models.cli_types import non_negative_float, positive_int
 from models.resnet import Classifier, build_classifier
 from models.smooth import Smooth
 from models.spec import ArchitectureSpec, ModelSpec, NoiseLayerSpec, NormalizationSpec, SmoothingSpec
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this checkpoint's weights (fine-tuning); its architecture, noise layers and "
                         "held-out split are used, and the training record names it")
     g = p.add_argument_group("smoothing (stored in the checkpoint)")
-    g.add_argument("--sigma", type=float, default=0.0625,
+    g.add_argument("--sigma", type=non_negative_float, default=0.0625,
                    help="std of the Gaussian input noise, in training and in the stored smoothing "
                         "(default: %(default)s)")
     g.add_argument("--noise-space", default="pixel", choices=["pixel", "normalized"],
@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "none: training on noisy copies only")
     g.add_argument("--train-samples", type=int, default=2,
                    help="noisy copies in the smoothed classifier that smoothadv attacks (default: %(default)s)")
-    g.add_argument("--eps", type=float, default=8 / 255)
-    g.add_argument("--step", type=float, default=2 / 255, help="PGD step size (FGSM uses 1.25 * eps)")
+    g.add_argument("--eps", type=non_negative_float, default=8 / 255)
+    g.add_argument("--step", type=non_negative_float, default=2 / 255, help="PGD step size (FGSM uses 1.25 * eps)")
     g.add_argument("--steps", type=positive_int, default=7, help="PGD steps (default: %(default)s)")
     g.add_argument("--clean-weight", type=float, default=None,
                    help="weight of the clean loss for pgd, fgsm and smoothadv (default: 0.5; trades has its own)")
@@ -106,12 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=200)
     g.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (split across processes)")
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--lr", type=non_negative_float, default=0.1)
+    g.add_argument("--momentum", type=non_negative_float, default=0.9)
+    g.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
     g.add_argument("--schedule", default="cosine", choices=["cosine", "step"],
                    help="cosine (after --warmup-epochs linear warm-up) or step (x0.1 at 50%% and 75%%)")
-    g.add_argument("--warmup-epochs", type=float, default=0.0)
+    g.add_argument("--warmup-epochs", type=non_negative_float, default=0.0)
     g = p.add_argument_group("run")
     g.add_argument("--output", default="runs/resnet20", help="run folder (default: %(default)s)")
     g.add_argument("--name", default=None, help="model name in the manifest (default: the run folder's name)")
