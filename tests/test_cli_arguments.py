@@ -22,7 +22,11 @@ REFUSED: list[tuple[Parser, list[str], str]] = [
     (evaluate.build_parser, ["ckpt", "--eot", "0"], "argument --eot: must be >= 1, got 0"),
     (evaluate.build_parser, ["ckpt", "--restarts", "0"], "argument --restarts: must be >= 1, got 0"),
     (evaluate.build_parser, ["ckpt", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (evaluate.build_parser, ["ckpt", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
     (sequential_eval.build_parser, ["ckpt", "--images", "0"], "argument --images: must be >= 1, got 0"),
+    (sequential_eval.build_parser, ["ckpt", "--budget", "0"], "argument --budget: must be >= 1, got 0"),
+    (report.build_parser, ["--apgd-steps", "-1"], "argument --apgd-steps: must be >= 0, got -1"),
+    (report.build_parser, ["--certify-n", "0"], "argument --certify-n: must be >= 1, got 0"),
     (report.build_parser, ["--eot", "0"], "argument --eot: must be >= 1, got 0"),
     (export.build_parser, ["ckpt", "--canary", "-1"], "argument --canary: must be >= 0, got -1"),
     (train.build_parser, ["--train-images", "0"], "argument --train-images: must be >= 1, got 0"),
@@ -67,6 +71,8 @@ def test_the_client_refuses_its_counts_below_their_bound_before_sending(argv: li
 def test_the_bounds_admit_their_smallest_values() -> None:
     assert evaluate.build_parser().parse_args(["ckpt", "--images", "1", "--eot", "1"]).images == 1
     assert export.build_parser().parse_args(["ckpt", "--canary", "0"]).canary == 0
+    assert report.build_parser().parse_args(["--apgd-steps", "0"]).apgd_steps == 0  # 0: no APGD
+    assert sequential_eval.build_parser().parse_args(["ckpt", "--attacked-images", "0"]).attacked_images == 0
     assert train.build_parser().parse_args(["--sigma", "0", "--lr", "0"]).lr == 0  # lr 0: a fine-tune test's
     args = bench.build_parser().parse_args(["--duration", "0.5", "--samples", "1,16", "--model-processes", "1,2"])
     assert (args.duration, args.samples, args.model_processes) == (0.5, [1, 16], [1, 2])

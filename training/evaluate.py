@@ -81,13 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=7)
     p.add_argument("--restarts", type=positive_int, default=1)
     p.add_argument("--eot", type=positive_int, default=8, help="noise draws per gradient for the eot attack")
-    p.add_argument("--adaptive-samples", type=int, default=8, help="copies in the adaptive attack's soft output")
-    p.add_argument("--apgd-steps", type=int, default=100, help="APGD iterations (default: %(default)s)")
-    p.add_argument("--apgd-eot", type=int, default=20, help="noise draws per APGD gradient (default: %(default)s)")
+    p.add_argument("--adaptive-samples", type=positive_int, default=8,
+                   help="copies in the adaptive attack's soft output")
+    p.add_argument("--apgd-steps", type=positive_int, default=100, help="APGD iterations (default: %(default)s)")
+    p.add_argument("--apgd-eot", type=positive_int, default=20,
+                   help="noise draws per APGD gradient (default: %(default)s)")
     p.add_argument("--radii", default="0,0.0625,0.125,0.25,0.5",
                    help="L2 radii for certified accuracy, in the space sigma is measured in (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.001, help="CERTIFY's failure probability (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=100, help="images per attack batch")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="images per attack batch")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seeds the subset choice, the attacks' and the noise draws")

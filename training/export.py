@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import Manifest, load_checkpoint
-from models.cli_types import non_negative_int
+from models.cli_types import non_negative_int, positive_int
 from models.onnx import default_providers, export_onnx
 from models.pni import has_weight_noise
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "int8 weights), calibrated on the checkpoint's held-out validation images; serve it with "
                         "SIAM_PRECISION=int8")
     p.add_argument("--cache-dir", default="data-cache", help="where decoded data is cached (default: %(default)s)")
-    p.add_argument("--calibration-images", type=int, default=512,
+    p.add_argument("--calibration-images", type=positive_int, default=512,
                    help="validation images for --int8's activation ranges (default: %(default)s)")
     return p
 

@@ -46,7 +46,7 @@ from scipy.stats import norm
 from tqdm import tqdm
 
 from models.checkpoint import Manifest, load_checkpoint
-from models.cli_types import positive_int
+from models.cli_types import non_negative_float, non_negative_int, positive_int
 from models.resnet import Classifier
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_probabilities
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choice of validation images when the checkpoint recorded no held-out split")
     g.add_argument("--device", default="auto")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (share the machine politely)")
-    g.add_argument("--max-rows", type=int, default=512, help="noisy rows per attack batch (memory cap)")
+    g.add_argument("--max-rows", type=positive_int, default=512, help="noisy rows per attack batch (memory cap)")
     g = p.add_argument_group("sizes (default: full preset / --quick preset)")
     for name, help_ in (("val_images", "validation images (from the train split)"),
                         ("test_images", "test images for the sigma x attack x m grid"),
@@ -112,29 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", default=None, help=f"m values ({FULL['samples']} / {QUICK['samples']})")
     g.add_argument("--sigmas", default=None, help="sigmas to compare (default: the checkpoint's x 0.5, 1, 2)")
     g = p.add_argument_group("white-box attacks (L-inf)")
-    g.add_argument("--eps", type=float, default=8 / 255)
-    g.add_argument("--step", type=float, default=2 / 255, help="PGD-k step")
+    g.add_argument("--eps", type=non_negative_float, default=8 / 255)
+    g.add_argument("--step", type=non_negative_float, default=2 / 255, help="PGD-k step")
     g.add_argument("--steps", type=positive_int, default=7, help="k of the paper's PGD-k (default %(default)s)")
     g.add_argument("--eot", type=positive_int, default=8, help="noise draws per gradient, grid EOT attack")
-    g.add_argument("--eot-large", type=int, default=32, help="noise draws per gradient, stronger EOT attack")
-    g.add_argument("--adaptive-samples", type=int, default=8, help="copies in the adaptive attack's soft output")
-    g.add_argument("--strong-steps", type=int, default=50)
-    g.add_argument("--strong-step", type=float, default=2 / 255)
-    g.add_argument("--strong-eot", type=int, default=8, help="noise draws per gradient of the 50-step attack")
+    g.add_argument("--eot-large", type=positive_int, default=32, help="noise draws per gradient, stronger EOT attack")
+    g.add_argument("--adaptive-samples", type=positive_int, default=8,
+                   help="copies in the adaptive attack's soft output")
+    g.add_argument("--strong-steps", type=positive_int, default=50)
+    g.add_argument("--strong-step", type=non_negative_float, default=2 / 255)
+    g.add_argument("--strong-eot", type=positive_int, default=8, help="noise draws per gradient of the 50-step attack")
     g.add_argument("--restarts", type=positive_int, default=None, help=f"restarts of the 50-step attack "
                                                               f"({FULL['restarts']} / {QUICK['restarts']})")
-    g.add_argument("--apgd-steps", type=int, default=None,
+    g.add_argument("--apgd-steps", type=non_negative_int, default=None,
                    help=f"APGD-CE and APGD-DLR iterations ({FULL['apgd_steps']} / {QUICK['apgd_steps']}; 0: no APGD)")
     g.add_argument("--apgd-eot", type=int, default=None,
                    help=f"noise draws per APGD gradient ({FULL['apgd_eot']} / {QUICK['apgd_eot']})")
-    g.add_argument("--transfer-steps", type=int, default=50, help="PGD steps on the noise-free surrogate")
+    g.add_argument("--transfer-steps", type=positive_int, default=50, help="PGD steps on the noise-free surrogate")
     g.add_argument("--sweep-eps", default=None, help=f"eps sweep in 1/255 units ({FULL['sweep_eps']} / "
                                                      f"{QUICK['sweep_eps']})")
-    g.add_argument("--sweep-steps", type=int, default=None, help="EOT-PGD steps per eps, step 2.5 eps / steps")
-    g.add_argument("--sweep-eot", type=int, default=None, help="noise draws per gradient in the sweep")
+    g.add_argument("--sweep-steps", type=positive_int, default=None, help="EOT-PGD steps per eps, step 2.5 eps / steps")
+    g.add_argument("--sweep-eot", type=positive_int, default=None, help="noise draws per gradient in the sweep")
     g = p.add_argument_group("NAttack (black box, queries the smoothed classifier's probabilities)")
-    g.add_argument("--nattack-population", type=int, default=None)
-    g.add_argument("--nattack-queries", type=int, default=None, help="query budget per image")
+    g.add_argument("--nattack-population", type=positive_int, default=None)
+    g.add_argument("--nattack-queries", type=positive_int, default=None, help="query budget per image")
     g.add_argument("--nattack-samples", type=int, default=None,
                    help="m of the queried smoothed classifier (0: the chosen m; quick: 4)")
     g.add_argument("--nattack-sigma", type=float, default=0.1)
@@ -143,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log-probability margin of a confident mistake before an image counts as done (the paper "
                         "stops at 0; against a randomized model a margin makes the mistake survive fresh noise)")
     g = p.add_argument_group("CERTIFY (Cohen et al.)")
-    g.add_argument("--certify-n0", type=int, default=100)
-    g.add_argument("--certify-n", type=int, default=None)
+    g.add_argument("--certify-n0", type=positive_int, default=100)
+    g.add_argument("--certify-n", type=positive_int, default=None)
     g.add_argument("--certify-alpha", type=float, default=0.001)
     g.add_argument("--certify-sigmas", choices=["checkpoint", "all"], default=None,
                    help="certify at the checkpoint's sigma only, or at every sigma of the grid")
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("choice and latency")
     g.add_argument("--m-tolerance", type=float, default=0.01,
                    help="smallest m within this much robust validation accuracy of the best m")
-    g.add_argument("--latency-repeats", type=int, default=None)
+    g.add_argument("--latency-repeats", type=positive_int, default=None)
     g = p.add_argument_group("sequential sampling (the service's ?confidence=)")
     g.add_argument("--sequential-confidence", type=float, default=0.999,
                    help="answer the test images (and the strong attack's images, attacked by the adaptive attack "

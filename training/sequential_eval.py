@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
-from models.cli_types import non_negative_float, positive_int
+from models.cli_types import non_negative_float, non_negative_int, positive_int
 from models.sequential import rounds
 from models.smooth import Smooth
 from training.attacks import cross_entropy, pgd, smoothed_log_probs, undecided
@@ -45,18 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder")
     add_data_arguments(p)
     p.add_argument("--images", type=positive_int, default=1000, help="clean test images (default: %(default)s)")
-    p.add_argument("--attacked-images", type=int, default=500,
+    p.add_argument("--attacked-images", type=non_negative_int, default=500,
                    help="of those, how many are also attacked (default: %(default)s)")
-    p.add_argument("--stalling-images", type=int, default=0,
+    p.add_argument("--stalling-images", type=non_negative_int, default=0,
                    help="of those, how many are also attacked at the stopping rule: PGD that levels the top two "
                         "classes so that the vote stays undecided (default: %(default)s)")
-    p.add_argument("--budget", type=int, default=256, help="the most copies an image may use (default: %(default)s)")
+    p.add_argument("--budget", type=positive_int, default=256,
+                   help="the most copies an image may use (default: %(default)s)")
     p.add_argument("--confidence", type=float, default=0.999, help="stopping confidence (default: %(default)s)")
     p.add_argument("--eps", type=non_negative_float, default=8 / 255)
     p.add_argument("--step", type=non_negative_float, default=2 / 255)
     p.add_argument("--steps", type=positive_int, default=7)
-    p.add_argument("--adaptive-samples", type=int, default=8, help="copies in the attack's soft output")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--adaptive-samples", type=positive_int, default=8, help="copies in the attack's soft output")
+    p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seeds the subset, the attack and the noise")

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=None, choices=["resnet20", "resnet32", "resnet44", "resnet56"],
                    help="network (default: --init's, else resnet20)")
-    g.add_argument("--width", type=int, default=None,
+    g.add_argument("--width", type=positive_int, default=None,
                    help="channel width multiplier, e.g. --width 4 for PNI's ResNet-20 x4 (default: --init's, else 1)")
     g.add_argument("--pni", default=None, choices=["none", "layer", "channel", "element"],
                    help="PNI-W weight noise and its granularity (default: --init's, else none)")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     g.add_argument("--noise-space", default="pixel", choices=["pixel", "normalized"],
                    help="space sigma is measured in: pixel = images in [0, 1] (default), normalized = after mean/std")
-    g.add_argument("--samples", type=int, default=16, help="default number of noisy copies m at inference")
+    g.add_argument("--samples", type=positive_int, default=16, help="default number of noisy copies m at inference")
     g.add_argument("--aggregation", default="softmax", choices=["vote", "softmax", "logits"])
     g = p.add_argument_group("adversarial training")
     g.add_argument("--attack", default="pgd", choices=["pgd", "fgsm", "smoothadv", "trades", "none"],
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--train-samples noisy copies (Salman et al.); trades: PGD-k on the KL divergence "
                         "from the clean output, loss CE(clean) + beta KL (Zhang et al.); "
                         "none: training on noisy copies only")
-    g.add_argument("--train-samples", type=int, default=2,
+    g.add_argument("--train-samples", type=positive_int, default=2,
                    help="noisy copies in the smoothed classifier that smoothadv attacks (default: %(default)s)")
     g.add_argument("--eps", type=non_negative_float, default=8 / 255)
     g.add_argument("--step", type=non_negative_float, default=2 / 255, help="PGD step size (FGSM uses 1.25 * eps)")
