@@ -31,6 +31,7 @@ REFUSED: list[tuple[Parser, list[str], str]] = [
     (export.build_parser, ["ckpt", "--canary", "-1"], "argument --canary: must be >= 0, got -1"),
     (train.build_parser, ["--train-images", "0"], "argument --train-images: must be >= 1, got 0"),
     (train.build_parser, ["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (train.build_parser, ["--train-samples", "0"], "argument --train-samples: must be >= 1, got 0"),
     (train.build_parser, ["--sigma", "-0.1"], "argument --sigma: must be >= 0, got -0.1"),
     (train.build_parser, ["--sigma", "nan"], "argument --sigma: must be >= 0, got nan"),
     (train.build_parser, ["--lr", "-1"], "argument --lr: must be >= 0, got -1"),

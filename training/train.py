@@ -351,8 +351,6 @@ def train(args: argparse.Namespace) -> Path:
     apply_quick(args)
     resolve_loss_weights(args)
     parent = resolve_init(args)
-    if args.train_samples < 1:
-        raise SystemExit("--train-samples must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     ddp = setup_distributed(torch.device("cuda" if args.device.startswith("cuda") or
