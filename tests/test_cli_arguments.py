@@ -32,6 +32,8 @@ REFUSED: list[tuple[Parser, list[str], str]] = [
     (train.build_parser, ["--train-images", "0"], "argument --train-images: must be >= 1, got 0"),
     (train.build_parser, ["--threads", "0"], "argument --threads: must be >= 1, got 0"),
     (train.build_parser, ["--train-samples", "0"], "argument --train-samples: must be >= 1, got 0"),
+    (train.build_parser, ["--eval-images", "-5"], "argument --eval-images: must be >= 0, got -5"),
+    (report.build_parser, ["--test-images", "-5"], "argument --test-images: must be >= 0, got -5"),
     (train.build_parser, ["--sigma", "-0.1"], "argument --sigma: must be >= 0, got -0.1"),
     (train.build_parser, ["--sigma", "nan"], "argument --sigma: must be >= 0, got nan"),
     (train.build_parser, ["--lr", "-1"], "argument --lr: must be >= 0, got -1"),
@@ -73,6 +75,7 @@ def test_the_bounds_admit_their_smallest_values() -> None:
     assert evaluate.build_parser().parse_args(["ckpt", "--images", "1", "--eot", "1"]).images == 1
     assert export.build_parser().parse_args(["ckpt", "--canary", "0"]).canary == 0
     assert report.build_parser().parse_args(["--apgd-steps", "0"]).apgd_steps == 0  # 0: no APGD
+    assert train.build_parser().parse_args(["--val-images", "0", "--eval-attack-images", "0"]).val_images == 0
     assert sequential_eval.build_parser().parse_args(["ckpt", "--attacked-images", "0"]).attacked_images == 0
     assert train.build_parser().parse_args(["--sigma", "0", "--lr", "0"]).lr == 0  # lr 0: a fine-tune test's
     args = bench.build_parser().parse_args(["--duration", "0.5", "--samples", "1,16", "--model-processes", "1,2"])

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("strong_images", "first test images for the stronger attacks and the eps sweep"),
                         ("nattack_images", "first test images for NAttack"),
                         ("certify_images", "first test images for CERTIFY")):
-        g.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+        g.add_argument("--" + name.replace("_", "-"), type=non_negative_int, default=None,
                        help=f"{help_} ({FULL[name]} / {QUICK[name]})")
     g.add_argument("--samples", default=None, help=f"m values ({FULL['samples']} / {QUICK['samples']})")
     g.add_argument("--sigmas", default=None, help="sigmas to compare (default: the checkpoint's x 0.5, 1, 2)")

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models.checkpoint import Manifest, load_checkpoint, read_manifest, save_checkpoint
-from models.cli_types import non_negative_float, positive_int
+from models.cli_types import non_negative_float, non_negative_int, positive_int
 from models.resnet import Classifier, build_classifier
 from models.smooth import Smooth
 from models.spec import ArchitectureSpec, ModelSpec, NoiseLayerSpec, NormalizationSpec, SmoothingSpec
@@ -61,14 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     add_data_arguments(g)
     g.add_argument("--train-images", type=positive_int, default=None, help="train on a random subset of this size")
-    g.add_argument("--val-images", type=int, default=None,
+    g.add_argument("--val-images", type=non_negative_int, default=None,
                    help="hold this many training images out of training (a fixed random choice, --val-seed) and "
                         "record them in the checkpoint, so `siam evaluate --report` can pick sigma and m on images "
                         "the model never saw (default: --init's split, else 0: train on the whole split)")
     g.add_argument("--val-seed", type=int, default=None,
                    help="seed of the held-out choice (default: --init's, else 2019)")
-    g.add_argument("--eval-images", type=int, default=1000, help="test images for the per-epoch clean accuracy")
-    g.add_argument("--eval-attack-images", type=int, default=200, help="test images for the per-epoch PGD accuracy")
+    g.add_argument("--eval-images", type=non_negative_int, default=1000,
+                   help="test images for the per-epoch clean accuracy")
+    g.add_argument("--eval-attack-images", type=non_negative_int, default=200,
+                   help="test images for the per-epoch PGD accuracy")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=None, choices=["resnet20", "resnet32", "resnet44", "resnet56"],
                    help="network (default: --init's, else resnet20)")
