@@ -46,7 +46,7 @@ from benchmarks.servers import (
     model_info,
     service_spec,
 )
-from models.cli_types import positive_float, positive_int
+from models.cli_types import non_negative_float, positive_float, positive_int, stopping_confidence
 from service.backends import resolve_device
 from service.settings import DEFAULT_CHECKPOINT, DEFAULT_ONNX_CACHE
 from training.data import DEFAULT_DATA, load_split
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint folder [%(default)s]")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (about a minute)")
     p.add_argument("--duration", type=positive_float, default=None, help="measured seconds per cell [4; quick 1]")
-    p.add_argument("--warmup", type=float, default=None,
+    p.add_argument("--warmup", type=non_negative_float, default=None,
                    help="seconds of load before measuring; at least 1.5 rounds of every client's copies [1; quick 0.3]")
     p.add_argument("--concurrency", type=int_list, default=None, help="HTTP clients [1,8,64; quick 1,8]")
     p.add_argument("--samples", type=int_list, default=None, help="noisy copies m [1,16,64,256; quick 1,16]")
@@ -111,13 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-budget", type=positive_float, default=None, help="seconds per chunk size [0.5; quick 0.15]")
     p.add_argument("--fastapi-mode", default="sync", choices=["sync", "async"], help="plain FastAPI endpoint kind")
     p.add_argument("--litserve-batch", type=positive_int, default=64, help="LitServe max_batch_size [64]")
-    p.add_argument("--litserve-timeout", type=float, default=0.005, help="LitServe batch_timeout, s [0.005]")
+    p.add_argument("--litserve-timeout", type=non_negative_float, default=0.005,
+                   help="LitServe batch_timeout, s [0.005]")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="runs of every HTTP cell on every system, and of every backend's limit, the order rotating "
                         "between runs; the table shows medians and their min-max [1]")
     p.add_argument("--all-cells", action="store_true", help="do not skip cells too long for --duration")
     p.add_argument("--onnx-cache", type=Path, default=DEFAULT_ONNX_CACHE)
-    p.add_argument("--confidence", type=float, default=None,
+    p.add_argument("--confidence", type=stopping_confidence, default=None,
                    help="add cells of the service with sequential sampling at this confidence (e.g. 0.999), "
                         "--samples as the budget, beside its fixed cells; all cells then send real test images")
     p.add_argument("--data", default=DEFAULT_DATA, help="CIFAR-10 (archive or folder) for the test images "

@@ -36,3 +36,19 @@ def non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def probability(text: str) -> float:
+    """A failure probability or a confidence, strictly between 0 and 1 (CERTIFY's alpha, a stopping confidence)."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def stopping_confidence(text: str) -> float:
+    """Sequential sampling's confidence: above 1/2 (a vote decided at less says nothing) and below 1."""
+    value = float(text)
+    if not 0.5 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be above 0.5 and below 1, got {text}")
+    return value

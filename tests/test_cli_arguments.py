@@ -44,6 +44,13 @@ REFUSED: list[tuple[Parser, list[str], str]] = [
     (bench.build_parser, ["--samples", "0,16"], "argument --samples: must be >= 1, got 0"),
     (bench.build_parser, ["--concurrency", ","], "argument --concurrency: needs at least one value"),
     (bench.build_parser, ["--model-processes", "0"], "argument --model-processes: must be >= 1, got 0"),
+    (bench.build_parser, ["--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+    (bench.build_parser, ["--confidence", "1"], "argument --confidence: must be above 0.5 and below 1, got 1"),
+    (evaluate.build_parser, ["ckpt", "--alpha", "0"], "argument --alpha: must be between 0 and 1 (exclusive), got 0"),
+    (report.build_parser, ["--certify-alpha", "1.5"],
+     "argument --certify-alpha: must be between 0 and 1 (exclusive), got 1.5"),
+    (sequential_eval.build_parser, ["ckpt", "--confidence", "0.3"],
+     "argument --confidence: must be above 0.5 and below 1, got 0.3"),
 ]
 
 
@@ -78,5 +85,6 @@ def test_the_bounds_admit_their_smallest_values() -> None:
     assert train.build_parser().parse_args(["--val-images", "0", "--eval-attack-images", "0"]).val_images == 0
     assert sequential_eval.build_parser().parse_args(["ckpt", "--attacked-images", "0"]).attacked_images == 0
     assert train.build_parser().parse_args(["--sigma", "0", "--lr", "0"]).lr == 0  # lr 0: a fine-tune test's
-    args = bench.build_parser().parse_args(["--duration", "0.5", "--samples", "1,16", "--model-processes", "1,2"])
-    assert (args.duration, args.samples, args.model_processes) == (0.5, [1, 16], [1, 2])
+    args = bench.build_parser().parse_args(["--duration", "0.5", "--samples", "1,16", "--model-processes", "1,2",
+                                            "--warmup", "0", "--confidence", "0.999"])
+    assert (args.duration, args.samples, args.model_processes, args.confidence) == (0.5, [1, 16], [1, 2], 0.999)

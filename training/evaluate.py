@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
-from models.cli_types import non_negative_float, positive_int
+from models.cli_types import non_negative_float, positive_int, probability
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_mean_logits
 from training.compare import WORST, per_image_bits, rule_of
@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise draws per APGD gradient (default: %(default)s)")
     p.add_argument("--radii", default="0,0.0625,0.125,0.25,0.5",
                    help="L2 radii for certified accuracy, in the space sigma is measured in (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=0.001, help="CERTIFY's failure probability (default: %(default)s)")
+    p.add_argument("--alpha", type=probability, default=0.001,
+                   help="CERTIFY's failure probability (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=100, help="images per attack batch")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=positive_int, default=None)

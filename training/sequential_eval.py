@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
-from models.cli_types import non_negative_float, non_negative_int, positive_int
+from models.cli_types import non_negative_float, non_negative_int, positive_int, stopping_confidence
 from models.sequential import rounds
 from models.smooth import Smooth
 from training.attacks import cross_entropy, pgd, smoothed_log_probs, undecided
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "classes so that the vote stays undecided (default: %(default)s)")
     p.add_argument("--budget", type=positive_int, default=256,
                    help="the most copies an image may use (default: %(default)s)")
-    p.add_argument("--confidence", type=float, default=0.999, help="stopping confidence (default: %(default)s)")
+    p.add_argument("--confidence", type=stopping_confidence, default=0.999,
+                   help="stopping confidence (default: %(default)s)")
     p.add_argument("--eps", type=non_negative_float, default=8 / 255)
     p.add_argument("--step", type=non_negative_float, default=2 / 255)
     p.add_argument("--steps", type=positive_int, default=7)
