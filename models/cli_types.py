@@ -52,3 +52,8 @@ def stopping_confidence(text: str) -> float:
     if not 0.5 < value < 1:
         raise argparse.ArgumentTypeError(f"must be above 0.5 and below 1, got {text}")
     return value
+
+
+def stopping_confidence_or_off(text: str) -> float:
+    """A stopping confidence, or 0 for "do not run sequential sampling" (the report's switch)."""
+    return 0.0 if float(text) == 0 else stopping_confidence(text)

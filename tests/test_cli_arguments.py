@@ -51,6 +51,8 @@ REFUSED: list[tuple[Parser, list[str], str]] = [
      "argument --certify-alpha: must be between 0 and 1 (exclusive), got 1.5"),
     (sequential_eval.build_parser, ["ckpt", "--confidence", "0.3"],
      "argument --confidence: must be above 0.5 and below 1, got 0.3"),
+    (report.build_parser, ["--sequential-confidence", "0.3"],
+     "argument --sequential-confidence: must be above 0.5 and below 1, got 0.3"),
 ]
 
 
@@ -82,6 +84,7 @@ def test_the_bounds_admit_their_smallest_values() -> None:
     assert evaluate.build_parser().parse_args(["ckpt", "--images", "1", "--eot", "1"]).images == 1
     assert export.build_parser().parse_args(["ckpt", "--canary", "0"]).canary == 0
     assert report.build_parser().parse_args(["--apgd-steps", "0"]).apgd_steps == 0  # 0: no APGD
+    assert report.build_parser().parse_args(["--sequential-confidence", "0"]).sequential_confidence == 0  # 0: skip
     assert train.build_parser().parse_args(["--val-images", "0", "--eval-attack-images", "0"]).val_images == 0
     assert sequential_eval.build_parser().parse_args(["ckpt", "--attacked-images", "0"]).attacked_images == 0
     assert train.build_parser().parse_args(["--sigma", "0", "--lr", "0"]).lr == 0  # lr 0: a fine-tune test's

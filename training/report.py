@@ -46,7 +46,7 @@ from scipy.stats import norm
 from tqdm import tqdm
 
 from models.checkpoint import Manifest, load_checkpoint
-from models.cli_types import non_negative_float, non_negative_int, positive_int, probability, stopping_confidence
+from models.cli_types import non_negative_float, non_negative_int, positive_int, probability, stopping_confidence_or_off
 from models.resnet import Classifier
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_probabilities
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest m within this much robust validation accuracy of the best m")
     g.add_argument("--latency-repeats", type=positive_int, default=None)
     g = p.add_argument_group("sequential sampling (the service's ?confidence=)")
-    g.add_argument("--sequential-confidence", type=stopping_confidence, default=0.999,
+    g.add_argument("--sequential-confidence", type=stopping_confidence_or_off, default=0.999,
                    help="answer the test images (and the strong attack's images, attacked by the adaptive attack "
                         "and by PGD at the stopping rule) sequentially, with the largest m as the budget, beside "
                         "the fixed budget; 0: skip "
