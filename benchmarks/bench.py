@@ -46,7 +46,7 @@ from benchmarks.servers import (
     model_info,
     service_spec,
 )
-from models.cli_types import non_negative_float, positive_float, positive_int, stopping_confidence
+from models.cli_types import non_negative_float, positive_float, positive_int, positive_int_list, stopping_confidence
 from service.backends import resolve_device
 from service.settings import DEFAULT_CHECKPOINT, DEFAULT_ONNX_CACHE
 from training.data import DEFAULT_DATA, load_split
@@ -54,14 +54,6 @@ from training.data import DEFAULT_DATA, load_split
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = ("siam", "siam-torch", "siam-workers", "fastapi", "fastapi-onnx", "litserve", CEILING)
 DEFAULT_SYSTEMS = ("siam", "fastapi", "fastapi-onnx", "litserve", CEILING)
-
-
-def int_list(text: str) -> list[int]:
-    """Comma-separated counts (m, clients, chunk sizes), each at least 1."""
-    values = [positive_int(x) for x in text.split(",") if x.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("needs at least one value")
-    return values
 
 
 def str_list(text: str) -> list[str]:
@@ -76,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=positive_float, default=None, help="measured seconds per cell [4; quick 1]")
     p.add_argument("--warmup", type=non_negative_float, default=None,
                    help="seconds of load before measuring; at least 1.5 rounds of every client's copies [1; quick 0.3]")
-    p.add_argument("--concurrency", type=int_list, default=None, help="HTTP clients [1,8,64; quick 1,8]")
-    p.add_argument("--samples", type=int_list, default=None, help="noisy copies m [1,16,64,256; quick 1,16]")
+    p.add_argument("--concurrency", type=positive_int_list, default=None, help="HTTP clients [1,8,64; quick 1,8]")
+    p.add_argument("--samples", type=positive_int_list, default=None, help="noisy copies m [1,16,64,256; quick 1,16]")
     p.add_argument("--backends", type=str_list, default=list(("torch", *limits.ONNX_VARIANTS)),
                    help="backends for the limit [" + ",".join(("torch", *limits.ONNX_VARIANTS)) + "]; the served "
                         "ones (torch, onnx, onnx-per-chunk: one-thread calls on all threads at once, as "
@@ -98,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads of every system [all cores]")
     p.add_argument("--workers", type=positive_int, default=2,
                    help="HTTP worker processes of the siam-workers system [2]")
-    p.add_argument("--model-processes", type=int_list, default=[1],
+    p.add_argument("--model-processes", type=positive_int_list, default=[1],
                    help="model processes of the siam-workers system, each fed by every K-th worker; several "
                    "(1,2,3) make one system each, siam-workers-Kmp, measured side by side [1]")
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"],
@@ -106,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(auto: on for the torch backend on a GPU) [auto]")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     p.add_argument("--engine-callers", type=positive_int, default=None, help="engine callers [most --concurrency]")
-    p.add_argument("--chunks", type=int_list, default=None,
+    p.add_argument("--chunks", type=positive_int_list, default=None,
                    help="chunk sizes for the limit [16..1024, and 2048 on a GPU; quick 32,128]")
     p.add_argument("--limit-budget", type=positive_float, default=None, help="seconds per chunk size [0.5; quick 0.15]")
     p.add_argument("--fastapi-mode", default="sync", choices=["sync", "async"], help="plain FastAPI endpoint kind")

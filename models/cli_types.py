@@ -14,6 +14,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_int_list(text: str) -> list[int]:
+    """Comma-separated counts (m values, clients, chunk sizes), each at least 1, and at least one of them."""
+    values = [positive_int(x) for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one value")
+    return values
+
+
 def non_negative_int(text: str) -> int:
     """A count where 0 means none (the canary set's images)."""
     value = int(text)

@@ -23,6 +23,7 @@ REFUSED: list[tuple[Parser, list[str], str]] = [
     (evaluate.build_parser, ["ckpt", "--restarts", "0"], "argument --restarts: must be >= 1, got 0"),
     (evaluate.build_parser, ["ckpt", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
     (evaluate.build_parser, ["ckpt", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (evaluate.build_parser, ["ckpt", "--samples", "1,0"], "argument --samples: must be >= 1, got 0"),
     (sequential_eval.build_parser, ["ckpt", "--images", "0"], "argument --images: must be >= 1, got 0"),
     (sequential_eval.build_parser, ["ckpt", "--budget", "0"], "argument --budget: must be >= 1, got 0"),
     (report.build_parser, ["--apgd-steps", "-1"], "argument --apgd-steps: must be >= 0, got -1"),

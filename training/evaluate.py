@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
-from models.cli_types import non_negative_float, positive_int, probability
+from models.cli_types import non_negative_float, positive_int, positive_int_list, probability
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_mean_logits
 from training.compare import WORST, per_image_bits, rule_of
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(p)
     p.add_argument("--images", type=positive_int, default=1000,
                    help="test images (a fixed random subset; default %(default)s)")
-    p.add_argument("--samples", default="1,4,16,64", help="comma-separated m values (default: %(default)s)")
+    p.add_argument("--samples", type=positive_int_list, default="1,4,16,64",
+                   help="comma-separated m values (default: %(default)s)")
     p.add_argument("--sigmas", default=None, help="comma-separated sigmas (default: the checkpoint's)")
     p.add_argument("--aggregations", default=None,
                    help="comma-separated aggregation rules to answer with, of vote,softmax,logits, each reading the "
@@ -129,13 +130,13 @@ def _parse_list(text: str, kind: type) -> list[Any]:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
-        args.images, args.samples, args.attacks = min(args.images, 100), "1,4", "clean,pgd,eot"
+        args.images, args.samples, args.attacks = min(args.images, 100), [1, 4], "clean,pgd,eot"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, 0)
     model, manifest = load_checkpoint(args.checkpoint, device)
     spec = manifest.spec
-    samples = sorted(set(_parse_list(args.samples, int)))
+    samples = sorted(set(args.samples))
     sigmas = _parse_list(args.sigmas, float) if args.sigmas else [spec.smoothing.sigma]
     radii = _parse_list(args.radii, float)
     attacks = [a.strip() for a in args.attacks.split(",")]
@@ -146,8 +147,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         spec.smoothing.aggregation]
     if not rules or set(rules) - set(RULES):
         raise SystemExit(f"--aggregations takes rules from {', '.join(RULES)}; got {args.aggregations!r}")
-    if not samples or samples[0] < 1:
-        raise SystemExit("--samples needs m values >= 1")
     test = load_split(args.data, "test", args.cache_dir).subset(args.images, seed=args.seed)
     torch.manual_seed(args.seed)
 
