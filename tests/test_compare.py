@@ -13,13 +13,21 @@ from training import evaluate
 from training.compare import NotComparableError, compare, main, to_markdown
 
 
-@pytest.fixture
-def report(tiny_checkpoint: Path, tiny_cifar_tar: Path, tmp_path: Path) -> dict[str, Any]:
-    out = tmp_path / "eval"
-    evaluate.main([str(tiny_checkpoint), "--data", str(tiny_cifar_tar), "--cache-dir", str(tmp_path / "c"),
+@pytest.fixture(scope="module")
+def evaluation(checkpoint: Path, tiny_cifar_tar: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One real ``siam evaluate`` of the tiny model, run once for the module."""
+    folder = tmp_path_factory.mktemp("compare")
+    out = folder / "eval"
+    evaluate.main([str(checkpoint), "--data", str(tiny_cifar_tar), "--cache-dir", str(folder / "c"),
                    "--images", "12", "--samples", "1,4", "--attacks", "clean,pgd", "--steps", "1",
                    "--output", str(out), "--threads", "1"])
     return json.loads((out / "eval.json").read_text())
+
+
+@pytest.fixture
+def report(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The module's evaluation, a copy each test may change."""
+    return copy.deepcopy(evaluation)
 
 
 def flipped(report: dict[str, Any], attack: str, m: int, images: list[int]) -> dict[str, Any]:
@@ -64,13 +72,18 @@ def test_the_difference_counts_the_images_that_changed(report: dict[str, Any]) -
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda r: r["data"].update(subset_seed=1), "not the same test images"),
-    (lambda r: r["data"].update(sha256="0" * 64), "not the same test images"),
+    (lambda r: r["data"].update(subset_seed=1),
+     r"not the same test images: data subset_seed is \d+ for tiny and 1 for tiny"),
+    (lambda r: r["data"].update(sha256="0" * 64), "data sha256 is '[0-9a-f]{64}' for tiny and '0{64}' for tiny"),
     (lambda r: r["attack"].update(steps=7), "not the same attacks: steps 1 against 7"),
-    (lambda r: [row.pop("per_image") for row in r["results"]], "no per-image results"),
+    (lambda r: r["attack"].update(steps=7, step=0.5),
+     r"not the same attacks: step \S+ against 0.5, steps 1 against 7$"),
+    (lambda r: [row.pop("per_image") for row in r["results"]],
+     r"no per-image results \(it predates them\): run its `siam evaluate` command again"),
     (lambda r: [row.update(attack={"clean": "eot", "pgd": "adaptive"}[row["attack"]]) for row in r["results"]],
      "no attack and m in common"),
-    (lambda r: r["results"].extend(dict(row, sigma=0.5) for row in list(r["results"])), "several sigmas"),
+    (lambda r: r["results"].extend(dict(row, sigma=0.5) for row in list(r["results"])),
+     r"several sigmas: compare evaluations made at one sigma \(the checkpoint's own, without --sigmas\)"),
     (lambda r: r["results"].extend(dict(row, aggregation="vote") for row in list(r["results"])),
      "several aggregation rules"),
 ])
@@ -79,6 +92,16 @@ def test_it_refuses_what_cannot_be_paired(report: dict[str, Any], change: Any, m
     change(other)
     with pytest.raises(NotComparableError, match=message):
         compare(report, other)
+
+
+def test_the_side_without_per_image_results_is_named(report: dict[str, Any]) -> None:
+    old = copy.deepcopy(report)
+    old["model"] = "old"
+    for row in old["results"]:
+        row.pop("per_image")
+    for pair in ((old, report), (report, old)):
+        with pytest.raises(NotComparableError, match=r"^old's evaluation has no per-image results"):
+            compare(*pair)
 
 
 def test_two_rules_of_one_evaluation_pair_like_two_models(report: dict[str, Any], tmp_path: Path,
@@ -108,10 +131,10 @@ def test_the_command_prints_and_writes_the_table(report: dict[str, Any], tmp_pat
     first.parent.mkdir()
     first.write_text(json.dumps(report))
     second.write_text(json.dumps(flipped(report, "clean", 1, [2])))
-    main([str(first.parent), str(second), "--output", str(tmp_path / "out.md")])
+    main([str(first.parent), str(second), "--output", str(tmp_path / "new" / "folder" / "out.md")])
     printed = capsys.readouterr().out
     assert "### other against tiny: paired on the same 12 test images" in printed
-    assert "| clean | 1 |" in printed and (tmp_path / "out.md").read_text() == printed
+    assert "| clean | 1 |" in printed and (tmp_path / "new" / "folder" / "out.md").read_text() == printed
     second.write_text(json.dumps({**report, "data": {**report["data"], "images": 13}}))
     with pytest.raises(SystemExit, match="siam compare: not the same test images"):
         main([str(first), str(second)])
@@ -124,6 +147,19 @@ def test_settings_of_an_attack_neither_ran_do_not_block_the_pairing(report: dict
     other["attack"].update(apgd_eot=5, apgd_steps=50, eot_draws=3, adaptive_samples=4)
     assert {(r["attack"], r["samples"]) for r in compare(report, other)} == {
         (a, m) for a in ("clean", "pgd") for m in (1, 4)}
+
+
+def test_settings_of_an_attack_one_side_ran_do_not_block_the_attacks_both_ran(report: dict[str, Any]) -> None:
+    """A model evaluated with APGD (at its own settings) still pairs with one evaluated without it, on the
+    attacks both ran; an attack the pairing does not know is held to every setting."""
+    other = with_attacks(report, ["apgd-ce"])
+    other["attack"].update(apgd_eot=5, apgd_steps=50)
+    assert {r["attack"] for r in compare(report, other)} == {"clean", "pgd"}
+    unknown = with_attacks(report, ["nattack"]), with_attacks(report, ["nattack"])
+    assert {r["attack"] for r in compare(*unknown)} == {"clean", "pgd", "nattack", "worst"}
+    unknown[1]["attack"].update(apgd_eot=5)
+    with pytest.raises(NotComparableError, match=r"not the same attacks: apgd_eot \d+ against 5$"):
+        compare(*unknown)
 
 
 def with_attacks(report: dict[str, Any], extra: list[str]) -> dict[str, Any]:
@@ -144,3 +180,43 @@ def test_the_worst_case_is_paired_only_over_the_same_attacks(report: dict[str, A
     assert "No worst-case row: the two evaluations ran different attacks (clean, eot, pgd against apgd-ce, " \
         "clean, eot, pgd)" in to_markdown(first, more, rows)
     assert "No worst-case row" not in to_markdown(first, same, compare(first, same))
+
+
+def test_what_is_not_an_evaluation_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A wrong path, a file that is not JSON, or JSON that is not an evaluation: the user's mistake, named,
+    and no traceback."""
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(dict.fromkeys(("model", "command", "data", "attack", "smoothing", "results"), "x")))
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "other.json").write_text(json.dumps({"model": "m", "results": []}))
+    (tmp_path / "empty").mkdir()
+    for path, message in [
+        (tmp_path / "missing", "no eval.json at .*missing: give a file or folder written by `siam evaluate --output`"),
+        (tmp_path / "empty", "no eval.json at .*empty"),
+        (tmp_path / "broken.json", ".*broken.json is not an evaluation \\(not JSON: "),
+        (tmp_path / "other.json", ".*other.json is not an evaluation written by `siam evaluate`: it has no command, "
+                                  "data, attack, smoothing$"),
+    ]:
+        for argv in ([str(path), str(good)], [str(good), str(path)]):
+            with pytest.raises(SystemExit, match="^siam compare: " + message):
+                main(argv)
+
+
+def test_rules_must_name_two_and_the_help_says_what_each_argument_is(capsys: pytest.CaptureFixture[str],
+                                                                     tmp_path: Path, report: dict[str, Any]) -> None:
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(report))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), str(path), "--rules", "softmax"])
+    assert exit_info.value.code == 2
+    assert "siam compare: error: --rules takes two rules, the first side's and the second's: got 'softmax'" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for part in ("usage: siam compare [-h] [--rules FIRST,SECOND] [--output OUTPUT] first second",
+                 "Is one model more robust than another on the same images?",
+                 "the baseline's eval.json (or the folder holding it)",
+                 "the other model's eval.json (or folder), on the same images",
+                 "the aggregation rule of each side", "also write the table here (Markdown)"):
+        assert part in text

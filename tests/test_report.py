@@ -292,3 +292,28 @@ def test_answers_by_m_are_prefixes_of_one_draw_and_certify_uses_both_sets() -> N
 ])
 def test_each_attack_row_of_the_report_says_what_that_attack_is(attack: str, says: str) -> None:
     assert says in report_render.note(attack)
+
+
+def test_certified_accuracy_counts_right_unabstained_answers_whose_radius_reaches_each_r() -> None:
+    """The README's certified column: right label, no abstention, radius >= r (the boundary counts), radii
+    converted by ``scale`` into the space the question is asked in."""
+    from models.smooth import ABSTAIN, Certificate
+    from training.measure import clopper_pearson
+    from training.robustness import accuracy_entry, certified_accuracy
+
+    certs = [Certificate(3, 0.5, 0.9, []), Certificate(3, 0.1, 0.6, []), Certificate(ABSTAIN, 0.0, 0.4, []),
+             Certificate(2, 0.9, 0.99, []), Certificate(7, 0.3, 0.8, [])]
+    labels = [3, 3, 3, 3, 7]
+    rows = certified_accuracy(certs, labels, [0.0, 0.1, 0.3, 0.5, 0.6])
+    assert [r["radius"] for r in rows] == [0.0, 0.1, 0.3, 0.5, 0.6]
+    assert [r["correct"] for r in rows] == [3, 3, 2, 1, 0]  # the wrong label's 0.9 and the abstention never count
+    assert all(r["images"] == 5 for r in rows)
+    assert rows[2]["accuracy"] == pytest.approx(0.4)
+    assert rows[2]["ci95"] == pytest.approx(list(clopper_pearson(2, 5)))
+    # radii of 0.1 and 0.3 certified in pixel space are 0.2 and 0.6 in a space twice as fine
+    assert [r["correct"] for r in certified_accuracy(certs, labels, [0.2, 0.6, 1.0, 1.1], scale=2.0)] == [3, 2, 1, 0]
+    with pytest.raises(ValueError):  # a certificate without its label (or the reverse) is a bug, not a miss
+        certified_accuracy(certs, labels[:4], [0.0])
+    empty = accuracy_entry(torch.zeros(0, dtype=torch.bool))
+    assert empty["correct"] == empty["images"] == 0 and empty["ci95"] == [0.0, 1.0]
+    assert empty["accuracy"] != empty["accuracy"]  # NaN: no images, no accuracy

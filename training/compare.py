@@ -34,6 +34,10 @@ ATTACK_SETTINGS: dict[str, tuple[str, ...]] = {
     "adaptive-logits": (*_PGD, "adaptive_samples"), "apgd-ce": _APGD, "apgd-dlr": _APGD}
 
 
+EVALUATION_KEYS = ("model", "command", "data", "attack", "smoothing", "results")
+"""What every ``eval.json`` holds and the pairing reads."""
+
+
 class NotComparableError(ValueError):
     """The two evaluations were not made on the same images or with the same attacks."""
 
@@ -43,7 +47,14 @@ def load_evaluation(path: Path) -> dict[str, Any]:
     file = path / "eval.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no eval.json at {path}: give a file or folder written by `siam evaluate --output`")
-    return json.loads(file.read_text())
+    try:
+        report = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not an evaluation (not JSON: {e})") from None
+    missing = [key for key in EVALUATION_KEYS if not isinstance(report, dict) or key not in report]
+    if missing:
+        raise ValueError(f"{file} is not an evaluation written by `siam evaluate`: it has no {', '.join(missing)}")
+    return report
 
 
 def per_image_bits(correct: torch.Tensor) -> str:
@@ -160,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
                         "(both sides may be the same evaluation: `--rules softmax,vote`)")
     p.add_argument("--output", type=Path, default=None, help="also write the table here (Markdown)")
     args = p.parse_args(argv)
-    first, second = load_evaluation(args.first), load_evaluation(args.second)
+    try:
+        first, second = load_evaluation(args.first), load_evaluation(args.second)
+    except (OSError, ValueError) as e:  # no such file, or not JSON: say which, without a traceback
+        raise SystemExit(f"siam compare: {e}") from None
     try:
         if args.rules is not None:
             rules = [r.strip() for r in args.rules.split(",")]
