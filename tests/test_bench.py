@@ -389,6 +389,16 @@ def test_bench_refuses_gpu_options_it_cannot_honour(tiny_checkpoint: Path) -> No
         bench_main(["--checkpoint", str(tiny_checkpoint), "--workers", "2", "--model-processes", "3"])
 
 
+def test_an_output_it_cannot_write_is_refused_before_anything_is_measured(
+        tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=f"^siam bench: cannot write --output {blocker}/x.json: "):
+        bench_main(["--quick", "--checkpoint", str(tiny_checkpoint), "--output", str(blocker / "x.json")])
+    assert "1. the limit" not in capsys.readouterr().out
+    assert blocker.is_file()
+
+
 def test_gpu_paths_times_the_eager_forward_and_engine_and_refuses_graphs_off_a_gpu(tiny_checkpoint: Path,
                                                                                   tmp_path: Path) -> None:
     from benchmarks import gpu_paths
