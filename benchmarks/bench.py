@@ -46,7 +46,14 @@ from benchmarks.servers import (
     model_info,
     service_spec,
 )
-from models.cli_types import non_negative_float, positive_float, positive_int, positive_int_list, stopping_confidence
+from models.cli_types import (
+    non_negative_float,
+    positive_float,
+    positive_int,
+    positive_int_list,
+    stopping_confidence,
+    unwritable,
+)
 from service.backends import resolve_device
 from service.settings import DEFAULT_CHECKPOINT, DEFAULT_ONNX_CACHE
 from training.data import DEFAULT_DATA, load_split
@@ -314,17 +321,6 @@ def default_output(device: torch.device) -> Path:
     return RESULTS / f"{device.type}-{os.cpu_count()}cores.json"
 
 
-def check_writable(output: Path) -> None:
-    """Refuse an output the run could not write before spending minutes on it, not after."""
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".siam-bench-"):
-            pass
-    except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        raise SystemExit(f"siam bench: cannot write --output {output}: {e.strerror or e}{where}") from None
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -339,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not (args.checkpoint / "manifest.json").is_file():
         raise SystemExit(f"siam bench: {args.checkpoint} is not a checkpoint folder (train one, or --checkpoint)")
     output = args.output or default_output(device)
-    check_writable(output)
+    if problem := unwritable(output.parent):
+        raise SystemExit(f"siam bench: cannot write --output {output}: {problem}")
 
     print("1. the limit: model forward on noisy rows, per backend and chunk size", flush=True)
     limit_info = run_limits(args, device)
@@ -367,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["targets"] = report.evaluate_targets(results)
     results["wall_s"] = round(time.perf_counter() - t0, 1)
 
+    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=1) + "\n")
     png = plot_results(results, output.with_suffix(".png"))
     print(f"\nlimit drift over the run: {limit_info['drift'] * 100:+.1f}% "

@@ -1,9 +1,12 @@
 """argparse types for counts and durations, so a bad number is refused when the command line is read,
-with the flag's name, before any data or model loads (not as a traceback minutes later)."""
+with the flag's name, before any data or model loads (not as a traceback minutes later); and the check
+that a long run's output folder can be written, made before the run rather than after it."""
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -65,3 +68,19 @@ def stopping_confidence(text: str) -> float:
 def stopping_confidence_or_off(text: str) -> float:
     """A stopping confidence, or 0 for "do not run sequential sampling" (the report's switch)."""
     return 0.0 if float(text) == 0 else stopping_confidence(text)
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why files could not be written into ``folder`` (created if missing), or None if they can. Nothing is
+    created: the nearest existing folder on the way is probed with a temporary file."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"{existing}: {e.strerror or e}"
+    return None

@@ -1,16 +1,19 @@
 """Counts and durations on every command line are refused when the line is read, naming the flag: before,
 `siam evaluate --images -5` evaluated all but the last five test images for hours, `--images 0` and
 `siam bench --duration 0` or `--samples 0,16` and `siam predict --retries -1` ended in tracebacks, and
-`siam export --canary -1` passed."""
+`siam export --canary -1` passed. And the long runs refuse an output they could not write before they
+start, not after hours of work."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from benchmarks import bench
+from models.cli_types import unwritable
 from service import client
 from training import evaluate, export, report, sequential_eval, train
 
@@ -92,3 +95,34 @@ def test_the_bounds_admit_their_smallest_values() -> None:
     args = bench.build_parser().parse_args(["--duration", "0.5", "--samples", "1,16", "--model-processes", "1,2",
                                             "--warmup", "0", "--confidence", "0.999"])
     assert (args.duration, args.samples, args.model_processes, args.confidence) == (0.5, [1, 16], [1, 2], 0.999)
+
+
+def test_an_output_folder_is_judged_without_creating_anything(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert unwritable(tmp_path) is None
+    assert unwritable(tmp_path / "new" / "deeper") is None
+    assert not (tmp_path / "new").exists()  # judged from the nearest folder that exists, and nothing made
+    assert unwritable(blocker) == f"{blocker} is a file, not a folder"
+    assert unwritable(blocker / "eval") == f"{blocker} is a file, not a folder"
+    assert sorted(tmp_path.iterdir()) == [blocker]  # the probe's temporary file is gone
+
+
+@pytest.mark.parametrize("command, prefix", [
+    (evaluate.main, "siam evaluate: cannot write the results to"),
+    (sequential_eval.main, "siam evaluate --sequential: cannot write the results to"),
+])
+def test_an_evaluation_refuses_an_output_it_cannot_write_before_it_starts(
+        command: Callable[[list[str]], None], prefix: str, tmp_path: Path) -> None:
+    """Before any checkpoint or data loads: the checkpoint named here does not even exist."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=f"^{prefix} {blocker}/eval: {blocker} is a file, not a folder$"):
+        command([str(tmp_path / "no-checkpoint"), "--output", str(blocker / "eval")])
+
+
+def test_the_report_refuses_an_output_it_cannot_write_before_it_starts(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=f"^siam evaluate --report: cannot write the report to {blocker}/r: "):
+        report.main([str(tmp_path / "no-checkpoint"), "--quick", "--output", str(blocker / "r")])

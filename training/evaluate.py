@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
-from models.cli_types import non_negative_float, positive_int, positive_int_list, probability
+from models.cli_types import non_negative_float, positive_int, positive_int_list, probability, unwritable
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_mean_logits
 from training.compare import WORST, per_image_bits, rule_of
@@ -373,8 +373,10 @@ def main(argv: list[str] | None = None) -> None:
         sequential_eval.main([a for a in argv if a != "--sequential"])
         return
     args = build_parser().parse_args(argv)
-    report = evaluate(args)
     out = Path(args.output) if args.output else Path(args.checkpoint) / "eval"
+    if problem := unwritable(out):
+        raise SystemExit(f"siam evaluate: cannot write the results to {out}: {problem}")
+    report = evaluate(args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = to_markdown(report)

@@ -46,7 +46,14 @@ from scipy.stats import norm
 from tqdm import tqdm
 
 from models.checkpoint import Manifest, load_checkpoint
-from models.cli_types import non_negative_float, non_negative_int, positive_int, probability, stopping_confidence_or_off
+from models.cli_types import (
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    probability,
+    stopping_confidence_or_off,
+    unwritable,
+)
 from models.resnet import Classifier
 from models.smooth import Smooth
 from training.attacks import apgd, pgd, smoothed_log_probs, smoothed_probabilities
@@ -543,6 +550,8 @@ def main(argv: list[str] | None = None) -> None:
     if not checkpoints:
         raise SystemExit("siam evaluate --report: no checkpoints given and none under checkpoints/")
     root = Path(args.output)
+    if problem := unwritable(root):
+        raise SystemExit(f"siam evaluate --report: cannot write the report to {root}: {problem}")
     for checkpoint in checkpoints:
         report = report_for(checkpoint, args)
         written = write_report(report, output_folder(root, report))

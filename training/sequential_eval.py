@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
-from models.cli_types import non_negative_float, non_negative_int, positive_int, stopping_confidence
+from models.cli_types import non_negative_float, non_negative_int, positive_int, stopping_confidence, unwritable
 from models.sequential import rounds
 from models.smooth import Smooth
 from training.attacks import cross_entropy, pgd, smoothed_log_probs, undecided
@@ -221,8 +221,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    report = evaluate_sequential(args)
     out = Path(args.output) if args.output else Path(args.checkpoint) / "eval" / "sequential"
+    if problem := unwritable(out):
+        raise SystemExit(f"siam evaluate --sequential: cannot write the results to {out}: {problem}")
+    report = evaluate_sequential(args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sequential.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = to_markdown(report)
