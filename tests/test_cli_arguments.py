@@ -111,6 +111,7 @@ def test_an_output_folder_is_judged_without_creating_anything(tmp_path: Path) ->
 @pytest.mark.parametrize("command, prefix", [
     (evaluate.main, "siam evaluate: cannot write the results to"),
     (sequential_eval.main, "siam evaluate --sequential: cannot write the results to"),
+    (lambda argv: train.main(["--output", argv[2]]), "siam train: cannot write the checkpoint to"),
 ])
 def test_an_evaluation_refuses_an_output_it_cannot_write_before_it_starts(
         command: Callable[[list[str]], None], prefix: str, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models.checkpoint import Manifest, load_checkpoint, read_manifest, save_checkpoint
-from models.cli_types import non_negative_float, non_negative_int, positive_int
+from models.cli_types import non_negative_float, non_negative_int, positive_int, unwritable
 from models.resnet import Classifier, build_classifier
 from models.smooth import Smooth
 from models.spec import ArchitectureSpec, ModelSpec, NoiseLayerSpec, NormalizationSpec, SmoothingSpec
@@ -362,6 +362,8 @@ def train(args: argparse.Namespace) -> Path:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed + ddp.rank)
     out = Path(args.output)
+    if problem := unwritable(out):
+        raise SystemExit(f"siam train: cannot write the checkpoint to {out}: {problem}")
     name = args.name or out.name
 
     validation, train_set = load_split(args.data, "train", args.cache_dir).hold_out(args.val_images, args.val_seed)
