@@ -57,6 +57,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds before a mutant counts as a timeout")
     parser.add_argument("--survivors", action="store_true",
                         help="run the recorded survivors again (with more test files, or tests added since)")
+    parser.add_argument("--functions", default=None, metavar="NAME,NAME",
+                        help="only the mutants of these functions (e.g. after they changed: drop their records first)")
     args = parser.parse_args()
 
     os.chdir("mutants")
@@ -79,6 +81,8 @@ def main() -> int:
     print(f"baseline passes in {time.monotonic() - baseline_start:.1f} s", flush=True)
 
     todo = [m for m in mutant_names(args.module) if m not in record or (args.survivors and record[m] == "survived")]
+    if args.functions:
+        todo = [m for m in todo if any(f"{name}__mutmut_" in m for name in args.functions.split(","))]
     running: dict[int, tuple[str, float]] = {}
     while todo or running:
         while todo and len(running) < args.jobs:

@@ -220,3 +220,61 @@ def test_rules_must_name_two_and_the_help_says_what_each_argument_is(capsys: pyt
                  "the other model's eval.json (or folder), on the same images",
                  "the aggregation rule of each side", "also write the table here (Markdown)"):
         assert part in text
+
+
+def synthetic(model: str, results: dict[tuple[str, int], str], rule: str = "softmax") -> dict[str, Any]:
+    """An evaluation written by hand: per-image answers for each (attack, m), nothing else run."""
+    images = len(next(iter(results.values())))
+    return {"model": model, "command": f"siam evaluate {model}", "smoothing": {"aggregation": rule, "sigma": 0.25},
+            "data": {"sha256": "a" * 64, "images": images, "subset_seed": 0},
+            "attack": {"norm": "Linf", "eps": 8 / 255, "step": 2 / 255, "steps": 7, "restarts": 1},
+            "results": [{"attack": a, "samples": m, "sigma": 0.25, "aggregation": rule, "per_image": bits,
+                         "correct": bits.count("1"), "accuracy": bits.count("1") / images}
+                        for (a, m), bits in results.items()]}
+
+
+def test_the_table_is_exactly_the_paired_difference_worked_by_hand() -> None:
+    """3 gained and 2 lost of 10: +10.0 points, se = sqrt(3 + 2 - 1 / 10) / 10, 95%: +-1.959964 se."""
+    first = synthetic("a", {("clean", 1): "1110011000"})
+    second = synthetic("b", {("clean", 1): "0011111100"})
+    assert to_markdown(first, second, compare(first, second)) == (
+        "### b against a: paired on the same 10 test images\n\n"
+        "| attack | m | a | b | difference, 95% interval | images gained / lost |\n"
+        "|---|---|---|---|---|---|\n"
+        "| clean | 1 | 50.0 | 60.0 | +10.0 [-33.4, +53.4] | 3 / 2 |\n\n"
+        "Evaluations: `siam evaluate a` and `siam evaluate b`.\n")
+
+
+def test_the_table_says_why_it_has_no_worst_case_row() -> None:
+    first = synthetic("a", {("clean", 4): "1100", ("pgd", 4): "1000", ("worst", 4): "1000"})
+    second = synthetic("b", {("clean", 4): "1100", ("pgd", 4): "1000", ("eot", 4): "0000", ("worst", 4): "0000"})
+    assert to_markdown(first, second, compare(first, second)) == (
+        "### b against a: paired on the same 4 test images\n\n"
+        "| attack | m | a | b | difference, 95% interval | images gained / lost |\n"
+        "|---|---|---|---|---|---|\n"
+        "| clean | 4 | 50.0 | 50.0 | +0.0 [+0.0, +0.0] | 0 / 0 |\n"
+        "| pgd | 4 | 25.0 | 25.0 | +0.0 [+0.0, +0.0] | 0 / 0 |\n\n"
+        "No worst-case row: the two evaluations ran different attacks (clean, pgd against clean, eot, pgd).\n\n"
+        "Evaluations: `siam evaluate a` and `siam evaluate b`.\n")
+
+
+def test_one_rules_results_are_picked_out_of_an_evaluation_of_several() -> None:
+    """The model table shows the rule a checkpoint serves; ``--rules`` pairs any one. Results written before
+    ``--aggregations`` carry no rule and are the checkpoint's own."""
+    from training.compare import own_rule, under_rule
+
+    report = synthetic("a", {("clean", 1): "10", ("pgd", 1): "00"})
+    report["results"] += synthetic("a", {("clean", 1): "11"}, rule="vote")["results"]
+    old = dict(report["results"][1])
+    del old["aggregation"]
+    report["results"].append(old)
+    report["gain_over_m1"] = [{"attack": "worst", "samples": 4, "aggregation": rule} for rule in ("softmax", "vote")]
+    assert [(r["attack"], r["per_image"]) for r in own_rule(report)] == [("clean", "10"), ("pgd", "00"), ("pgd", "00")]
+    assert [r["aggregation"] for r in own_rule(report, "gain_over_m1")] == ["softmax"]
+    vote = under_rule(report, "vote")
+    assert vote["model"] == "a (vote)" and [r["per_image"] for r in vote["results"]] == ["11"]
+    assert [r["aggregation"] for r in vote["gain_over_m1"]] == ["vote"]
+    assert report["smoothing"]["aggregation"] == "softmax" and len(report["results"]) == 4  # the input is untouched
+    with pytest.raises(NotComparableError, match=r"^a's evaluation has no results under the logits rule "
+                                                 r"\(it answered with softmax, vote\)$"):
+        under_rule(report, "logits")
