@@ -135,6 +135,8 @@ def test_the_command_prints_and_writes_the_table(report: dict[str, Any], tmp_pat
     printed = capsys.readouterr().out
     assert "### other against tiny: paired on the same 12 test images" in printed
     assert "| clean | 1 |" in printed and (tmp_path / "new" / "folder" / "out.md").read_text() == printed
+    main([str(first.parent), str(first.parent), "--output", str(tmp_path / "new" / "folder" / "out.md")])
+    assert "### tiny against tiny" in (tmp_path / "new" / "folder" / "out.md").read_text()  # into a folder that exists
     second.write_text(json.dumps({**report, "data": {**report["data"], "images": 13}}))
     with pytest.raises(SystemExit, match="siam compare: not the same test images"):
         main([str(first), str(second)])
@@ -275,6 +277,8 @@ def test_one_rules_results_are_picked_out_of_an_evaluation_of_several() -> None:
     assert vote["model"] == "a (vote)" and [r["per_image"] for r in vote["results"]] == ["11"]
     assert [r["aggregation"] for r in vote["gain_over_m1"]] == ["vote"]
     assert report["smoothing"]["aggregation"] == "softmax" and len(report["results"]) == 4  # the input is untouched
+    plain = synthetic("p", {("clean", 1): "1"})  # written without gains over m = 1
+    assert own_rule(plain, "gain_over_m1") == [] and under_rule(plain, "softmax")["gain_over_m1"] == []
     with pytest.raises(NotComparableError, match=r"^a's evaluation has no results under the logits rule "
                                                  r"\(it answered with softmax, vote\)$"):
         under_rule(report, "logits")

@@ -66,3 +66,14 @@ def test_latency_is_the_median_of_the_timed_runs_after_one_warm_up(monkeypatch: 
     timed = _Timed([9.0, 8.0, 6.0, 7.0])
     monkeypatch.setattr(measure.time, "perf_counter", timed.clock)
     assert latency_ms(timed, torch.zeros(2, 3, 32, 32), samples=4, repeats=3) == pytest.approx(7.0)  # type: ignore[arg-type]
+
+
+def test_a_paired_difference_over_one_image_or_none() -> None:
+    from training.measure import paired_difference
+
+    one = paired_difference(torch.tensor([True]), torch.tensor([False]))
+    assert one == {"difference": 1.0, "ci95": [1.0, 1.0], "gained": 1, "lost": 0, "images": 1}
+    none = paired_difference(torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool))
+    assert (none["gained"], none["lost"], none["images"]) == (0, 0, 0)
+    assert all(v != v for v in (none["difference"], *none["ci95"]))  # NaN: no images, no difference
+    assert sorted(none) == sorted(one)
