@@ -317,3 +317,41 @@ def test_certified_accuracy_counts_right_unabstained_answers_whose_radius_reache
     empty = accuracy_entry(torch.zeros(0, dtype=torch.bool))
     assert empty["correct"] == empty["images"] == 0 and empty["ci95"] == [0.0, 1.0]
     assert empty["accuracy"] != empty["accuracy"]  # NaN: no images, no accuracy
+
+
+def test_operating_point_sigma_is_judged_at_the_largest_m_and_ties_go_to_clean_accuracy_then_smaller_sigma() -> None:
+    def rows(curves: dict[float, tuple[float, ...]], clean: dict[float, float] | None = None) -> list[dict]:
+        return [{"sigma": s, "samples": m, "clean": (clean or {}).get(s, 0.8), "robust": r}
+                for s, curve in curves.items() for m, r in zip((1, 8, 64), curve, strict=True)]
+
+    # sigma 0.1 leads at m = 1 and 8, sigma 0.2 at m = 64: the choice is made at m = 64
+    grid = rows({0.1: (0.50, 0.42, 0.40), 0.2: (0.30, 0.44, 0.45)}, clean={0.1: 0.7, 0.2: 0.75})
+    choice = choose_operating_point(grid)  # the default tolerance: 1 point
+    assert {k: choice[k] for k in ("sigma", "samples", "robust", "clean")} == {
+        "sigma": 0.2, "samples": 8, "robust": 0.44, "clean": 0.75}
+    assert "within 1 points of the best m at that sigma" in choice["rule"] and "at m=64" in choice["rule"]
+    tied = rows(dict.fromkeys((0.1, 0.2, 0.4), (0.3, 0.4, 0.45)), clean={0.1: 0.7, 0.2: 0.8, 0.4: 0.8})
+    assert choose_operating_point(tied)["sigma"] == 0.2  # best clean accuracy, then the smaller sigma
+    with pytest.raises(ValueError, match=r"^no validation results to choose from$"):
+        choose_operating_point([])
+
+
+def test_certify_by_m_bounds_the_selected_class_on_the_second_set_at_alpha_one_in_a_thousand() -> None:
+    from scipy.stats import norm
+
+    from models.smooth import ABSTAIN
+    from training.robustness import Answers, certify_by_m
+
+    def answers(votes: list[tuple[int, int]]) -> Answers:  # (class, copies voting for it) per image, m = 16
+        counts = torch.zeros(len(votes), 10, dtype=torch.long)
+        for i, (c, n) in enumerate(votes):
+            counts[i, c], counts[i, (c + 1) % 10] = n, 16 - n
+        return Answers({16: counts.argmax(1)}, {16: counts})
+
+    certs = certify_by_m(answers([(3, 16), (5, 16)]), answers([(3, 16), (5, 10)]), sigma=0.25)[16]
+    p_lower = 0.001 ** (1 / 16)  # 16 of 16 at the default alpha
+    assert certs[0].label == 3 and certs[0].p_lower == pytest.approx(p_lower)
+    assert certs[0].radius == pytest.approx(0.25 * norm.ppf(p_lower))
+    assert certs[1].label == ABSTAIN and certs[1].radius == 0.0  # 10 of 16 does not bound p above 1/2
+    with pytest.raises(ValueError):  # a selection without its estimation set is a bug, not a shorter list
+        certify_by_m(answers([(3, 16), (5, 16)]), answers([(3, 16)]), sigma=0.25)
