@@ -355,3 +355,37 @@ def test_certify_by_m_bounds_the_selected_class_on_the_second_set_at_alpha_one_i
     assert certs[1].label == ABSTAIN and certs[1].radius == 0.0  # 10 of 16 does not bound p above 1/2
     with pytest.raises(ValueError):  # a selection without its estimation set is a bug, not a shorter list
         certify_by_m(answers([(3, 16), (5, 16)]), answers([(3, 16)]), sigma=0.25)
+
+
+def test_sweep_check_allows_two_images_of_noise_and_says_exactly_what_it_saw() -> None:
+    def rows(accs: list[float], eps: list[int], images: int) -> list[dict]:
+        return [{"eps": e / 255, "accuracy": a, "images": images} for a, e in zip(accs, eps, strict=True)]
+
+    # 50 images: a rise of two images (0.04) is noise, of two and a half (0.05) is not; 100 images: 0.02 is noise
+    assert sweep_problems(rows([0.8, 0.40, 0.44, 0.0], [0, 8, 16, 32], 50)) == []
+    assert sweep_problems(rows([0.8, 0.40, 0.45, 0.0], [0, 8, 16, 32], 50)) == [
+        "accuracy rises from 40.0% at eps 8/255 to 45.0% at eps 16/255"]
+    # a rise of exactly the tolerance is allowed (exact binary fractions, so no rounding decides it)
+    exact = [{"eps": e, "accuracy": a, "images": 1000} for e, a in ((0.0, 0.5), (0.25, 0.75), (0.5, 0.0))]
+    assert sweep_problems(exact, tolerance=0.25, large_eps=0.5) == []
+    # at eps 32/255 exactly (the default end), 5% is the most left allowed; more is reported
+    assert sweep_problems(rows([0.8, 0.05], [0, 32], 100)) == []
+    assert sweep_problems(rows([0.8, 0.25], [0, 32], 100)) == [
+        "accuracy is still 25.0% at eps 32/255 (expected about 0%)"]
+
+
+def test_the_eps_sweep_judges_clean_images_at_eps_zero_without_attacking_them() -> None:
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    asked: list[float] = []
+
+    def attack(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+        asked.append(eps)
+        return a + 1  # marks what was attacked
+
+    def judge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([bool((a == x).all())] * 2 + [False] * 2)  # right on half, only where unattacked
+
+    rows = eps_sweep(attack, judge, x, y, [0, 8 / 255])
+    assert asked == [8 / 255]
+    assert [(r["eps"], r["accuracy"], r["correct"], r["images"]) for r in rows] == [
+        (0, 0.5, 2, 4), (8 / 255, 0.0, 0, 4)]
