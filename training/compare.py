@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         first, second = load_evaluation(args.first), load_evaluation(args.second)
-    except (OSError, ValueError) as e:  # no such file, or not JSON: say which, without a traceback
+    except (OSError, ValueError) as e:  # no such file, not JSON, or not an evaluation: say which, no traceback
         raise SystemExit(f"siam compare: {e}") from None
     try:
         if args.rules is not None:
