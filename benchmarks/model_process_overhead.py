@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import queue
 import shlex
 import statistics
 import sys
@@ -35,14 +36,25 @@ from service.remote_engine import RemoteEngine, connect
 from service.settings import Settings
 from service.state import ServiceState
 
+READY_TIMEOUT_S = 120.0  # a cold machine's spawned interpreters import torch before their first request
 
-def client(path: str, callers: int, samples: int, start: float, end: float, counts: Any) -> None:
-    """One worker: ``callers`` closed-loop callers; puts how many answers arrived between start and end."""
+
+def client(path: str, callers: int, samples: int, duration_s: float, ready: Any, go: Any, start_at: Any,
+           counts: Any) -> None:
+    """One worker: connects, warms up and says ``ready``; once told to ``go``, runs ``callers`` closed-loop
+    callers and puts how many answers arrived in the ``duration_s`` from ``start_at``."""
 
     async def run() -> int:
         reader, writer, _ = await connect(Path(path))
         remote = RemoteEngine(reader, writer, "instant", Metrics())
         image = torch.rand(1, 3, 32, 32)
+        await remote.predict(image, samples, "softmax")
+        # A fixed head start is not enough: a spawned interpreter importing torch took over 3 s in CI.
+        ready.put(True)
+        if not await asyncio.to_thread(go.wait, READY_TIMEOUT_S + 10):
+            raise RuntimeError("never told to go")
+        start = start_at.value
+        end = start + duration_s
         done = 0
 
         async def caller() -> None:
@@ -74,18 +86,26 @@ async def measure(clients: int, callers: int, samples: int, duration_s: float, f
     path = folder / f"model-{samples}.sock"
     server = await asyncio.start_unix_server(on_connect, path=str(path))
     ctx = multiprocessing.get_context("spawn")
-    counts = ctx.Queue()
-    start = time.time() + 3.0  # the clients start (a fresh interpreter each) and warm up first
-    end = start + duration_s
-    processes = [ctx.Process(target=client, args=(str(path), callers, samples, start, end, counts))
-                 for _ in range(clients)]
+    counts, ready, go, start_at = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+    processes = [ctx.Process(target=client, args=(str(path), callers, samples, duration_s, ready, go, start_at,
+                                                  counts)) for _ in range(clients)]
     for p in processes:
         p.start()
-    answered = sum([await asyncio.to_thread(counts.get, True, duration_s + 60) for _ in processes])
-    for p in processes:
-        p.join(10)
-    server.close()
-    await state.engine.stop()
+    try:
+        for _ in processes:
+            await asyncio.to_thread(ready.get, True, READY_TIMEOUT_S)
+        start_at.value = time.time() + 0.2
+        go.set()
+        answered = sum([await asyncio.to_thread(counts.get, True, duration_s + 60) for _ in processes])
+    except queue.Empty:
+        raise RuntimeError(f"not every client connected and answered one request within "
+                           f"{READY_TIMEOUT_S:.0f} s") from None
+    finally:
+        for p in processes:
+            p.join(10)
+            p.kill()
+        server.close()
+        await state.engine.stop()
     return answered / duration_s
 
 
