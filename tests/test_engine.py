@@ -412,6 +412,83 @@ def test_a_request_that_cannot_meet_its_deadline_behind_the_queue_is_refused_at_
     asyncio.run(scenario())
 
 
+def test_a_request_that_would_make_the_requests_waiting_before_it_late_is_refused() -> None:
+    """The waiting requests are answered with the next batch, when all of it is computed: a newcomer with a
+    deadline to spare must still not push theirs past their deadline."""
+    async def scenario() -> list[list[int]]:
+        backend = GatedBackend()
+        engine = engine_with(backend)
+        engine.row_cost_s = 0.01
+        first = asyncio.create_task(engine.predict(image(), 50, "softmax"))  # 0.5 s of work
+        await wait_started(backend)
+        waiting = asyncio.create_task(engine.predict(image(), 20, "softmax", timeout=1.0))  # done by about 0.7 s
+        await until(lambda: engine.queue_length == 1)
+        refusal = r"this request's 40 noisy rows would delay the requests waiting before it past their deadline"
+        with pytest.raises(OverloadedError, match=refusal + r" \(about 1\.[01]\d s of work") as refused:
+            await engine.predict(image(), 40, "softmax", timeout=5.0)  # 0.5 + 0.2 + 0.4 s: its own 5 s would do
+        assert refused.value.retry_after_s == 1
+        fits = asyncio.create_task(engine.predict(image(), 20, "softmax", timeout=5.0))  # 0.9 s: both in time
+        await until(lambda: engine.queue_length == 2)
+        backend.gate.set()
+        assert [(await t)[0].prediction.samples for t in (first, waiting, fits)] == [50, 20, 20]
+        await engine.stop()
+        return backend.calls
+
+    assert asyncio.run(scenario()) == [[50], [20, 20]]  # the two waiting shared the next batch
+
+
+def test_admission_adds_a_margin_learned_from_how_far_its_estimates_ran_over() -> None:
+    """Mean plus twice the mean deviation of (answered - estimated) seconds, as moving averages over the
+    requests that were estimated; a request that fits its deadline by the estimate alone but not with the
+    margin is refused."""
+    engine = engine_with(GatedBackend(), start=False)
+    assert engine.estimate_margin_s == 0.0
+    engine._learn_estimate_error(0.5)  # mean 0.05, deviation 0.05
+    assert engine.estimate_margin_s == pytest.approx(0.15)
+    engine._learn_estimate_error(-0.5)  # mean -0.005, deviation 0.045 + 0.055
+    assert engine.estimate_margin_s == pytest.approx(-0.005 + 2 * 0.1)
+    for _ in range(200):  # estimates that overshoot, steadily: no margin (never a negative one)
+        engine._learn_estimate_error(-0.1)
+    assert engine.estimate_margin_s == 0.0
+
+    async def scenario() -> tuple[float, float]:
+        backend = GatedBackend()
+        engine = engine_with(backend)
+        engine.row_cost_s = 0.01
+        alone = asyncio.create_task(engine.predict(image(), 50, "softmax"))  # 0.5 s; admitted unestimated
+        await wait_started(backend)
+        engine._learn_estimate_error(0.5)  # as if an earlier request had been answered 0.5 s later than estimated
+        with pytest.raises(OverloadedError, match=r"would take about 1\.0\d s, past its 1 s deadline"):
+            await engine.predict(image(), 40, "softmax", timeout=1.0)  # 0.9 s by the estimate, 1.05 s with 0.15
+        fits = asyncio.create_task(engine.predict(image(), 30, "softmax", timeout=1.0))  # 0.8 + 0.15 s
+        await until(lambda: engine.queue_length == 1)
+        before = engine.estimate_margin_s
+        backend.gate.set()
+        await alone
+        await fits  # estimated at about 0.8 s and answered at once: the margin learns from it
+        after = engine.estimate_margin_s
+        await engine.stop()
+        return before, after
+
+    before, after = asyncio.run(scenario())
+    assert before == pytest.approx(0.15) and after != pytest.approx(0.15)
+
+
+def test_the_deadline_heap_keeps_no_answered_request() -> None:
+    """Admission's heap of deadlines drops the requests that left the queue: answered one after another, none
+    stays (each would keep its images alive)."""
+    async def scenario() -> int:
+        backend = GatedBackend()
+        backend.gate.set()
+        engine = engine_with(backend)
+        for _ in range(20):
+            await engine.predict(image(), 2, "softmax")
+        await engine.stop()
+        return len(engine._deadlines)
+
+    assert asyncio.run(scenario()) <= 1
+
+
 def test_shed_answers_every_unfinished_request_503_and_stops_computing_them() -> None:
     async def scenario() -> list[list[int]]:
         backend = GatedBackend(chunk_rows=2)
