@@ -374,6 +374,38 @@ def test_sweep_check_allows_two_images_of_noise_and_says_exactly_what_it_saw() -
         "accuracy is still 25.0% at eps 32/255 (expected about 0%)"]
 
 
+def test_sweep_check_allows_one_image_left_on_a_small_sweep_and_names_the_eps_it_missed() -> None:
+    def rows(accs: list[float], images: int, top: int = 32) -> list[dict]:
+        return [{"eps": e / 255, "accuracy": a, "images": images} for a, e in zip(accs, [0, top], strict=True)]
+
+    # 10 images: one right at eps 32/255 (10%) is one image's worth, above the 5% floor but allowed; two are not
+    assert sweep_problems(rows([0.8, 0.1], 10)) == []
+    assert sweep_problems(rows([0.8, 0.2], 10)) == ["accuracy is still 20.0% at eps 32/255 (expected about 0%)"]
+    assert sweep_problems(rows([1.0, 1.0], 1)) == []  # one image: it is all the sweep can say
+    assert sweep_problems(rows([0.8, 0.0], 10, top=16)) == [
+        "the sweep never reaches eps 32/255, so it cannot show accuracy falling to 0"]
+    assert sweep_problems(rows([0.8, 0.0], 10, top=8), large_eps=16 / 255) == [
+        "the sweep never reaches eps 16/255, so it cannot show accuracy falling to 0"]
+
+
+def test_correct_by_m_judges_the_rule_it_is_given_not_the_checkpoints() -> None:
+    from tests.conftest import make_lively_model
+    from training.robustness import answers_by_m
+
+    model, spec = make_lively_model()  # its rule is softmax
+    smooth = Smooth(model, spec.smoothing, 10)
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    vote = answers_by_m(smooth, x, [16], "vote").labels[16]
+    torch.manual_seed(0)
+    softmax = answers_by_m(smooth, x, [16]).labels[16]
+    assert not torch.equal(vote, softmax)  # the two rules disagree somewhere on these copies
+    torch.manual_seed(0)
+    assert torch.equal(correct_by_m(smooth, x, vote, [16], "vote")[16], torch.ones(64, dtype=torch.bool))
+    torch.manual_seed(0)
+    assert torch.equal(correct_by_m(smooth, x, softmax, [16])[16], torch.ones(64, dtype=torch.bool))
+
+
 def test_the_eps_sweep_judges_clean_images_at_eps_zero_without_attacking_them() -> None:
     x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     asked: list[float] = []
