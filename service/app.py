@@ -107,7 +107,13 @@ async def start_worker(state: ServiceState, model_sockets: Sequence[Path], own: 
     state.access = build_access(state.settings)
     links = []
     for path in model_sockets:
-        reader, writer, hello = await connect(path)
+        try:
+            reader, writer, hello = await connect(path, stop=lambda: state.draining)
+        except ConnectionAbortedError as e:  # told to stop (after the model process failed to load, say)
+            state.load_error = str(e)
+            for _, opened, _ in links:
+                opened.close()
+            return
         if not hello["ready"]:
             state.load_error = hello["load_error"]
             for _, opened, _ in [*links, (reader, writer, hello)]:

@@ -67,14 +67,18 @@ class RemoteRuntime:
         return dict(self._runtime)
 
 
-async def connect(path: Path, retry_s: float = 0.05) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
-                                                               dict[str, Any]]:
-    """Connect to the model process (retrying while it starts) and read its hello, sent once it has loaded."""
+async def connect(path: Path, retry_s: float = 0.05, stop: Callable[[], bool] = lambda: False,
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]]:
+    """Connect to the model process (retrying while it starts) and read its hello, sent once it has loaded.
+    Raises ConnectionAbortedError once ``stop()`` holds: a model process that failed to load closes its
+    socket, and a worker that came too late would otherwise retry until its supervisor killed it."""
     while True:
         try:
             reader, writer = await asyncio.open_unix_connection(str(path))
             break
         except (FileNotFoundError, ConnectionRefusedError):
+            if stop():
+                raise ConnectionAbortedError(f"stopped before the model process at {path} answered") from None
             await asyncio.sleep(retry_s)
     header, _ = await read_frame(reader)
     return reader, writer, header

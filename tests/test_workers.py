@@ -24,6 +24,7 @@ import httpx
 import pytest
 import torch
 
+from service.app import start_worker
 from service.backends import load_backend
 from service.engine import DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
 from service.metrics import Metrics
@@ -384,10 +385,31 @@ def serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=timeout)
 
 
+def test_a_worker_told_to_stop_gives_up_on_a_model_process_that_never_answers(tmp_path: Path) -> None:
+    """A model process that failed to load closes its socket: a worker that connects after that must not retry
+    until its supervisor kills it (35 s later), but end its start-up, not ready, once it is told to stop."""
+    async def scenario() -> tuple[float, str | None]:
+        state = ServiceState(Settings(checkpoint=tmp_path))
+        stopping = asyncio.get_running_loop().call_later(0.3, lambda: setattr(state, "draining", True))
+        start = time.monotonic()
+        await asyncio.wait_for(start_worker(state, [tmp_path / "never.sock"]), 10)
+        stopping.cancel()
+        return time.monotonic() - start, state.load_error
+
+    took, error = asyncio.run(scenario())
+    assert 0.25 <= took < 5 and error is not None and "stopped before the model process" in error
+    with pytest.raises(ConnectionAbortedError):
+        asyncio.run(asyncio.wait_for(connect(tmp_path / "never.sock", stop=lambda: True), 10))
+
+
 @pytest.mark.subprocess
 def test_workers_exit_on_a_load_error_and_refuse_a_per_process_rate_limit_or_too_few_workers(tmp_path: Path) -> None:
+    start = time.monotonic()
     done = serve(str(tmp_path / "nonexistent"), "--workers", "2")
     assert done.returncode == 1 and "could not load" in done.stderr, done.stderr[-2000:]
+    # A worker still starting when the load failed used to wait for the supervisor to kill it, in about half
+    # the runs: 41 s to 76 s instead of 7 s.
+    assert "did not stop" not in done.stderr and time.monotonic() - start < 30, done.stderr[-2000:]
     done = serve(str(tmp_path), "--workers", "2", "--rate-limit-per-s", "5", timeout=30)
     assert done.returncode == 1 and "rate-limit" in done.stderr, done.stderr[-2000:]
     done = serve(str(tmp_path), "--workers", "2", "--model-processes", "3", timeout=30)
