@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--callers", type=int, default=64, help="engine callers (default: %(default)s)")
     p.add_argument("--duration", type=float, default=2.0, help="seconds per engine cell (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of every variant (default: %(default)s)")
+    p.add_argument("--call-rows", type=int, default=2000,
+                   help="rows timed per forward measurement: max(5, this // rows) calls (default: %(default)s)")
     p.add_argument("--tuning-cache", type=Path, default=Path(".siam-cache/chunk-rows.json"),
                    help="where the eager backend's tuned chunk size is kept (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for round_ in range(args.rounds):
                 for v in in_turn(variants, round_):
                     backends[v].chunk_rows = max(chunk, rows)  # one call, one chunk
-                    runs[v].append(forward_ms(backends[v], image, rows, max(5, 2000 // rows)))
+                    runs[v].append(forward_ms(backends[v], image, rows, max(5, args.call_rows // rows)))
                     backends[v].chunk_rows = chunk
             ms = {v: statistics.median(found) for v, found in runs.items()}
             line = {"rows": rows, "ms": ms, "runs_ms": runs, "rows_per_s": {v: rows / t * 1e3 for v, t in ms.items()}}

@@ -407,7 +407,8 @@ def test_gpu_paths_times_the_eager_forward_and_engine_and_refuses_graphs_off_a_g
     try:
         results = gpu_paths.main([str(tiny_checkpoint), "--device", "cpu", "--variants", "eager", "--rows", "1,8",
                                   "--samples", "2", "--callers", "4", "--duration", "0.3", "--rounds", "2",
-                                  "--tuning-cache", str(tmp_path / "tc.json"), "--output", str(tmp_path / "g.json")])
+                                  "--call-rows", "40", "--tuning-cache", str(tmp_path / "tc.json"),
+                                  "--output", str(tmp_path / "g.json")])
         with pytest.raises(SystemExit):
             gpu_paths.main([str(tiny_checkpoint), "--device", "cpu", "--variants", "eager,graphs"])
     finally:
