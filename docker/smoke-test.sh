@@ -38,6 +38,7 @@ work="$(mktemp -d)"
 started=$SECONDS
 dockerd_pid=""
 index_pid=""
+tools_pid=""  # the background build of siam-tools:local
 stack_up=0
 
 say() { printf '[smoke %4ds] %s\n' "$((SECONDS - started))" "$*"; }
@@ -81,6 +82,7 @@ cleanup() {
     "${compose[@]}" --profile scale down --volumes --remove-orphans >"$work/down.log" 2>&1 || cat "$work/down.log"
   fi
   [[ -z "$index_pid" ]] || kill "$index_pid" 2>/dev/null || true
+  [[ -z "$tools_pid" ]] || wait "$tools_pid" 2>/dev/null || true  # (a failure before it was waited for)
   if [[ -n "$dockerd_pid" ]]; then
     kill "$dockerd_pid" 2>/dev/null || true
     wait "$dockerd_pid" 2>/dev/null || true
@@ -97,9 +99,12 @@ ensure_debian_image() {  # TAG [EXTRA_PACKAGES...]: made with debootstrap when i
   docker image inspect "$1" >/dev/null 2>&1 || docker/build-base.sh "$@"
 }
 [[ "$SIAM_BASE_IMAGE" == siam-base:local ]] && ensure_debian_image siam-base:local
-for image in "$PROMETHEUS_IMAGE" "$NGINX_IMAGE"; do
-  [[ "$image" == siam-tools:local ]] && ensure_debian_image siam-tools:local prometheus nginx-light
-done
+# The Prometheus and nginx image is needed only once the stack comes up: it is made in the background,
+# beside the service image's build (on 2 cores the smoke test took 382 s instead of 482 s).
+if [[ "$PROMETHEUS_IMAGE" == siam-tools:local || "$NGINX_IMAGE" == siam-tools:local ]]; then
+  ensure_debian_image siam-tools:local prometheus nginx-light >"$work/tools.log" 2>&1 &
+  tools_pid=$!
+fi
 export SIAM_BUILD_CHECKPOINT="$checkpoint"
 case "${SIAM_SMOKE_PIP:-wheels}" in
   wheels)
@@ -147,6 +152,11 @@ say "built $SIAM_IMAGE ($(docker image inspect --format '{{.Size}}' "$SIAM_IMAGE
 # The tag moved to the new image: the one it named before (several GB) would stay behind untagged.
 if [[ -n "$previous" && "$previous" != "$(docker image inspect --format '{{.Id}}' "$SIAM_IMAGE")" ]]; then
   if docker image rm "$previous" >/dev/null 2>&1; then say "removed the previous $SIAM_IMAGE (${previous:7:12})"; fi
+fi
+
+if [[ -n "$tools_pid" ]]; then
+  wait "$tools_pid" || { cat "$work/tools.log"; fail "docker/build-base.sh siam-tools:local"; }
+  sed 's/^/[smoke] /' "$work/tools.log"
 fi
 
 # Grafana has no Debian package: it runs only where its image is here or can be pulled.
