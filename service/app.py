@@ -110,16 +110,14 @@ async def start_worker(state: ServiceState, model_sockets: Sequence[Path], own: 
         try:
             reader, writer, hello = await connect(path, stop=lambda: state.draining)
         except ConnectionAbortedError as e:  # told to stop (after the model process failed to load, say)
-            state.load_error = str(e)
+            hello = {"ready": False, "load_error": str(e)}
+        else:
+            links.append((reader, writer, hello))
+        if not hello["ready"]:
+            state.load_error = hello["load_error"]
             for _, opened, _ in links:
                 opened.close()
             return
-        if not hello["ready"]:
-            state.load_error = hello["load_error"]
-            for _, opened, _ in [*links, (reader, writer, hello)]:
-                opened.close()
-            return
-        links.append((reader, writer, hello))
     hello = links[own][2]
     manifest = Manifest.model_validate(hello["manifest"])
 
