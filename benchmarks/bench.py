@@ -58,7 +58,8 @@ from service.backends import resolve_device
 from service.settings import DEFAULT_CHECKPOINT, DEFAULT_ONNX_CACHE
 from training.data import DEFAULT_DATA, load_split
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Under runs/ (ignored by git): a run must not overwrite the committed results in benchmarks/results/.
+RESULTS = Path("runs") / "bench"
 SYSTEMS = ("siam", "siam-torch", "siam-workers", "fastapi", "fastapi-onnx", "litserve", CEILING)
 DEFAULT_SYSTEMS = ("siam", "fastapi", "fastapi-onnx", "litserve", CEILING)
 
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "that --confidence sends [%(default)s]")
     p.add_argument("--images", type=positive_int, default=256, help="test images the clients send in turn [256]")
     p.add_argument("--output", type=Path, default=None,
-                   help="results JSON; the PNG goes beside it [benchmarks/results/<device>-<cores>cores.json]")
+                   help="results JSON; the PNG goes beside it [runs/bench/<device>-<cores>cores.json]")
     return p
 
 

@@ -399,6 +399,14 @@ def test_an_output_it_cannot_write_is_refused_before_anything_is_measured(
     assert blocker.is_file()
 
 
+def test_without_output_it_writes_under_runs_never_over_the_committed_results(
+        tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("")  # a file where the folder would go: the default output is refused by name
+    with pytest.raises(SystemExit, match=r"cannot write --output runs/bench/cpu-\d+cores\.json: "):
+        bench_main(["--quick", "--checkpoint", str(tiny_checkpoint), "--device", "cpu"])
+
+
 def test_gpu_paths_times_the_eager_forward_and_engine_and_refuses_graphs_off_a_gpu(tiny_checkpoint: Path,
                                                                                   tmp_path: Path) -> None:
     from benchmarks import gpu_paths

@@ -7,7 +7,7 @@ with EOT) and a ``benchmarks.latency`` JSON file, and prints one markdown row pe
 per-image worst case over every attack run, what m = 64 buys over m = 1 (paired), repeatability on
 attacked images, certified accuracy, latency.
 
-    python -m training.model_table checkpoints/* --latency benchmarks/results/latency-cpu-2cores.json
+    python -m training.model_table checkpoints/* --latency benchmarks/results/latency-cpu-2cores-epyc.json
 """
 
 from __future__ import annotations
