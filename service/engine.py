@@ -318,6 +318,7 @@ class Engine:
         does for its retransmission timeout)."""
         self._error_spread_s = 0.9 * self._error_spread_s + 0.1 * abs(error_s - self._error_mean_s)
         self._error_mean_s = 0.9 * self._error_mean_s + 0.1 * error_s
+        self.metrics.admission_margin.set(self.estimate_margin_s)
 
     def _earliest_waiting_deadline(self) -> float:
         """The earliest deadline among the requests still waiting (``inf`` with none), from a heap that drops

@@ -58,6 +58,9 @@ class Metrics:
                                multiprocess_mode="livesum")
         self.queue_length = Gauge("siam_queue_length", "Requests waiting for the worker", registry=r,
                                   multiprocess_mode="livesum")
+        self.admission_margin = Gauge(
+            "siam_admission_margin_seconds", "Seconds added to every admission estimate, learned from how far "
+            "answered requests' estimates ran over", registry=r, multiprocess_mode="max")
         self.rows = Counter("siam_rows", "Noisy rows run through the model", ["model"], registry=r)
         self.predictions = Counter("siam_predictions", "Images answered", ["model", "samples"], registry=r)
         self.errors = Counter("siam_errors", "Failed requests by kind", ["kind"], registry=r)

@@ -445,11 +445,13 @@ def test_admission_adds_a_margin_learned_from_how_far_its_estimates_ran_over() -
     assert engine.estimate_margin_s == 0.0
     engine._learn_estimate_error(0.5)  # mean 0.05, deviation 0.05
     assert engine.estimate_margin_s == pytest.approx(0.15)
+    assert engine.metrics.registry.get_sample_value("siam_admission_margin_seconds") == pytest.approx(0.15)
     engine._learn_estimate_error(-0.5)  # mean -0.005, deviation 0.045 + 0.055
     assert engine.estimate_margin_s == pytest.approx(-0.005 + 2 * 0.1)
     for _ in range(200):  # estimates that overshoot, steadily: no margin (never a negative one)
         engine._learn_estimate_error(-0.1)
     assert engine.estimate_margin_s == 0.0
+    assert engine.metrics.registry.get_sample_value("siam_admission_margin_seconds") == 0.0
 
     async def scenario() -> tuple[float, float]:
         backend = GatedBackend()

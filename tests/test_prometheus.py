@@ -227,6 +227,7 @@ def test_dashboard_queries_run_and_show_the_traffic(stack: tuple[Server, Prometh
             empty.append(panel["title"])
     # Only the canary (off here) has no data; the abstention series exists at 0 from start-up.
     assert empty == ["Canary accuracy"], empty
+    assert prometheus.query("max(siam_admission_margin_seconds)", at)  # a second target in a panel: unseen by any()
 
 
 @pytest.mark.parametrize("args", [["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],
