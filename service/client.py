@@ -1,10 +1,12 @@
 """``siam predict``: send images (files or folders) to a running ``siam serve`` and print the answers.
 
 Each image goes as its own request (raw PNG/JPEG bytes), several at a time, so the service batches
-their noisy copies together. A 503 (queue full, loading, draining) is retried after the server's
-``Retry-After``, up to ``--retries`` times; any other error is reported for that image and the rest go
-on. Output (``--format``): a table row per image (path, class, vote share, top probability), JSON
-lines, or CSV; a progress bar on the terminal's stderr; exit status 1 when any image got no answer.
+their noisy copies together. A 503 (queue full, loading, draining) or a 429 (rate limit) is retried
+after the server's ``Retry-After``, up to ``--retries`` times; any other error is reported for that image
+and the rest go on, except the two that every image would meet: no service at ``--url``, and a refused
+API key (``--api-key``, or the ``SIAM_API_KEY`` environment variable), which stop the run at once.
+Output (``--format``): a table row per image (path, class, vote share, top probability), JSON lines, or
+CSV; a progress bar on the terminal's stderr; exit status 1 when any image got no answer.
 
     siam predict photos/ --samples 64
     siam predict photos/ --samples 256 --confidence 0.999 --format csv > answers.csv
@@ -19,6 +21,8 @@ import argparse
 import asyncio
 import csv
 import json
+import os
+import random
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -31,6 +35,7 @@ import httpx
 from tqdm import tqdm
 
 SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+RETRIED = frozenset({429, 503})  # "not now": retried after Retry-After
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class Answer:
     path: Path
     body: dict[str, Any] | None
     error: str | None = None
+    status: int | None = None  # the HTTP status of a refusal; None when answered or when no answer came back
 
 
 def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
@@ -66,6 +72,13 @@ def retry_after_s(header: str | None, default: float = 1.0, cap: float = 30.0) -
         return default
 
 
+def backoff_s(header: str | None, attempt: int, cap: float = 30.0) -> float:
+    """Seconds before retry ``attempt`` (0 for the first): the server's ``Retry-After``, doubled for each
+    earlier retry and stretched by a random factor of 1 to 2. Without the spread, clients refused together
+    came back together: eight threads under a 5 requests/s limit lost a few images in every run of 40."""
+    return min(retry_after_s(header) * 2**attempt * (1.0 + random.random()), cap)
+
+
 def request_params(samples: int | None, certify: bool, confidence: float | None) -> dict[str, Any]:
     """The query string of ``POST /predict``; unset options are left to the service's defaults."""
     params: dict[str, Any] = {"certify": "true"} if certify else {}
@@ -74,6 +87,15 @@ def request_params(samples: int | None, certify: bool, confidence: float | None)
     if confidence is not None:
         params["confidence"] = confidence
     return params
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def failed(path: Path, e: httpx.HTTPError | OSError) -> Answer:
+    status = e.response.status_code if isinstance(e, httpx.HTTPStatusError) else None
+    return Answer(path, None, str(e), status)
 
 
 def answer_of(r: httpx.Response) -> dict[str, Any]:
@@ -88,12 +110,13 @@ def answer_of(r: httpx.Response) -> dict[str, Any]:
 
 
 class Client:
-    """A small client for ``POST /predict`` that honours ``Retry-After``."""
+    """A small client for ``POST /predict`` that honours ``Retry-After`` and sends an API key if given."""
 
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0, retries: int = 5):
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0, retries: int = 5,
+                 api_key: str | None = None):
         self.url = url.rstrip("/")
         self.retries = retries
-        self.http = httpx.Client(timeout=timeout)
+        self.http = httpx.Client(timeout=timeout, headers=auth_headers(api_key))
 
     def predict_bytes(self, data: bytes, content_type: str, samples: int | None = None,
                       certify: bool = False, confidence: float | None = None) -> dict[str, Any]:
@@ -102,9 +125,9 @@ class Client:
         for attempt in range(self.retries + 1):
             r = self.http.post(f"{self.url}/predict", params=params, content=data,
                                headers={"content-type": content_type})
-            if r.status_code != 503 or attempt == self.retries:
+            if r.status_code not in RETRIED or attempt == self.retries:
                 break
-            time.sleep(retry_after_s(r.headers.get("retry-after")))
+            time.sleep(backoff_s(r.headers.get("retry-after"), attempt))
         return answer_of(r)
 
     def predict_file(self, path: Path, samples: int | None = None, certify: bool = False,
@@ -113,13 +136,22 @@ class Client:
             body = self.predict_bytes(path.read_bytes(), content_type(path), samples, certify, confidence)
             return Answer(path, body)
         except (httpx.HTTPError, OSError) as e:
-            return Answer(path, None, str(e))
+            return failed(path, e)
 
     def predict_files(self, paths: Iterable[Path], samples: int | None = None, certify: bool = False,
                       concurrency: int = 8, confidence: float | None = None) -> Iterator[Answer]:
-        """Answers in the order of ``paths``, ``concurrency`` requests in flight."""
-        with ThreadPoolExecutor(max(concurrency, 1)) as pool:
+        """Answers in the order of ``paths``, ``concurrency`` requests in flight. Closing the iterator early
+        sends no more requests (those in flight finish)."""
+        pool = ThreadPoolExecutor(max(concurrency, 1))
+        try:
             yield from pool.map(lambda p: self.predict_file(p, samples, certify, confidence), paths)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def check_reachable(self) -> None:
+        """Raise ``httpx.TransportError`` unless something answers HTTP at the URL (``/health/live``, which
+        needs no key): a run of many images then stops at once instead of failing each one alike."""
+        self.http.get(f"{self.url}/health/live", timeout=min(self.http.timeout.connect or 10.0, 10.0))
 
     def close(self) -> None:
         self.http.close()
@@ -128,10 +160,11 @@ class Client:
 class AsyncClient:
     """:class:`Client` for asyncio: the same requests and retries, awaited."""
 
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0, retries: int = 5):
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0, retries: int = 5,
+                 api_key: str | None = None):
         self.url = url.rstrip("/")
         self.retries = retries
-        self.http = httpx.AsyncClient(timeout=timeout)
+        self.http = httpx.AsyncClient(timeout=timeout, headers=auth_headers(api_key))
 
     async def predict_bytes(self, data: bytes, content_type: str, samples: int | None = None,
                             certify: bool = False, confidence: float | None = None) -> dict[str, Any]:
@@ -140,9 +173,9 @@ class AsyncClient:
         for attempt in range(self.retries + 1):
             r = await self.http.post(f"{self.url}/predict", params=params, content=data,
                                      headers={"content-type": content_type})
-            if r.status_code != 503 or attempt == self.retries:
+            if r.status_code not in RETRIED or attempt == self.retries:
                 break
-            await asyncio.sleep(retry_after_s(r.headers.get("retry-after")))
+            await asyncio.sleep(backoff_s(r.headers.get("retry-after"), attempt))
         return answer_of(r)
 
     async def predict_file(self, path: Path, samples: int | None = None, certify: bool = False,
@@ -151,7 +184,7 @@ class AsyncClient:
             body = await self.predict_bytes(path.read_bytes(), content_type(path), samples, certify, confidence)
             return Answer(path, body)
         except (httpx.HTTPError, OSError) as e:
-            return Answer(path, None, str(e))
+            return failed(path, e)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -200,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequential sampling: --samples becomes the budget, each image stops once its vote is "
                         "decided at this confidence (e.g. 0.999)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
-    p.add_argument("--retries", type=int, default=5, help="retries of a 503, after Retry-After (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=5,
+                   help="retries of a 503 or 429, after Retry-After (default: %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("SIAM_API_KEY"),
+                   help="the key of a service that has SIAM_API_KEYS (default: the SIAM_API_KEY environment "
+                        "variable; on the command line it shows in the process list)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table",
                    help="a tab-separated row per image, JSON lines {path, answer, error}, or CSV with a header "
@@ -225,8 +262,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"siam predict: {e}") from e
     if not files:
         raise SystemExit("siam predict: no .png, .jpg or .jpeg files found")
-    client = Client(args.url, args.timeout, args.retries)
-    failed = 0
+    client = Client(args.url, args.timeout, args.retries, args.api_key)
+    try:
+        client.check_reachable()
+    except httpx.TransportError as e:
+        client.close()
+        raise SystemExit(f"siam predict: no service answers at {args.url} ({e}); start one with `siam serve`, "
+                         "or pass --url") from e
+    unanswered = 0
     table = csv.DictWriter(sys.stdout, CSV_COLUMNS, lineterminator="\n") if args.format == "csv" else None
     if table:
         table.writeheader()
@@ -235,7 +278,10 @@ def main(argv: list[str] | None = None) -> None:
         # The bar shows on a terminal only (stderr), so that piped output stays clean.
         for answer in tqdm(answers, total=len(files), unit="img", desc="siam predict", file=sys.stderr,
                            disable=None if len(files) > 1 else True, dynamic_ncols=True):
-            failed += answer.body is None
+            if answer.status == 401:  # every image would meet it
+                raise SystemExit(f"siam predict: the service refused the API key ({answer.error}); pass "
+                                 "--api-key or set SIAM_API_KEY")
+            unanswered += answer.body is None
             if table:
                 table.writerow(csv_row(answer))
             elif args.format == "json":
@@ -244,9 +290,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(line(answer))
             sys.stdout.flush()
     finally:
+        answers.close()
         client.close()
-    if failed:
-        print(f"siam predict: {failed} of {len(files)} images got no answer", file=sys.stderr)
+    if unanswered:
+        print(f"siam predict: {unanswered} of {len(files)} images got no answer", file=sys.stderr)
         raise SystemExit(1)
 
 

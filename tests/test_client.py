@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -97,3 +100,83 @@ def test_retry_after_header_forms() -> None:
     assert client.retry_after_s("2") == 2.0 and client.retry_after_s("0") == 0.0
     assert client.retry_after_s("3600") == 30.0  # capped
     assert client.retry_after_s("Wed, 21 Oct 2026 07:28:00 GMT") == 1.0 and client.retry_after_s(None) == 1.0
+
+
+def test_retries_back_off_from_retry_after_doubling_with_a_random_spread() -> None:
+    first = [client.backoff_s("1", 0) for _ in range(200)]
+    assert min(first) >= 1.0 and max(first) <= 2.0 and max(first) - min(first) > 0.5  # spread, not in step
+    assert all(4.0 <= client.backoff_s("1", 2) <= 8.0 for _ in range(50))
+    assert all(2.0 <= client.backoff_s(None, 1) <= 4.0 for _ in range(50))  # no header: 1 s to start from
+    assert client.backoff_s("0", 3) == 0.0 and client.backoff_s("20", 4) == 30.0  # "now" stays now; capped
+
+
+def test_429_is_retried_like_503_and_the_api_key_goes_as_a_bearer_token() -> None:
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            return httpx.Response(429, headers={"retry-after": "0"}, json={"detail": "rate limit"})
+        return httpx.Response(200, json={"label": 3})
+
+    c = client.Client("http://siam.test", retries=1, api_key="k1")
+    c.http = httpx.Client(transport=httpx.MockTransport(handler), headers=c.http.headers)
+    assert c.predict_bytes(b"img", "image/png")["label"] == 3
+    assert len(calls) == 2 and all(r.headers["authorization"] == "Bearer k1" for r in calls)
+
+    async def run() -> dict:
+        async with client.AsyncClient("http://siam.test", retries=0, api_key="k2") as c:
+            c.http = httpx.AsyncClient(transport=httpx.MockTransport(handler), headers=c.http.headers)
+            return await c.predict_bytes(b"img", "image/png")
+
+    assert asyncio.run(run())["label"] == 3 and calls[-1].headers["authorization"] == "Bearer k2"
+    assert "authorization" not in client.Client("http://siam.test").http.headers  # no key, no header
+
+
+def fake_service(monkeypatch: pytest.MonkeyPatch, handler: Any) -> None:
+    """Every httpx.Client that service.client makes talks to ``handler`` instead of the network."""
+    real = httpx.Client
+    monkeypatch.setattr(client.httpx, "Client", lambda **kw: real(transport=httpx.MockTransport(handler), **kw))
+
+
+def many_images(folder: Path, n: int) -> list[str]:
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"{i:03d}.png").write_bytes(b"png")
+    return [str(folder)]
+
+
+def test_a_refused_api_key_stops_the_run_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    posts: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health/live":
+            return httpx.Response(200, json={"status": "live"})
+        posts.append(request)
+        if request.headers.get("authorization") == "Bearer right":
+            return httpx.Response(200, json={"label": 1, "class_name": "car", "probabilities": [0.1] * 10,
+                                             "vote_share": 1.0})
+        time.sleep(0.01)
+        return httpx.Response(401, json={"detail": "missing or unknown API key"})
+
+    fake_service(monkeypatch, handler)
+    paths = many_images(tmp_path / "images", 200)
+    monkeypatch.delenv("SIAM_API_KEY", raising=False)
+    with pytest.raises(SystemExit, match=r"refused the API key \(401: missing or unknown API key\); pass --api-key"):
+        client.main([*paths, "--concurrency", "2"])
+    # Each refusal takes 10 ms, so the bound leaves the main thread 80 ms or more to see the first one.
+    assert len(posts) <= 20, f"{len(posts)} of 200 images sent: the run went on after the first refusal"
+    assert capsys.readouterr().out == ""
+    posts.clear()
+    monkeypatch.setenv("SIAM_API_KEY", "right")  # the environment's key, not on the command line
+    client.main([*paths, "--concurrency", "2"])
+    assert len(posts) == 200 and len(capsys.readouterr().out.splitlines()) == 200
+
+
+def test_no_service_at_the_url_is_one_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SystemExit, match=rf"no service answers at http://127.0.0.1:{port} \(.+\); start one with"):
+        client.main([*many_images(tmp_path / "images", 3), "--url", f"http://127.0.0.1:{port}"])
