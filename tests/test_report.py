@@ -177,7 +177,7 @@ def test_val_images_are_held_out_of_training_and_used_by_the_report(tiny_cifar_t
 
 
 def test_report_quick_run_writes_markdown_json_and_figures(tiny_checkpoint: Path, tiny_cifar_tar: Path,
-                                                           tmp_path: Path) -> None:
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "reports"
     evaluate.main([
         "--report", "--quick", str(tiny_checkpoint), "--data", str(tiny_cifar_tar), "--cache-dir", str(tmp_path / "c"),
@@ -188,6 +188,9 @@ def test_report_quick_run_writes_markdown_json_and_figures(tiny_checkpoint: Path
         "--transfer-steps", "1", "--sweep-eps", "0,8,64", "--sweep-steps", "1", "--sweep-eot", "1",
         "--nattack-population", "4", "--nattack-queries", "20", "--nattack-samples", "1", "--latency-repeats", "1",
         "--apgd-steps", "2", "--apgd-eot", "1"])
+    said = capsys.readouterr().out
+    assert said.startswith(f"robustness report for 1 checkpoint(s) (tiny) into {out}/; the quick preset")
+    assert "name checkpoints" not in said and f"[1/1] {tiny_checkpoint}" in said
     folder = out / "tiny" / "quick"
     r = json.loads((folder / "report.json").read_text())
     assert r["quick"] and r["data"]["test_images"] == 6 and r["data"]["validation"]["images"] == 4
@@ -421,3 +424,11 @@ def test_the_eps_sweep_judges_clean_images_at_eps_zero_without_attacking_them() 
     assert asked == [8 / 255]
     assert [(r["eps"], r["accuracy"], r["correct"], r["images"]) for r in rows] == [
         (0, 0.5, 2, 4), (8 / 255, 0.0, 0, 4)]
+
+
+def test_a_report_on_every_shipped_model_says_so_before_it_starts() -> None:
+    line = report.plan_line([Path("checkpoints/a"), Path("checkpoints/b")], Path("reports/robustness"), quick=False,
+                            named=False)
+    assert line.startswith("robustness report for 2 checkpoint(s) (a, b) into reports/robustness/; the full preset: "
+                           "several hours")
+    assert line.endswith("name checkpoints to report on fewer (siam evaluate --report --quick checkpoints/<name>)")

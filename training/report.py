@@ -542,6 +542,17 @@ def write_report(report: dict[str, Any], folder: Path) -> list[Path]:
     return [folder / "report.json", folder / "report.md", *figures]
 
 
+def plan_line(checkpoints: list[Path], root: Path, quick: bool, named: bool) -> str:
+    """What the run will do and roughly how long it takes, said before it starts: with no checkpoint named the
+    report covers every shipped model, an hour or more on a CPU even with ``--quick``."""
+    preset = "the quick preset: up to about 15 minutes" if quick else "the full preset: several hours"
+    text = (f"robustness report for {len(checkpoints)} checkpoint(s) ({', '.join(c.name for c in checkpoints)}) "
+            f"into {root}/; {preset} per width-1 ResNet-20 on 2 CPU cores, wider models longer")
+    if not named and len(checkpoints) > 1:
+        text += "; name checkpoints to report on fewer (siam evaluate --report --quick checkpoints/<name>)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = resolve(build_parser().parse_args(argv))
@@ -552,7 +563,9 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.output)
     if problem := unwritable(root):
         raise SystemExit(f"siam evaluate --report: cannot write the report to {root}: {problem}")
-    for checkpoint in checkpoints:
+    print(plan_line(checkpoints, root, args.quick, named=bool(args.checkpoints)), flush=True)
+    for i, checkpoint in enumerate(checkpoints, 1):
+        print(f"[{i}/{len(checkpoints)}] {checkpoint}", flush=True)
         report = report_for(checkpoint, args)
         written = write_report(report, output_folder(root, report))
         print(f"{report['model']}: {report['timings_s']['total']:.0f} s; wrote " + ", ".join(map(str, written)))
