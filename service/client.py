@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import random
+import ssl
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -93,6 +94,12 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+def trust(cacert: str | Path | None) -> ssl.SSLContext | bool:
+    """What HTTPS answers to believe: the system's authorities, or only the certificate(s) in ``cacert`` (a
+    service started with its own certificate, ``siam serve --ssl-certfile``)."""
+    return ssl.create_default_context(cafile=str(cacert)) if cacert else True
+
+
 def failed(path: Path, e: httpx.HTTPError | OSError) -> Answer:
     status = e.response.status_code if isinstance(e, httpx.HTTPStatusError) else None
     return Answer(path, None, str(e), status)
@@ -113,10 +120,10 @@ class Client:
     """A small client for ``POST /predict`` that honours ``Retry-After`` and sends an API key if given."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0, retries: int = 5,
-                 api_key: str | None = None):
+                 api_key: str | None = None, cacert: str | Path | None = None):
         self.url = url.rstrip("/")
         self.retries = retries
-        self.http = httpx.Client(timeout=timeout, headers=auth_headers(api_key))
+        self.http = httpx.Client(timeout=timeout, headers=auth_headers(api_key), verify=trust(cacert))
 
     def predict_bytes(self, data: bytes, content_type: str, samples: int | None = None,
                       certify: bool = False, confidence: float | None = None) -> dict[str, Any]:
@@ -161,10 +168,10 @@ class AsyncClient:
     """:class:`Client` for asyncio: the same requests and retries, awaited."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0, retries: int = 5,
-                 api_key: str | None = None):
+                 api_key: str | None = None, cacert: str | Path | None = None):
         self.url = url.rstrip("/")
         self.retries = retries
-        self.http = httpx.AsyncClient(timeout=timeout, headers=auth_headers(api_key))
+        self.http = httpx.AsyncClient(timeout=timeout, headers=auth_headers(api_key), verify=trust(cacert))
 
     async def predict_bytes(self, data: bytes, content_type: str, samples: int | None = None,
                             certify: bool = False, confidence: float | None = None) -> dict[str, Any]:
@@ -238,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("SIAM_API_KEY"),
                    help="the key of a service that has SIAM_API_KEYS (default: the SIAM_API_KEY environment "
                         "variable; on the command line it shows in the process list)")
+    p.add_argument("--cacert", type=Path, default=None,
+                   help="trust this certificate (PEM) for an HTTPS --url, e.g. the one the service was started "
+                        "with (siam serve --ssl-certfile); default: the system's authorities")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table",
                    help="a tab-separated row per image, JSON lines {path, answer, error}, or CSV with a header "
@@ -262,11 +272,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"siam predict: {e}") from e
     if not files:
         raise SystemExit("siam predict: no .png, .jpg or .jpeg files found")
-    client = Client(args.url, args.timeout, args.retries, args.api_key)
+    try:
+        client = Client(args.url, args.timeout, args.retries, args.api_key, args.cacert)
+    except (OSError, ssl.SSLError) as e:
+        raise SystemExit(f"siam predict: --cacert {args.cacert}: {e}") from e
     try:
         client.check_reachable()
     except httpx.TransportError as e:
         client.close()
+        if "CERTIFICATE_VERIFY_FAILED" in str(e):
+            raise SystemExit(f"siam predict: the service at {args.url} has a certificate this machine does not "
+                             f"trust ({e}); pass --cacert with the certificate it was started with") from e
         raise SystemExit(f"siam predict: no service answers at {args.url} ({e}); start one with `siam serve`, "
                          "or pass --url") from e
     unanswered = 0

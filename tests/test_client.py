@@ -180,3 +180,10 @@ def test_no_service_at_the_url_is_one_clear_error(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     with pytest.raises(SystemExit, match=rf"no service answers at http://127.0.0.1:{port} \(.+\); start one with"):
         client.main([*many_images(tmp_path / "images", 3), "--url", f"http://127.0.0.1:{port}"])
+
+
+def test_a_cacert_that_cannot_be_read_is_one_clear_error(tmp_path: Path) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(b"png")
+    with pytest.raises(SystemExit, match=r"^siam predict: --cacert .+missing\.pem: "):
+        client.main([str(image), "--url", "https://127.0.0.1:1", "--cacert", str(tmp_path / "missing.pem")])

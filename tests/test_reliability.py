@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.specs.openapi import checks as st_checks
 from service_helpers import Server, b64, image_bytes
 
+from service import client as siam_predict
 from service.app import create_app, without_paths
 from service.auth import TokenBuckets, hash_key, read_key_hashes
 from service.settings import Settings
@@ -480,6 +481,11 @@ def test_siam_serve_speaks_https_with_a_certificate(checkpoint: Path, tmp_path: 
             time.sleep(0.25)
         r = httpx.post(f"{url}/predict", content=PNG, headers={"content-type": "image/png"}, verify=trust)
         assert r.status_code == 200 and r.json()["model"] == "tiny"
+        image = tmp_path / "a.png"
+        image.write_bytes(PNG)
+        siam_predict.main([str(image), "--url", url, "--cacert", str(cert), "--samples", "2"])  # exits 1 if unanswered
+        with pytest.raises(SystemExit, match=r"certificate this machine does not trust .+; pass --cacert"):
+            siam_predict.main([str(image), "--url", url])
         with pytest.raises(httpx.TransportError):  # plain HTTP on the HTTPS port gets no answer
             httpx.get(f"{server.url}/health/live", timeout=5)
     finally:
