@@ -453,13 +453,16 @@ def test_admission_adds_a_margin_learned_from_how_far_its_estimates_ran_over() -
     assert engine.estimate_margin_s == 0.0
     assert engine.metrics.registry.get_sample_value("siam_admission_margin_seconds") == 0.0
 
-    async def scenario() -> tuple[float, float]:
+    async def scenario() -> tuple[float, float, list[float]]:
         backend = GatedBackend()
         engine = engine_with(backend)
         engine.row_cost_s = 0.01
         alone = asyncio.create_task(engine.predict(image(), 50, "softmax"))  # 0.5 s; admitted unestimated
         await wait_started(backend)
         engine._learn_estimate_error(0.5)  # as if an earlier request had been answered 0.5 s later than estimated
+        learned: list[float] = []
+        learn = engine._learn_estimate_error
+        engine._learn_estimate_error = lambda error_s: (learned.append(error_s), learn(error_s))[1]  # type: ignore[method-assign]
         with pytest.raises(OverloadedError, match=r"would take about 1\.0\d s, past its 1 s deadline"):
             await engine.predict(image(), 40, "softmax", timeout=1.0)  # 0.9 s by the estimate, 1.05 s with 0.15
         fits = asyncio.create_task(engine.predict(image(), 30, "softmax", timeout=1.0))  # 0.8 + 0.15 s
@@ -470,10 +473,12 @@ def test_admission_adds_a_margin_learned_from_how_far_its_estimates_ran_over() -
         await fits  # estimated at about 0.8 s and answered at once: the margin learns from it
         after = engine.estimate_margin_s
         await engine.stop()
-        return before, after
+        return before, after, learned
 
-    before, after = asyncio.run(scenario())
+    before, after, learned = asyncio.run(scenario())
     assert before == pytest.approx(0.15) and after != pytest.approx(0.15)
+    # (answered - estimated) seconds: about 0.8 s early; the request admitted unestimated taught nothing.
+    assert len(learned) == 1 and -0.85 < learned[0] < -0.4, learned
 
 
 def test_the_deadline_heap_keeps_no_answered_request() -> None:
@@ -489,6 +494,29 @@ def test_the_deadline_heap_keeps_no_answered_request() -> None:
         return len(engine._deadlines)
 
     assert asyncio.run(scenario()) <= 1
+
+
+def test_a_request_that_expired_while_queued_no_longer_counts_as_waiting() -> None:
+    """A request whose deadline passed in the queue leaves it, and admission's heap with it: were its passed
+    deadline still read as the earliest of the waiting ones, every newcomer would be refused (503) for as
+    long as the model stayed busy."""
+    async def scenario() -> tuple[list[int], int]:
+        backend = GatedBackend()
+        engine = engine_with(backend)
+        engine.row_cost_s = 0.001
+        first = asyncio.create_task(engine.predict(image(), 50, "softmax"))  # held by the gate
+        await wait_started(backend)
+        with pytest.raises(DeadlineExceededError):  # admitted (about 0.06 s of work), then the gate held it
+            await engine.predict(image(), 10, "softmax", timeout=0.2)
+        assert engine.queue_length == 0
+        later = asyncio.create_task(engine.predict(image(), 10, "softmax", timeout=5.0))  # admitted, not 503
+        await until(lambda: engine.queue_length == 1)
+        backend.gate.set()
+        answered = [(await t)[0].prediction.samples for t in (first, later)]
+        await engine.stop()
+        return answered, sum(not job.taken for _, _, job in engine._deadlines)
+
+    assert asyncio.run(scenario()) == ([50, 10], 0)
 
 
 def test_shed_answers_every_unfinished_request_503_and_stops_computing_them() -> None:
