@@ -70,7 +70,8 @@ def test_the_apgd_cell_is_the_apgd_evaluation_on_the_most_images(tmp_path: Path)
     assert data["data"]["images"] == 500 and data["attack"]["apgd_eot"] == 5
     worst = next(r for r in data["results"] if r["attack"] == "worst" and r["samples"] == 16)
     assert model_table.row(checkpoint, {})[6] == f"{100 * worst['accuracy']:.1f} (500 img, EOT 5)"
-    shutil.rmtree(larger.parent)  # then the 200-image run, then the 50-image one
+    for run in checkpoint.glob("eval/apgd-eot5-500*"):  # every 500-image run: then the 200-image one, then the 50
+        shutil.rmtree(run)
     assert model_table.row(checkpoint, {})[6].endswith("(200 img, EOT 5)")
     shutil.rmtree(checkpoint / "eval" / "apgd-eot5-200")
     # that one also ran the grid's attacks, and its worst case counts them: the cell says so
