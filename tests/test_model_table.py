@@ -63,16 +63,40 @@ def test_the_table_refuses_a_stale_apgd_evaluation_beside_a_current_one(tmp_path
         model_table.row(checkpoint, {})
 
 
-def test_the_apgd_cell_is_the_apgd_evaluation_on_the_most_images(tmp_path: Path) -> None:
+def worst_cells(run: Path, sigma: float) -> str:
+    """The APGD column's m = 1 / 16 / 64 figures, read from an evaluation file directly."""
+    results = json.loads((run / "eval.json").read_text())["results"]
+    worst = {r["samples"]: r for r in results if r["attack"] == "worst" and r["sigma"] == sigma}
+    return " / ".join(f"{100 * worst[m]['accuracy']:.1f}" if m in worst else "-" for m in (1, 16, 64))
+
+
+def test_the_apgd_cell_is_the_apgd_evaluation_on_the_most_images_then_the_most_m(tmp_path: Path) -> None:
     checkpoint = copy_without_weights(ROOT / "checkpoints" / "resnet20-pgd7", tmp_path)
-    larger = checkpoint / "eval" / "apgd-eot5-500" / "eval.json"
-    data = json.loads(larger.read_text())
+    knob, m16 = checkpoint / "eval" / "apgd-eot5-500-knob", checkpoint / "eval" / "apgd-eot5-500"
+    data = json.loads((knob / "eval.json").read_text())
     assert data["data"]["images"] == 500 and data["attack"]["apgd_eot"] == 5
-    worst = next(r for r in data["results"] if r["attack"] == "worst" and r["samples"] == 16)
-    assert model_table.row(checkpoint, {})[6] == f"{100 * worst['accuracy']:.1f} (500 img, EOT 5)"
-    for run in checkpoint.glob("eval/apgd-eot5-500*"):  # every 500-image run: then the 200-image one, then the 50
-        shutil.rmtree(run)
+    # Two runs on 500 images: the one that ran m = 1, 16 and 64, not the one that ran m = 16 alone.
+    assert model_table.row(checkpoint, {})[6] == f"{worst_cells(knob, 0.0625)} (500 img, EOT 5)"
+    assert worst_cells(knob, 0.0625).count("-") == 0
+    shutil.rmtree(knob)
+    assert model_table.row(checkpoint, {})[6] == f"{worst_cells(m16, 0.0625)} (500 img, EOT 5)"
+    assert worst_cells(m16, 0.0625).startswith("- / ")
+    shutil.rmtree(m16)  # then the 200-image one, then the 50
     assert model_table.row(checkpoint, {})[6].endswith("(200 img, EOT 5)")
     shutil.rmtree(checkpoint / "eval" / "apgd-eot5-200")
     # that one also ran the grid's attacks, and its worst case counts them: the cell says so
     assert model_table.row(checkpoint, {})[6].endswith("(50 img, EOT 20, worst with pgd/eot/adaptive)")
+
+
+def test_the_apgd_cell_never_reads_a_run_at_another_sigma(tmp_path: Path) -> None:
+    """The default was also attacked at twice its sigma (``apgd-eot5-500-knob-sigma0125``), on as many images
+    and m values as at its own: the table is the model as served, so that run must never fill its row."""
+    checkpoint = copy_without_weights(ROOT / "checkpoints" / "resnet20-trades30", tmp_path)
+    other = checkpoint / "eval" / "apgd-eot5-500-knob-sigma0125"
+    assert worst_cells(other, 0.125).count("-") == 0 and worst_cells(other, 0.0625) == "- / - / -"
+    own = f"{worst_cells(checkpoint / 'eval' / 'apgd-eot5-500-knob', 0.0625)} (500 img, EOT 5)"
+    assert model_table.row(checkpoint, {})[6] == own
+    for run in checkpoint.glob("eval/apgd*"):  # with only the run at another sigma, the cell is empty
+        if run != other:
+            shutil.rmtree(run)
+    assert model_table.row(checkpoint, {})[6] == "-"
