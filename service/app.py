@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -31,8 +29,9 @@ from service.canary import run_canary_forever
 from service.engine import DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
 from service.feedback import FeedbackStore
 from service.images import InputError
+from service.model_links import ModelLinks
 from service.observe import ObserveMiddleware
-from service.remote_engine import FeedbackRouter, RemoteEngine, RemoteRuntime, connect
+from service.remote_engine import ModelLostError
 from service.settings import Settings
 from service.state import ClientGoneError, ServiceState, ServiceUnavailableError
 
@@ -102,37 +101,11 @@ async def start(state: ServiceState) -> None:
 
 async def start_worker(state: ServiceState, model_sockets: Sequence[Path], own: int = 0) -> None:
     """An HTTP worker of ``siam serve --workers N``: connect to the model processes, which load the model,
-    batch, and keep the feedback store; ready once they have loaded (service/model_process.py). Its requests
-    go to model process ``own``; feedback goes to whichever process keeps the prediction."""
+    batch, and keep the feedback store; ready once they have loaded (service/model_process.py), and again
+    after one is restarted (service/model_links.py). Its requests go to model process ``own``; feedback goes
+    to whichever process keeps the prediction."""
     state.access = build_access(state.settings)
-    links = []
-    for path in model_sockets:
-        try:
-            reader, writer, hello = await connect(path, stop=lambda: state.draining)
-        except ConnectionAbortedError as e:  # told to stop (after the model process failed to load, say)
-            hello = {"ready": False, "load_error": str(e)}
-        else:
-            links.append((reader, writer, hello))
-        if not hello["ready"]:
-            state.load_error = hello["load_error"]
-            for _, opened, _ in links:
-                opened.close()
-            return
-    hello = links[own][2]
-    manifest = Manifest.model_validate(hello["manifest"])
-
-    def lost() -> None:  # nothing left to serve: turn not-ready and drain, as on SIGTERM (orphans exit too)
-        state.ready = False
-        state.load_error = "the model process stopped"
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    engines = [RemoteEngine(reader, writer, manifest.name, state.metrics, on_lost=lost) for reader, writer, _ in links]
-    state.manifest, state.engine = manifest, engines[own]
-    state.feedback = engines[0] if len(engines) == 1 else FeedbackRouter(engines)
-    state.links = engines
-    state.backend = RemoteRuntime(hello["backend"], hello["chunk_rows"], hello["runtime"])
-    state.metrics.prepare(manifest.name)
-    state.ready = True
+    await ModelLinks(state, model_sockets, own).open()
 
 
 def create_app(settings: Settings | None = None, model_sockets: Sequence[Path] | None = None,
@@ -227,6 +200,11 @@ def install_error_handlers(app: FastAPI, state: ServiceState) -> None:
     @app.exception_handler(ServiceUnavailableError)
     async def unavailable(request: Request, e: ServiceUnavailableError) -> JSONResponse:
         return answer(request, 503, e.kind, str(e), {"Retry-After": str(e.retry_after_s)})
+
+    @app.exception_handler(ModelLostError)
+    async def model_lost(request: Request, e: ModelLostError) -> JSONResponse:
+        # --workers N: the supervisor is starting another model process (about 2 s on 2 CPU cores)
+        return answer(request, 503, "not_ready", f"{e}; it is being restarted", {"Retry-After": "1"})
 
     @app.exception_handler(ShuttingDownError)
     async def shutting_down(request: Request, e: ShuttingDownError) -> JSONResponse:

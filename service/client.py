@@ -2,7 +2,8 @@
 
 Each image goes as its own request (raw PNG/JPEG bytes), several at a time, so the service batches
 their noisy copies together. A 503 (queue full, loading, draining) or a 429 (rate limit) is retried
-after the server's ``Retry-After``, up to ``--retries`` times; any other error is reported for that image
+after the server's ``Retry-After``, up to ``--retries`` times, and so is a request whose connection broke
+before its answer came (a restarting worker or service); any other error is reported for that image
 and the rest go on, except the two that every image would meet: no service at ``--url``, and a refused
 API key (``--api-key``, or the ``SIAM_API_KEY`` environment variable), which stop the run at once.
 Output (``--format``): a table row per image (path, class, vote share, top probability), JSON lines, or
@@ -37,6 +38,11 @@ from tqdm import tqdm
 
 SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 RETRIED = frozenset({429, 503})  # "not now": retried after Retry-After
+RESENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+"""The connection broke before an answer came (a worker or the whole service restarting). A prediction changes
+nothing on the server, so it is sent again, after a backoff from :data:`BROKEN_WAIT_S`. A read timeout is not
+among them: the service may still be computing that answer, and a second copy would only add to its load."""
+BROKEN_WAIT_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -73,11 +79,12 @@ def retry_after_s(header: str | None, default: float = 1.0, cap: float = 30.0) -
         return default
 
 
-def backoff_s(header: str | None, attempt: int, cap: float = 30.0) -> float:
-    """Seconds before retry ``attempt`` (0 for the first): the server's ``Retry-After``, doubled for each
-    earlier retry and stretched by a random factor of 1 to 2. Without the spread, clients refused together
-    came back together: eight threads under a 5 requests/s limit lost 3 and 6 of 40 images in two runs."""
-    return min(retry_after_s(header) * 2**attempt * (1.0 + random.random()), cap)
+def backoff_s(header: str | None, attempt: int, cap: float = 30.0, default: float = 1.0) -> float:
+    """Seconds before retry ``attempt`` (0 for the first): the server's ``Retry-After`` (else ``default``),
+    doubled for each earlier retry and stretched by a random factor of 1 to 2. Without the spread, clients
+    refused together came back together: eight threads under a 5 requests/s limit lost 3 and 6 of 40 images
+    in two runs."""
+    return min(retry_after_s(header, default) * 2**attempt * (1.0 + random.random()), cap)
 
 
 def request_params(samples: int | None, certify: bool, confidence: float | None) -> dict[str, Any]:
@@ -130,8 +137,14 @@ class Client:
         """The answer to one image; raises ``httpx.HTTPStatusError`` once retries are spent."""
         params = request_params(samples, certify, confidence)
         for attempt in range(self.retries + 1):
-            r = self.http.post(f"{self.url}/predict", params=params, content=data,
-                               headers={"content-type": content_type})
+            try:
+                r = self.http.post(f"{self.url}/predict", params=params, content=data,
+                                   headers={"content-type": content_type})
+            except RESENT:
+                if attempt == self.retries:
+                    raise
+                time.sleep(backoff_s(None, attempt, default=BROKEN_WAIT_S))
+                continue
             if r.status_code not in RETRIED or attempt == self.retries:
                 break
             time.sleep(backoff_s(r.headers.get("retry-after"), attempt))
@@ -178,8 +191,14 @@ class AsyncClient:
         """The answer to one image; raises ``httpx.HTTPStatusError`` once retries are spent."""
         params = request_params(samples, certify, confidence)
         for attempt in range(self.retries + 1):
-            r = await self.http.post(f"{self.url}/predict", params=params, content=data,
-                                     headers={"content-type": content_type})
+            try:
+                r = await self.http.post(f"{self.url}/predict", params=params, content=data,
+                                         headers={"content-type": content_type})
+            except RESENT:
+                if attempt == self.retries:
+                    raise
+                await asyncio.sleep(backoff_s(None, attempt, default=BROKEN_WAIT_S))
+                continue
             if r.status_code not in RETRIED or attempt == self.retries:
                 break
             await asyncio.sleep(backoff_s(r.headers.get("retry-after"), attempt))
@@ -241,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "decided at this confidence (e.g. 0.999)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
     p.add_argument("--retries", type=int, default=5,
-                   help="retries of a 503 or 429, after Retry-After (default: %(default)s)")
+                   help="retries of a 503 or 429 (after Retry-After) or of a request whose connection broke "
+                        "(default: %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("SIAM_API_KEY"),
                    help="the key of a service that has SIAM_API_KEYS (default: the SIAM_API_KEY environment "
                         "variable; on the command line it shows in the process list)")

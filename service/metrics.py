@@ -80,10 +80,18 @@ class Metrics:
                                      ["model", "samples", "attack"], registry=r, multiprocess_mode="mostrecent")
         self.canary_last_run = Gauge("siam_canary_last_run_timestamp_seconds", "When the canary last finished",
                                      registry=r, multiprocess_mode="mostrecent")
+        self.process_restarts = Counter("siam_process_restarts", "Processes of siam serve --workers N started "
+                                        "again after one died, by kind (model, http)", ["process"], registry=r)
         # An info metric as a gauge at 1 (what prometheus-client's Info writes), since Info cannot be shared
         # between processes.
         self.model = Gauge("siam_model_info", "The model being served", MODEL_LABELS, registry=r,
                            multiprocess_mode="max")
+
+    def count_start(self, process: str, restarted: bool) -> None:
+        """A process of ``siam serve --workers N`` started (``process``: "model" or "http"). Each process
+        writes its own file and the files of dead processes still count, so the sum is the restarts since
+        the service started; a first start shows 0, so that ``increase()`` sees the first restart."""
+        self.process_restarts.labels(process).inc(1 if restarted else 0)
 
     def describe_model(self, info: dict[str, str]) -> None:
         self.model.labels(*(info.get(name, "") for name in MODEL_LABELS)).set(1)

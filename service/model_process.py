@@ -132,11 +132,12 @@ class WorkerLink:
 
 
 async def serve_model(settings: Settings, socket_path: Path, control: Connection,
-                      state: ServiceState | None = None, index: int = 0) -> int:
+                      state: ServiceState | None = None, index: int = 0, restarted: bool = False) -> int:
     """Load the model, answer workers until the control pipe closes, drain the engine. Returns the exit status.
     ``state`` (a fresh one by default) lets in-process tests look at the engine; ``index`` is this process's
-    place among ``--model-processes`` (only the first runs the canary)."""
+    place among ``--model-processes`` (only the first runs the canary); ``restarted``: it replaces one that died."""
     state = state or ServiceState(settings)
+    state.metrics.count_start("model", restarted)
     loaded = asyncio.Event()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -180,10 +181,11 @@ async def serve_model(settings: Settings, socket_path: Path, control: Connection
     return 0
 
 
-def run_model_process(settings: Settings, socket_path: str, control: Connection, index: int = 0) -> None:
+def run_model_process(settings: Settings, socket_path: str, control: Connection, index: int = 0,
+                      restarted: bool = False) -> None:
     """The process's entry point (spawned by service/workers.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging(settings.log_level)
     log.info("model process %d (%d of %d)", os.getpid(), index + 1, settings.model_processes)
-    sys.exit(asyncio.run(serve_model(settings, Path(socket_path), control, index=index)))
+    sys.exit(asyncio.run(serve_model(settings, Path(socket_path), control, index=index, restarted=restarted)))

@@ -30,6 +30,10 @@ log = logging.getLogger("siam.worker")
 SILENCE_MARGIN_S = 5.0
 
 
+class ModelLostError(ShuttingDownError):
+    """The model process this request went to died; the supervisor is starting another (503, Retry-After 1)."""
+
+
 def owner(prediction_id: str, processes: int) -> int:
     """Which of ``processes`` model processes keeps ``prediction_id`` for feedback: its last two hex digits,
     modulo the count. A model process ends the ids it issues with its own index (``model_process.new_id``);
@@ -107,13 +111,13 @@ class RemoteEngine:
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             self._lost = True
             log.error("the model process closed its connection: %s", type(e).__name__)
-            self._fail_waiting("the model process stopped")
+            self._fail_waiting("the model process stopped", ModelLostError)
             self._on_lost()
 
     async def _call(self, header: dict[str, Any], payload: bytes = b"",
                     timeout: float = 30.0) -> tuple[dict[str, Any], bytes]:
         if self._lost:
-            raise ShuttingDownError("the model process stopped")
+            raise ModelLostError("the model process stopped")
         rid = next(self._ids)
         loop = asyncio.get_running_loop()
         future = self._waiting[rid] = loop.create_future()
@@ -155,13 +159,13 @@ class RemoteEngine:
     def record(self, answers: list[Answer], samples: int) -> None:
         record_answers(self.metrics, self.model_name, answers, samples)
 
-    def _fail_waiting(self, message: str) -> int:
+    def _fail_waiting(self, message: str, error: type[ShuttingDownError] = ShuttingDownError) -> int:
         """Answer every request still waiting on the model process with ShuttingDownError (503), asking the
         model process (while it is there) to drop their rows. Returns how many were answered."""
         failed = 0
         for rid, future in self._waiting.items():
             if not future.done():
-                future.set_exception(ShuttingDownError(message))
+                future.set_exception(error(message))
                 failed += 1
                 if not self._lost:
                     self._writer.write(frame({"op": "cancel", "id": rid}))
@@ -171,6 +175,11 @@ class RemoteEngine:
     def shed(self) -> int:
         """Answer every request still waiting on the model process 503 (the grace period is ending)."""
         return self._fail_waiting(SHED_MESSAGE)
+
+    def close(self) -> None:
+        """Close the connection now, owing nothing (it was lost, or never used)."""
+        self._listener.cancel()
+        self._writer.close()
 
     async def stop(self) -> None:
         """Wait for the answers still owed (uvicorn has finished or shed the requests by now), then close."""

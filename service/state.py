@@ -34,6 +34,7 @@ class ServiceState:
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
+    restarting: bool = False  # --workers N: this worker's model process died and another is loading
 
     @property
     def model_name(self) -> str:
@@ -59,7 +60,8 @@ def serving(request: Request) -> tuple[ServiceState, Engine | RemoteEngine, Mani
     if state.draining:
         raise ServiceUnavailableError("the server is shutting down", "shutting_down", 5)
     if not state.ready or state.engine is None or state.manifest is None:
-        raise ServiceUnavailableError("the model is not loaded yet", "not_ready", 5)
+        raise ServiceUnavailableError(state.load_error or "the model is not loaded yet", "not_ready",
+                                      1 if state.restarting else 5)
     return state, state.engine, state.manifest
 
 

@@ -16,8 +16,12 @@ through any worker (service/remote_engine.py).
 
 On SIGTERM or SIGINT the workers drain first (each turns not-ready, finishes its accepted requests
 within the grace period, as the single-process service does), then the model processes finish what they
-still hold and exit. If any process dies, the others are stopped and ``siam serve`` exits with status
-1, for the orchestrator to restart it.
+still hold and exit. A process that dies is started again in its place: a worker on its own listening
+socket, a model process on its own socket, which its workers connect to again once it has loaded
+(service/model_links.py; meanwhile they answer 503 with Retry-After, and the feedback ids that process kept
+are forgotten). ``siam_process_restarts_total`` counts the restarts. Past :data:`RESTARTS_ALLOWED` restarts
+in :data:`RESTART_WINDOW_S` seconds, or when a model cannot be loaded, the others are stopped and ``siam
+serve`` exits with status 1, for the orchestrator to restart it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import signal
 import socket
 import sys
 import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -40,9 +47,13 @@ import uvicorn
 from service.settings import Settings
 
 log = logging.getLogger("siam.serve")
+RESTARTS_ALLOWED = 5
+RESTART_WINDOW_S = 60.0
+"""More restarts than this within the window (all processes together) is a crash loop: stop and exit 1."""
 
 
-def run_worker(settings: Settings, model_sockets: list[str], own: int, sockets: list[socket.socket]) -> None:
+def run_worker(settings: Settings, model_sockets: list[str], own: int, sockets: list[socket.socket],
+               restarted: bool = False) -> None:
     """An HTTP worker's entry point: the ordinary app, sending its requests to model process ``own``."""
     from service.app import create_app
     from service.observe import setup_logging
@@ -50,6 +61,7 @@ def run_worker(settings: Settings, model_sockets: list[str], own: int, sockets: 
 
     setup_logging(settings.log_level)
     app = create_app(settings, model_sockets=[Path(path) for path in model_sockets], own=own)
+    app.state.siam.metrics.count_start("http", restarted)
     GracefulServer(uvicorn_config(app, settings), app).run(sockets=sockets)
 
 
@@ -87,52 +99,108 @@ def stop_process(process: BaseProcess, timeout: float) -> None:
         process.join()
 
 
-class Supervisor:
-    """Starts the model processes and the workers, watches them, and stops them in order."""
+class RestartBudget:
+    """At most ``allowed`` restarts within any ``window_s`` seconds: a process that keeps dying is not
+    restarted for ever (a crash loop), and one that died an hour ago does not count against the next."""
 
-    def __init__(self, settings: Settings, folder: Path, signalled: list[int]):
+    def __init__(self, allowed: int = RESTARTS_ALLOWED, window_s: float = RESTART_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.allowed, self.window_s, self.clock = allowed, window_s, clock
+        self.times: deque[float] = deque()
+
+    def take(self) -> bool:
+        """Spend one restart now; False when the window's restarts are spent."""
+        now = self.clock()
+        while self.times and self.times[0] <= now - self.window_s:
+            self.times.popleft()
+        if len(self.times) >= self.allowed:
+            return False
+        self.times.append(now)
+        return True
+
+
+class Supervisor:
+    """Starts the model processes and the workers, watches them, restarts one that dies, stops them in order."""
+
+    def __init__(self, settings: Settings, folder: Path, signalled: list[int], budget: RestartBudget | None = None):
         self.settings, self.signalled = settings, signalled
+        self.budget = budget or RestartBudget()
         self.model_sockets = [str(folder / f"model-{k}.sock") for k in range(settings.model_processes)]
         self.ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no threads or CUDA state forked
         self.models: list[BaseProcess] = []
         self.controls: list[Connection] = []
+        self.closed: set[Connection] = set()  # control pipes at EOF: the model process is exiting
         self.workers: list[BaseProcess] = []
         self.listeners: list[socket.socket] = []
 
     def start(self) -> None:
-        from service.model_process import run_model_process
-
         s = self.settings
         # Bound first: a port in use fails the start before any process is made.
         self.listeners = listening_sockets(s.host, s.port, s.workers)
-        for k, path in enumerate(self.model_sockets):
-            control, model_end = self.ctx.Pipe()
-            name = "siam-model" if s.model_processes == 1 else f"siam-model-{k}"
-            model = self.ctx.Process(target=run_model_process, args=(s, path, model_end, k), name=name)
-            model.start()
-            model_end.close()
+        for k in range(s.model_processes):
+            model, control = self.model_process(k)
             self.models.append(model)
             self.controls.append(control)
-        # Worker i sends its requests to model process i mod K: each model process batches its workers' requests.
-        self.workers = [self.ctx.Process(target=run_worker, args=(s, self.model_sockets, i % s.model_processes,
-                                                                  [self.listeners[i]]), name=f"siam-http-{i}")
-                        for i in range(s.workers)]
-        for worker in self.workers:
-            worker.start()
-        log.info("model process %s, %d HTTP workers on %s:%d", ", ".join(str(m.pid) for m in self.models),
-                 len(self.workers), s.host, self.listeners[0].getsockname()[1])
+        self.workers = [self.worker(i) for i in range(s.workers)]
+        log.info("model process %s, %d HTTP workers (%s) on %s:%d", ", ".join(str(m.pid) for m in self.models),
+                 len(self.workers), ", ".join(str(w.pid) for w in self.workers), s.host,
+                 self.listeners[0].getsockname()[1])
+
+    def model_process(self, k: int, restarted: bool = False) -> tuple[BaseProcess, Connection]:
+        """Start model process ``k`` on its socket; returns it and its control pipe."""
+        from service.model_process import run_model_process
+
+        s = self.settings
+        control, model_end = self.ctx.Pipe()
+        name = "siam-model" if s.model_processes == 1 else f"siam-model-{k}"
+        model = self.ctx.Process(target=run_model_process, args=(s, self.model_sockets[k], model_end, k, restarted),
+                                 name=name)
+        model.start()
+        model_end.close()
+        return model, control
+
+    def worker(self, i: int, restarted: bool = False) -> BaseProcess:
+        """Start worker ``i`` on its listening socket. Worker i sends its requests to model process i mod K:
+        each model process batches its workers' requests."""
+        s = self.settings
+        worker = self.ctx.Process(target=run_worker, name=f"siam-http-{i}",
+                                  args=(s, self.model_sockets, i % s.model_processes, [self.listeners[i]], restarted))
+        worker.start()
+        return worker
+
+    def restart(self, dead: BaseProcess) -> str | None:
+        """Start ``dead`` again in its place; a message instead when the restart budget is spent."""
+        from prometheus_client import multiprocess
+
+        what = f"{dead.name} exited with status {dead.exitcode}"
+        if not self.budget.take():
+            return (f"siam serve: {what}; {self.budget.allowed} restarts within {self.budget.window_s:g} s "
+                    "already: giving up")
+        multiprocess.mark_process_dead(dead.pid)  # its live gauges (in flight, queue length) no longer count
+        if dead in self.models:
+            k = self.models.index(dead)
+            self.closed.discard(self.controls[k])
+            self.controls[k].close()
+            self.models[k], self.controls[k] = self.model_process(k, restarted=True)
+            log.error("%s: restarted as process %d", what, self.models[k].pid)
+        else:
+            i = self.workers.index(dead)
+            self.workers[i] = self.worker(i, restarted=True)
+            log.error("%s: restarted as process %d", what, self.workers[i].pid)
+        return None
 
     def watch(self) -> str | None:
-        """Until a signal (None) or a failure (its message): a process that died, or a model that did not load."""
-        watched: list[object] = [*self.controls, *(m.sentinel for m in self.models),
-                                 *(w.sentinel for w in self.workers)]
+        """Until a signal (None) or a failure (its message): a model that did not load, or a process that
+        died once the restart budget is spent."""
         while not self.signalled:
+            watched: list[object] = [*(c for c in self.controls if c not in self.closed),
+                                     *(m.sentinel for m in self.models), *(w.sentinel for w in self.workers)]
             ready = wait(watched, timeout=0.5)  # type: ignore[arg-type]
             for control in (c for c in self.controls if c in ready):
                 try:
                     kind, detail = control.recv()
                 except EOFError:  # the model process is exiting: its sentinel says how
-                    watched.remove(control)
+                    self.closed.add(control)
                     continue
                 if kind == "load_error":
                     log.error("could not load %s: %s", self.settings.checkpoint, detail)
@@ -141,8 +209,12 @@ class Supervisor:
             dead = [p for p in (*self.models, *self.workers) if p.sentinel in ready and not p.is_alive()]
             # A signal to the whole process group (Ctrl-C) reaches the workers too: they drain and exit
             # by themselves, which is the shutdown asked for, not a failure.
-            if dead and not self.signalled:
-                return "siam serve: " + ", ".join(f"{p.name} exited with status {p.exitcode}" for p in dead)
+            for process in dead:
+                if self.signalled:
+                    break
+                failure = self.restart(process)
+                if failure is not None:
+                    return failure
         log.info("signal %d: draining the workers, then the model process", self.signalled[0])
         return None
 

@@ -228,6 +228,9 @@ def test_dashboard_queries_run_and_show_the_traffic(stack: tuple[Server, Prometh
     # Only the canary (off here) has no data; the abstention series exists at 0 from start-up.
     assert empty == ["Canary accuracy"], empty
     assert prometheus.query("max(siam_admission_margin_seconds)", at)  # a second target in a panel: unseen by any()
+    # The restarts of --workers N: valid PromQL, and no series from one process (it has nothing to restart).
+    restarts = next(t["expr"] for p in panels for t in p["targets"] if "siam_process_restarts_total" in t["expr"])
+    assert prometheus.query(restarts, at) == []
 
 
 @pytest.mark.parametrize("args", [["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],

@@ -19,21 +19,34 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import torch
 
+from models.checkpoint import read_manifest
+from models.smooth import Prediction
+from service import model_links
 from service.app import start_worker
 from service.backends import load_backend
-from service.engine import DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
+from service.engine import Answer, DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
 from service.metrics import Metrics
+from service.model_links import ModelLinks
 from service.model_process import new_id, serve_model
-from service.remote_engine import FeedbackRouter, RemoteEngine, connect, owner
+from service.remote_engine import FeedbackRouter, ModelLostError, RemoteEngine, connect, owner
 from service.settings import Settings
-from service.state import ServiceState
-from service.wire import ModelProcessError, decode_answers, decode_error, encode_answers, encode_error, frame
-from service.workers import listening_sockets
+from service.state import ServiceState, ServiceUnavailableError, serving
+from service.wire import (
+    ModelProcessError,
+    decode_answers,
+    decode_error,
+    encode_answers,
+    encode_error,
+    frame,
+    read_frame,
+)
+from service.workers import RestartBudget, Supervisor, listening_sockets
 from tests.service_helpers import ROOT, Server, b64, image_bytes
 
 BODY = {"image": b64(image_bytes(0))}
@@ -246,6 +259,106 @@ def test_a_lost_model_process_fails_waiting_requests_with_503() -> None:
     asyncio.run(scenario())
 
 
+class FakeModelProcess:
+    """A model process's socket that says ``hello`` and answers every request with ``label``, and that can
+    die as a killed process does (every connection closed)."""
+
+    def __init__(self, path: Path, hello: dict, label: int = 0):
+        self.path, self.hello, self.label = path, hello, label
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> FakeModelProcess:
+        self.server = await asyncio.start_unix_server(self.answer, path=str(self.path))
+        return self
+
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        writer.write(frame(self.hello))
+        if not self.hello["ready"]:
+            writer.close()
+            return
+        try:
+            while True:
+                header, _ = await read_frame(reader)
+                answer = Answer(Prediction(self.label, [0.1] * 10, 1.0, header["samples"]))
+                writer.write(frame({"id": header["id"], "answers": encode_answers([answer])}))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    def die(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+
+
+def test_a_worker_waits_for_its_restarted_model_process_and_serves_through_it(
+        checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its model process dies: the worker turns not ready (503 with Retry-After 1, saying why), waits
+    through a successor that could not load, and serves through the one that loaded."""
+    monkeypatch.setattr(model_links, "NOT_LOADED_RETRY_S", 0.01)
+    manifest = read_manifest(checkpoint).model_dump(mode="json")
+    ready = {"ready": True, "manifest": manifest, "runtime": {}, "backend": "fake", "chunk_rows": 64}
+
+    async def scenario() -> None:
+        folder = tempfile.TemporaryDirectory(prefix="siam-test-")
+        path = Path(folder.name, "model.sock")
+        first = await FakeModelProcess(path, ready, label=1).start()
+        state = ServiceState(settings_for(checkpoint))
+        await ModelLinks(state, [path]).open()
+        assert state.ready and state.feedback is state.engine and state.backend.name == "fake"
+        assert [a.label for a in await state.engine.predict(images(1), 4, "softmax")] == [1]
+
+        first.die()
+        await until(lambda: not state.ready)
+        assert state.restarting and state.load_error == model_links.RESTARTING
+        with pytest.raises(ModelLostError):
+            await state.engine.predict(images(1), 4, "softmax")
+        with pytest.raises(ServiceUnavailableError) as refused:
+            serving(SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(siam=state))))  # type: ignore[arg-type]
+        assert refused.value.retry_after_s == 1 and "waiting for it to restart" in str(refused.value)
+
+        broken = await FakeModelProcess(path, {"ready": False, "load_error": "out of memory"}).start()
+        await until(lambda: "out of memory" in (state.load_error or ""))
+        assert not state.ready
+        broken.die()
+
+        lost_engine = state.engine
+        second = await FakeModelProcess(path, ready, label=2).start()
+        await until(lambda: state.ready)
+        assert state.engine is not lost_engine and state.feedback is state.engine and state.links == [state.engine]
+        assert not state.restarting and state.load_error is None
+        assert [a.label for a in await state.engine.predict(images(1), 4, "softmax")] == [2]
+        await state.engine.stop()
+        second.die()
+        folder.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_whose_supervisor_is_gone_drains_instead_of_waiting(checkpoint: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody will restart the model process: the worker sends itself SIGTERM (drain, then exit)."""
+    signals: list[tuple[int, int]] = []
+    monkeypatch.setattr(model_links.os, "kill", lambda pid, sig: signals.append((pid, sig)))
+    manifest = read_manifest(checkpoint).model_dump(mode="json")
+    ready = {"ready": True, "manifest": manifest, "runtime": {}, "backend": "fake", "chunk_rows": 64}
+
+    async def scenario() -> None:
+        folder = tempfile.TemporaryDirectory(prefix="siam-test-")
+        path = Path(folder.name, "model.sock")
+        model = await FakeModelProcess(path, ready).start()
+        state = ServiceState(settings_for(checkpoint))
+        links = ModelLinks(state, [path])
+        await links.open()
+        links.parent = -1  # as if the supervisor had died and this process been adopted
+        model.die()
+        await until(lambda: bool(signals))
+        assert signals == [(os.getpid(), signal.SIGTERM)] and not state.ready and not links.relinking
+        folder.cleanup()
+
+    asyncio.run(scenario())
+
+
 # --- the whole thing, in processes of its own ----------------------------------------------------------
 
 
@@ -416,13 +529,108 @@ def test_workers_exit_on_a_load_error_and_refuse_a_per_process_rate_limit_or_too
     assert done.returncode == 1 and "needs at least as many --workers" in done.stderr, done.stderr[-2000:]
 
 
+def count(url: str, name: str, labels: str) -> float:
+    """One labelled series of /metrics (summed over the processes by the multiprocess collector)."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name}{{{labels}}}"))
+
+
+def wait_for(condition: object, timeout: float, what: str) -> None:
+    """Poll ``condition()`` until true, within a bound."""
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
+        time.sleep(0.05)
+
+
 @pytest.mark.subprocess
-def test_a_dead_model_process_stops_the_service(checkpoint: Path) -> None:
-    """Workers without their model cannot answer: the whole service exits 1 for the orchestrator to restart."""
+def test_a_dead_model_process_or_worker_is_restarted_and_the_service_answers_again(checkpoint: Path) -> None:
+    """kill -9 of the model process: requests meanwhile are answered 503 with Retry-After at once (never a
+    hang, never another 5xx), the workers turn ready again once the new process has loaded, and predictions
+    are answered; then kill -9 of a worker: it is replaced on its own socket. Each restart counts in
+    siam_process_restarts_total, and the service still stops cleanly."""
     server = Server(checkpoint, "--workers", "2", "--backend", "torch", "--log-level", "info")
     with server:
-        found = re.search(r"model process (\d+), 2 HTTP workers", server.output())
+        found = re.search(r"model process (\d+), 2 HTTP workers \((\d+), (\d+)\)", server.output())
         assert found, server.output()[-3000:]
-        os.kill(int(found.group(1)), signal.SIGKILL)
-        assert server.proc.wait(60) == 1
-        assert "siam-model exited with status -9" in server.output()
+        model, worker = int(found.group(1)), int(found.group(2))
+        assert count(server.url, "siam_process_restarts_total", 'process="model"') == 0
+        os.kill(model, signal.SIGKILL)
+        statuses: list[int] = []
+
+        def answered() -> bool:
+            r = httpx.post(f"{server.url}/predict?samples=4", json=BODY, timeout=30)
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                # back in about 2 s here: Retry-After 1, not the 5 of a service shutting down
+                assert r.headers["retry-after"] == "1" and "model process" in r.json()["detail"], r.text
+            return r.status_code == 200
+
+        wait_for(answered, 90, "an answer after the model process was killed")
+        assert statuses[0] == 503 and set(statuses) == {200, 503}, statuses  # the new one takes seconds to load
+        assert "siam-model exited with status -9: restarted as process" in server.output()
+        for _ in range(8):  # connections spread over both workers: each has its new link
+            assert post(server.url, 4)[0] == 200
+        assert count(server.url, "siam_process_restarts_total", 'process="model"') == 1
+        assert count(server.url, "siam_errors_total", 'kind="not_ready"') == statuses.count(503)
+        assert count(server.url, "siam_errors_total", 'kind="shutting_down"') == 0
+        assert httpx.get(f"{server.url}/health/ready", timeout=5).status_code == 200
+
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: "siam-http-0 exited with status -9: restarted as process" in server.output(), 30,
+                 "the worker's restart")
+        wait_for(lambda: count(server.url, "siam_process_restarts_total", 'process="http"') == 1, 60,
+                 "the new worker's start in /metrics")
+        codes = [post(server.url, 4)[0] for _ in range(16)]
+        assert codes == [200] * 16, codes
+    assert server.proc.returncode == 0, server.output()[-3000:]
+
+
+def test_restarts_stop_once_the_budget_is_spent_and_come_back_after_the_window() -> None:
+    now = [0.0]
+    budget = RestartBudget(allowed=3, window_s=60, clock=lambda: now[0])
+    taken = []
+    for t in (0.0, 10.0, 20.0, 30.0):
+        now[0] = t
+        taken.append(budget.take())
+    assert taken == [True, True, True, False]
+    now[0] = 59.9
+    assert not budget.take()  # the first restart still counts
+    now[0] = 60.0
+    assert budget.take() and not budget.take()  # one left the window: one more
+
+
+def test_a_process_that_dies_past_the_budget_stops_the_service_with_its_status(tmp_path: Path) -> None:
+    """The supervisor's answer to a crash loop: no restart, a message with the status, exit 1."""
+    settings = Settings(checkpoint=tmp_path, workers=2)  # type: ignore[call-arg]
+    supervisor = Supervisor(settings, tmp_path, [], RestartBudget(allowed=0))
+    dead = multiprocessing.get_context("spawn").Process(target=sys.exit, args=(3,), name="siam-model")
+    dead.start()
+    dead.join(30)
+    supervisor.models, supervisor.controls = [dead], [multiprocessing.Pipe()[0]]
+    message = supervisor.restart(dead)
+    assert message == "siam serve: siam-model exited with status 3; 0 restarts within 60 s already: giving up"
+    assert supervisor.models == [dead]  # nothing started
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's exit is reaped by whoever adopted it, maybe never)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_without_their_supervisor_the_model_process_and_workers_exit(checkpoint: Path) -> None:
+    """kill -9 of `siam serve` itself: nobody is left to restart anything, so its children must not wait
+    for a restart for ever (holding the port): the model process stops, and the workers drain and exit."""
+    server = Server(checkpoint, "--workers", "2", "--backend", "torch", "--log-level", "info")
+    with server:
+        found = re.search(r"model process (\d+), 2 HTTP workers \((\d+), (\d+)\)", server.output())
+        assert found, server.output()[-3000:]
+        children = [int(pid) for pid in found.groups()]
+        assert all(running(pid) for pid in children)
+        server.proc.kill()
+        wait_for(lambda: not any(running(pid) for pid in children), 60, "the children's exit")
