@@ -466,7 +466,11 @@ def test_workers_finish_accepted_requests_on_sigterm_then_exit(checkpoint: Path,
         with ThreadPoolExecutor(4) as pool:
             pending = [pool.submit(post, server.url, 1024) for _ in range(4)]
             deadline = time.monotonic() + 30
-            while metric(server.url, "siam_in_flight_requests") < 4 + 1:  # summed over workers; /metrics is one
+            # Accepted: inside the model process's engine, waiting or taken into a batch (summed over the
+            # processes). Counting requests in flight was not enough: one still reading its body when the
+            # signal came was refused 503 "shutting down", as a request that arrived after it would be.
+            while (metric(server.url, "siam_queue_length")
+                   + metric(server.url, "siam_queue_wait_seconds_count")) < 4:
                 assert time.monotonic() < deadline, "the requests were not all accepted"
                 time.sleep(0.02)
             if to_group:
