@@ -7,6 +7,7 @@ feedback and metrics between workers, draining on SIGTERM, and failing as a whol
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import re
@@ -292,25 +293,28 @@ class FakeModelProcess:
 
 
 def test_a_worker_waits_for_its_restarted_model_process_and_serves_through_it(
-        checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Its model process dies: the worker turns not ready (503 with Retry-After 1, saying why), waits
     through a successor that could not load, and serves through the one that loaded."""
     monkeypatch.setattr(model_links, "NOT_LOADED_RETRY_S", 0.01)
     manifest = read_manifest(checkpoint).model_dump(mode="json")
-    ready = {"ready": True, "manifest": manifest, "runtime": {}, "backend": "fake", "chunk_rows": 64}
+    ready = {"ready": True, "manifest": manifest, "runtime": {"device": "fake"}, "backend": "fake", "chunk_rows": 64}
 
     async def scenario() -> None:
         folder = tempfile.TemporaryDirectory(prefix="siam-test-")
         path = Path(folder.name, "model.sock")
         first = await FakeModelProcess(path, ready, label=1).start()
         state = ServiceState(settings_for(checkpoint))
-        await ModelLinks(state, [path]).open()
+        links = ModelLinks(state, [path])
+        await links.open()
         assert state.ready and state.feedback is state.engine and state.backend.name == "fake"
+        assert state.model_name == "tiny" and state.backend.chunk_rows == 64
         assert [a.label for a in await state.engine.predict(images(1), 4, "softmax")] == [1]
 
         first.die()
         await until(lambda: not state.ready)
         assert state.restarting and state.load_error == model_links.RESTARTING
+        assert len(links.relinking) == 1  # the task is held (asyncio keeps only a weak reference to it)
         with pytest.raises(ModelLostError):
             await state.engine.predict(images(1), 4, "softmax")
         with pytest.raises(ServiceUnavailableError) as refused:
@@ -321,18 +325,29 @@ def test_a_worker_waits_for_its_restarted_model_process_and_serves_through_it(
         await until(lambda: "out of memory" in (state.load_error or ""))
         assert not state.ready
         broken.die()
+        # A successor that dies before its hello (the connection closes at once): the worker tries again.
+        mute = await asyncio.start_unix_server(lambda reader, writer: writer.close(), path=str(path))
+        await asyncio.sleep(0.2)
+        mute.close()
 
         lost_engine = state.engine
         second = await FakeModelProcess(path, ready, label=2).start()
-        await until(lambda: state.ready)
+        await until(lambda: state.ready and not links.relinking)  # the task also ends (and lets go of itself)
         assert state.engine is not lost_engine and state.feedback is state.engine and state.links == [state.engine]
         assert not state.restarting and state.load_error is None
+        assert "model process 0 is back: serving again" in [r.getMessage() for r in caplog.records]
+        assert state.engine.model_name == state.model_name == "tiny" and state.engine.metrics is state.metrics
+        assert state.backend.chunk_rows == 64 and state.backend.describe() == {"device": "fake"}
         assert [a.label for a in await state.engine.predict(images(1), 4, "softmax")] == [2]
+        second.die()  # and again: the new link watches for its own loss too
+        await until(lambda: not state.ready)
         await state.engine.stop()
-        second.die()
+        for task in links.relinking:
+            task.cancel()
         folder.cleanup()
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.WARNING, logger="siam.worker"):
+        asyncio.run(scenario())
 
 
 def test_a_worker_whose_supervisor_is_gone_drains_instead_of_waiting(checkpoint: Path,
@@ -353,7 +368,21 @@ def test_a_worker_whose_supervisor_is_gone_drains_instead_of_waiting(checkpoint:
         links.parent = -1  # as if the supervisor had died and this process been adopted
         model.die()
         await until(lambda: bool(signals))
-        assert signals == [(os.getpid(), signal.SIGTERM)] and not state.ready and not links.relinking
+        assert signals == [(os.getpid(), signal.SIGTERM)] and state.ready is False and not links.relinking
+
+        # The supervisor dies while the worker waits for a restarted model process: it stops waiting.
+        signals.clear()
+        state = ServiceState(settings_for(checkpoint))
+        model = await FakeModelProcess(path, ready).start()
+        links = ModelLinks(state, [path])
+        await links.open()
+        model.die()
+        await until(lambda: not state.ready)
+        assert links.relinking and not signals
+        links.parent = -1
+        await until(lambda: bool(signals))
+        assert signals == [(os.getpid(), signal.SIGTERM)]
+        await until(lambda: not links.relinking)
         folder.cleanup()
 
     asyncio.run(scenario())
@@ -446,6 +475,9 @@ def test_workers_answer_share_feedback_and_sum_metrics(checkpoint: Path, model_p
         assert metric(server.url, "siam_predictions_total") == 17
         assert metric(server.url, "siam_feedback_total") == 16
         assert metric(server.url, "siam_model_info{") == 1
+        # Every process labels its series with the model's name, the zero series made before any event too.
+        text = httpx.get(f"{server.url}/metrics", timeout=5).text
+        assert set(re.findall(r'model="([^"]*)"', text)) == {"tiny"}
         models = httpx.get(f"{server.url}/v1/models", timeout=5).json()["models"]
         assert models[0]["name"] == "tiny" and models[0]["runtime"]["backend"] == "torch"
         sequential = httpx.post(f"{server.url}/predict?samples=64&confidence=0.99", json=BODY, timeout=30).json()
