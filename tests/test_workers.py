@@ -16,9 +16,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,6 +52,7 @@ from service.wire import (
 )
 from service.workers import RestartBudget, Supervisor, listening_sockets
 from tests.service_helpers import ROOT, Server, b64, image_bytes
+from tests.stand_in_children import hold
 
 BODY = {"image": b64(image_bytes(0))}
 
@@ -647,6 +651,158 @@ def test_a_process_that_dies_past_the_budget_stops_the_service_with_its_status(t
     message = supervisor.restart(dead)
     assert message == "siam serve: siam-model exited with status 3; 0 restarts within 60 s already: giving up"
     assert supervisor.models == [dead]  # nothing started
+
+
+class StandInSupervisor(Supervisor):
+    """The real supervisor with children that only live (tests/stand_in_children.py), recording each start."""
+
+    def __init__(self, settings: Settings, folder: Path, signalled: list[int], budget: RestartBudget,
+                 load_error: str | None = None, stubborn: bool = False):
+        super().__init__(settings, folder, signalled, budget)
+        self.started: list[tuple[str, int, bool]] = []
+        self.load_error = load_error
+        self.stubborn = [self.ctx.Event() for _ in range(settings.model_processes + settings.workers)] if stubborn \
+            else []
+
+    def stand_in(self, *args: object, name: str) -> BaseProcess:
+        stubborn = self.stubborn[len(self.started)] if self.stubborn else None
+        process = self.ctx.Process(target=hold, args=(*args, stubborn), name=name)
+        process.start()
+        return process
+
+    def model_process(self, k: int, restarted: bool = False) -> tuple[BaseProcess, Connection]:
+        control, model_end = self.ctx.Pipe()
+        message = None if self.load_error is None else ("load_error", self.load_error)
+        model = self.stand_in(model_end, message, name="siam-model")
+        model_end.close()
+        self.started.append(("model", k, restarted))
+        return model, control
+
+    def worker(self, i: int, restarted: bool = False) -> BaseProcess:
+        worker = self.stand_in(None, None, name=f"siam-http-{i}")
+        self.started.append(("http", i, restarted))
+        return worker
+
+
+def test_the_supervisor_restarts_each_dead_child_in_its_place_until_the_budget_is_spent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    caplog.set_level(logging.INFO, logger="siam.serve")
+    signalled: list[int] = []
+    supervisor = StandInSupervisor(Settings(checkpoint=tmp_path, workers=2, port=0),  # type: ignore[call-arg]
+                                   tmp_path, signalled, RestartBudget(allowed=2))
+    supervisor.start()
+    assert supervisor.started == [("model", 0, False), ("http", 0, False), ("http", 1, False)]
+    # The line that operators, the restart drill and the tests read the process ids from:
+    port = supervisor.listeners[0].getsockname()[1]
+    pids = [supervisor.models[0].pid, *(w.pid for w in supervisor.workers)]
+    assert caplog.messages[-1] == f"model process {pids[0]}, 2 HTTP workers ({pids[1]}, {pids[2]}) on 127.0.0.1:{port}"
+
+    def restarts() -> int:
+        return sum("restarted as process" in m for m in caplog.messages)
+
+    watched: list[str | None] = []
+    watching = threading.Thread(target=lambda: watched.append(supervisor.watch()))
+    watching.start()
+    try:
+        model, control, first_worker = supervisor.models[0], supervisor.controls[0], supervisor.workers[0]
+        live_gauges = tmp_path / f"gauge_livesum_{model.pid}.db"  # what prometheus-client keeps of its gauges
+        live_gauges.write_bytes(b"")
+        model.kill()
+        wait_for(lambda: restarts() == 1, 30, "the model process's restart")  # logged last
+        assert supervisor.started[3] == ("model", 0, True)
+        assert supervisor.models[0] is not model and supervisor.models[0].is_alive()
+        assert control.closed and supervisor.controls[0] is not control and not supervisor.closed
+        assert not live_gauges.exists()  # its in-flight and queue gauges no longer count in the sums
+        assert (f"siam-model exited with status -9: restarted as process {supervisor.models[0].pid}"
+                in caplog.messages)
+
+        second_worker = supervisor.workers[1]
+        second_worker.kill()
+        wait_for(lambda: restarts() == 2, 30, "the worker's restart")
+        assert supervisor.started[4] == ("http", 1, True)
+        assert supervisor.workers[0] is first_worker and supervisor.workers[1] is not second_worker
+        assert supervisor.workers[1].is_alive()
+        assert (f"siam-http-1 exited with status -9: restarted as process {supervisor.workers[1].pid}"
+                in caplog.messages)
+
+        supervisor.models[0].kill()  # a third death within the minute: a crash loop
+        watching.join(30)
+        assert watched == ["siam serve: siam-model exited with status -9; 2 restarts within 60 s already: "
+                           "giving up"]
+        assert len(supervisor.started) == 5
+        workers_gauges = [tmp_path / f"gauge_livesum_{w.pid}.db" for w in supervisor.workers]
+        for path in workers_gauges:
+            path.write_bytes(b"")
+    finally:
+        signalled.append(signal.SIGTERM)
+        watching.join(30)
+        supervisor.stop()  # "stop" to a model process already gone is no error
+    assert [w.exitcode for w in supervisor.workers] == [-signal.SIGTERM] * 2  # told to stop
+    assert not any(path.exists() for path in workers_gauges)
+    assert supervisor.listeners[0].fileno() == -1
+
+
+def test_the_supervisor_stops_workers_then_model_processes_killing_any_past_the_grace_period(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    for stubborn in (False, True):
+        caplog.clear()
+        settings = Settings(checkpoint=tmp_path, workers=1, port=0, graceful_timeout_s=0.1)  # type: ignore[call-arg]
+        supervisor = StandInSupervisor(settings, tmp_path, [], RestartBudget(), stubborn=stubborn)
+        supervisor.start()
+        for ignoring in supervisor.stubborn:  # SIGTERM ignored before it is sent
+            assert ignoring.wait(30)
+        began = time.monotonic()
+        supervisor.stop()
+        took = time.monotonic() - began
+        if stubborn:  # each waited for its grace (graceful_timeout_s + 5 s: 5.1 s), then killed
+            assert caplog.messages[-2:] == ["process siam-http-0 did not stop within 5 s: killed",
+                                            "process siam-model did not stop within 5 s: killed"]
+            assert [supervisor.workers[0].exitcode, supervisor.models[0].exitcode] == [-9, -9] and took >= 10
+        else:  # the worker by SIGTERM, the model process by "stop" on its control pipe
+            assert [supervisor.workers[0].exitcode, supervisor.models[0].exitcode] == [-signal.SIGTERM, 0]
+            assert took < 5 and "did not stop" not in caplog.text
+
+
+def test_the_supervisor_stops_on_a_load_error_unless_told_to_wait_and_on_a_signal(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    def messages() -> list[str]:
+        return [r.getMessage() for r in caplog.records]
+
+    for exit_on_load_error in (True, False):
+        caplog.clear()
+        signalled: list[int] = []
+        settings = Settings(checkpoint=tmp_path, workers=1, port=0,  # type: ignore[call-arg]
+                            exit_on_load_error=exit_on_load_error)
+        supervisor = StandInSupervisor(settings, tmp_path, signalled, RestartBudget(), load_error="out of memory")
+        supervisor.start()
+        watched: list[str | None] = []
+        watching = threading.Thread(target=lambda: watched.append(supervisor.watch()))  # noqa: B023
+        with caplog.at_level(logging.INFO, logger="siam.serve"):
+            watching.start()
+            try:
+                if exit_on_load_error:
+                    watching.join(30)
+                    assert watched == [f"siam serve: could not load {tmp_path}: out of memory"]
+                else:  # it logs, and keeps serving 503 (the health checks say why) until told to stop
+                    wait_for(lambda: f"could not load {tmp_path}: out of memory" in messages(), 30,
+                             "the load error in the log")
+                    still = time.monotonic() + 1.0  # watching on, past its 0.5 s poll
+                    while time.monotonic() < still:
+                        assert watching.is_alive() and not watched
+                        time.sleep(0.05)
+                    signalled.append(signal.SIGTERM)  # as its handler does: noticed at the next poll
+                    watching.join(5)
+                    assert watched == [None]
+                    assert (f"signal {signal.SIGTERM.value}: draining the workers, then the model process"
+                            in messages())
+            finally:
+                signalled.append(signal.SIGTERM)
+                watching.join(30)
+                supervisor.stop()
+        assert supervisor.started == [("model", 0, False), ("http", 0, False)]  # nothing restarted
 
 
 def running(pid: int) -> bool:
