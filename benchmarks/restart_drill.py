@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.machine import describe, save_results, summary_line
 from benchmarks.servers import ServerProcess, service_spec
+from models.cli_types import positive_int
 from service.client import Client
 from service.settings import DEFAULT_CHECKPOINT, DEFAULT_ONNX_CACHE
 
@@ -115,20 +116,24 @@ def kill_on_schedule(server: ServerProcess, kills: list[tuple[str, float]], bega
         record.append({"kind": kind, "pid": pid, "at_s": at, "back_after_s": round(time.perf_counter() - killed, 2)})
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.restart_drill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_CHECKPOINT)
-    p.add_argument("--images", type=int, default=2000, help="test images per run (default: %(default)s)")
-    p.add_argument("--samples", type=int, default=16, help="m per request (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="HTTP worker processes (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="model threads (default: %(default)s)")
+    p.add_argument("--images", type=positive_int, default=2000, help="test images per run (default: %(default)s)")
+    p.add_argument("--samples", type=positive_int, default=16, help="m per request (default: %(default)s)")
+    p.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight (default: %(default)s)")
+    p.add_argument("--workers", type=positive_int, default=2, help="HTTP worker processes (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=2, help="model threads (default: %(default)s)")
     p.add_argument("--kills", type=parse_kills, default=parse_kills("model@3,http@8,model@13"),
                    help="what to kill when, seconds after the run began (default: model@3,http@8,model@13)")
     p.add_argument("--data", type=Path, default=ARCHIVE, help="the JPEG CIFAR-10 archive (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None, help="write the results here as JSON")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     info = describe(torch.device("cpu"))
     command = "python -m benchmarks.restart_drill " + shlex.join(sys.argv[1:] if argv is None else argv)

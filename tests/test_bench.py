@@ -484,3 +484,18 @@ def test_gil_handoff_times_each_operation_alone_and_beside_a_busy_thread(capsys:
     assert len(rows) == len(operations())  # one row per operation, with both times in microseconds
     assert all(row.startswith(name) and row.count(" us") == 2 for name, row in zip(operations(), rows, strict=True))
     assert not any(t.name == "gil-handoff-busy" for t in threading.enumerate())  # the busy thread stopped
+
+
+def test_the_restart_drill_loses_no_image_through_a_killed_model_process_and_worker(tmp_path: Path) -> None:
+    """The drill behind the README's "0 of 2,000 images lost" (benchmarks/restart_drill.py), made small."""
+    from benchmarks import restart_drill
+
+    if not restart_drill.ARCHIVE.is_file():
+        pytest.skip(f"needs the CIFAR-10 archive at {restart_drill.ARCHIVE}")
+    out = tmp_path / "drill.json"
+    restart_drill.main(["--images", "96", "--kills", "model@0.2,http@1.5", "--output", str(out)])
+    result = json.loads(out.read_text())
+    assert result["drill"]["answered"] == 96 and result["drill"]["lost"] == 0, result["drill"]
+    assert [k["kind"] for k in result["kills"]] == ["model", "http"]
+    assert all(k["during_run"] for k in result["kills"]), result["kills"]  # each kill landed while it ran
+    assert result["refused_during_drill"].get("not_ready", 0) >= 1  # felt by the clients, and retried

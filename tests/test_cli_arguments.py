@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench
+from benchmarks import bench, restart_drill
 from models.cli_types import unwritable
 from service import client
 from training import evaluate, export, report, sequential_eval, train
@@ -33,6 +33,8 @@ REFUSED: list[tuple[Parser, list[str], str]] = [
     (report.build_parser, ["--certify-n", "0"], "argument --certify-n: must be >= 1, got 0"),
     (report.build_parser, ["--eot", "0"], "argument --eot: must be >= 1, got 0"),
     (export.build_parser, ["ckpt", "--canary", "-1"], "argument --canary: must be >= 0, got -1"),
+    (restart_drill.build_parser, ["--images", "0"], "argument --images: must be >= 1, got 0"),
+    (restart_drill.build_parser, ["--concurrency", "0"], "argument --concurrency: must be >= 1, got 0"),
     (train.build_parser, ["--train-images", "0"], "argument --train-images: must be >= 1, got 0"),
     (train.build_parser, ["--threads", "0"], "argument --threads: must be >= 1, got 0"),
     (train.build_parser, ["--train-samples", "0"], "argument --train-samples: must be >= 1, got 0"),
