@@ -339,7 +339,7 @@ def test_a_worker_waits_for_its_restarted_model_process_and_serves_through_it(
         await until(lambda: state.ready and not links.relinking)  # the task also ends (and lets go of itself)
         assert state.engine is not lost_engine and state.feedback is state.engine and state.links == [state.engine]
         assert not state.restarting and state.load_error is None
-        assert "model process 0 is back: serving again" in [r.getMessage() for r in caplog.records]
+        assert "model process 0 is back: serving again" in caplog.messages
         assert state.engine.model_name == state.model_name == "tiny" and state.engine.metrics is state.metrics
         assert state.backend.chunk_rows == 64 and state.backend.describe() == {"device": "fake"}
         assert [a.label for a in await state.engine.predict(images(1), 4, "softmax")] == [2]
@@ -768,9 +768,6 @@ def test_the_supervisor_stops_workers_then_model_processes_killing_any_past_the_
 def test_the_supervisor_stops_on_a_load_error_unless_told_to_wait_and_on_a_signal(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    def messages() -> list[str]:
-        return [r.getMessage() for r in caplog.records]
-
     for exit_on_load_error in (True, False):
         caplog.clear()
         signalled: list[int] = []
@@ -787,7 +784,7 @@ def test_the_supervisor_stops_on_a_load_error_unless_told_to_wait_and_on_a_signa
                     watching.join(30)
                     assert watched == [f"siam serve: could not load {tmp_path}: out of memory"]
                 else:  # it logs, and keeps serving 503 (the health checks say why) until told to stop
-                    wait_for(lambda: f"could not load {tmp_path}: out of memory" in messages(), 30,
+                    wait_for(lambda: f"could not load {tmp_path}: out of memory" in caplog.messages, 30,
                              "the load error in the log")
                     still = time.monotonic() + 1.0  # watching on, past its 0.5 s poll
                     while time.monotonic() < still:
@@ -797,7 +794,7 @@ def test_the_supervisor_stops_on_a_load_error_unless_told_to_wait_and_on_a_signa
                     watching.join(5)
                     assert watched == [None]
                     assert (f"signal {signal.SIGTERM.value}: draining the workers, then the model process"
-                            in messages())
+                            in caplog.messages)
             finally:
                 signalled.append(signal.SIGTERM)
                 watching.join(30)
