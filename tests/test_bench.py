@@ -487,7 +487,7 @@ def test_gil_handoff_times_each_operation_alone_and_beside_a_busy_thread(capsys:
 
 
 def test_the_restart_drill_loses_no_image_through_a_killed_model_process_and_worker(tmp_path: Path) -> None:
-    """The drill behind the README's "0 of 2,000 images lost" (benchmarks/restart_drill.py), made small."""
+    """The drill behind docs/api.md's "lost none of 2,000 images through three kills", made small."""
     from benchmarks import restart_drill
 
     if not restart_drill.ARCHIVE.is_file():

@@ -330,8 +330,14 @@ def test_a_worker_waits_for_its_restarted_model_process_and_serves_through_it(
         assert not state.ready
         broken.die()
         # A successor that dies before its hello (the connection closes at once): the worker tries again.
-        mute = await asyncio.start_unix_server(lambda reader, writer: writer.close(), path=str(path))
-        await asyncio.sleep(0.2)
+        hung_up: list[bool] = []
+
+        def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            hung_up.append(True)
+            writer.close()
+
+        mute = await asyncio.start_unix_server(hang_up, path=str(path))
+        await until(lambda: len(hung_up) >= 2)  # tried, hung up on, and tried again
         mute.close()
 
         lost_engine = state.engine
