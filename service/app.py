@@ -169,13 +169,16 @@ def error_body(request: Request, message: str | list[dict[str, object]]) -> dict
 
 def install_error_handlers(app: FastAPI, state: ServiceState) -> None:
     def answer(request: Request, status: int, kind: str, message: str,
-               headers: dict[str, str] | None = None) -> JSONResponse:
+               headers: dict[str, str] | None = None, retry_after_s: float | None = None) -> JSONResponse:
         state.metrics.errors.labels(kind).inc()
-        return JSONResponse(error_body(request, message), status_code=status, headers=headers)
+        body = error_body(request, message)
+        if retry_after_s is not None:
+            body["retry_after_s"] = retry_after_s
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, e: InputError) -> JSONResponse:
-        return answer(request, e.status, e.kind, str(e), getattr(e, "headers", None))
+        return answer(request, e.status, e.kind, str(e), getattr(e, "headers", None), getattr(e, "retry_after_s", None))
 
     @app.exception_handler(ClientGoneError)
     async def client_gone(request: Request, e: ClientGoneError) -> JSONResponse:

@@ -4,7 +4,8 @@ Keys are never stored, only their SHA-256 (a file of hex digests, one per line, 
 so the file can be shared with config management without leaking a key. A client sends its key as
 ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The rate limit is a token bucket per key (per
 client address when keys are off): ``rate_limit_per_s`` tokens a second, ``rate_limit_burst`` at most;
-an empty bucket answers 429 with the seconds until the next token in ``Retry-After``.
+an empty bucket answers 429 with the seconds until the next token: rounded up in ``Retry-After`` (which
+counts whole seconds) and exact in the body's ``retry_after_s``, which ``siam predict`` waits instead.
 
 ``siam api-key`` prints a new random key and the line to add to the keys file.
 """
@@ -38,9 +39,11 @@ SECURITY_SCHEMES: dict[str, dict[str, str]] = {
 class AccessError(InputError):
     """401 or 429, with the headers the status calls for."""
 
-    def __init__(self, message: str, status: int, kind: str, headers: dict[str, str]):
+    def __init__(self, message: str, status: int, kind: str, headers: dict[str, str],
+                 retry_after_s: float | None = None):
         super().__init__(message, status, kind)
         self.headers = headers
+        self.retry_after_s = retry_after_s  # the exact wait, for the body: ``Retry-After`` counts whole seconds
 
 
 def hash_key(key: str) -> str:
@@ -106,7 +109,8 @@ class Access:
             wait = self.buckets.take(client)
             if wait > 0:
                 raise AccessError(f"rate limit of {self.buckets.rate:g} requests/s exceeded; retry in {wait:.2f} s",
-                                  429, "rate_limited", {"Retry-After": str(max(1, math.ceil(wait)))})
+                                  429, "rate_limited", {"Retry-After": str(max(1, math.ceil(wait)))},
+                                  retry_after_s=round(wait, 3))
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:

@@ -62,6 +62,8 @@ class FeedbackOut(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str | list[dict[str, object]]
+    retry_after_s: float | None = Field(None, description="429 only: the exact seconds until the rate limit lets "
+                                       "this client in again (``Retry-After`` rounds them up to whole seconds)")
 
 
 class PredictParams(BaseModel):

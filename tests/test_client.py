@@ -143,12 +143,56 @@ def test_retry_after_header_forms() -> None:
     assert client.retry_after_s("Wed, 21 Oct 2026 07:28:00 GMT") == 1.0 and client.retry_after_s(None) == 1.0
 
 
-def test_retries_back_off_from_retry_after_doubling_with_a_random_spread() -> None:
-    first = [client.backoff_s("1", 0) for _ in range(200)]
+def test_retries_back_off_from_the_wait_doubling_with_a_random_spread() -> None:
+    first = [client.backoff_s(1.0, 0) for _ in range(200)]
     assert min(first) >= 1.0 and max(first) <= 2.0 and max(first) - min(first) > 0.5  # spread, not in step
-    assert all(4.0 <= client.backoff_s("1", 2) <= 8.0 for _ in range(50))
-    assert all(2.0 <= client.backoff_s(None, 1) <= 4.0 for _ in range(50))  # no header: 1 s to start from
-    assert client.backoff_s("0", 3) == 0.0 and client.backoff_s("20", 4) == 30.0  # "now" stays now; capped
+    assert all(4.0 <= client.backoff_s(1.0, 2) <= 8.0 for _ in range(50))
+    assert client.backoff_s(0.0, 3) == 0.0 and client.backoff_s(20.0, 4) == 30.0  # "now" stays now; capped
+
+
+def test_the_wait_asked_for_is_the_bodys_exact_one_else_retry_after() -> None:
+    def refused(body: Any, header: str | None = "1") -> float:
+        headers = {"retry-after": header} if header else {}
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return client.wait_of(httpx.Response(429, headers=headers, content=content))
+
+    assert refused({"detail": "rate limit", "retry_after_s": 0.2}) == 0.2  # not the header's whole second
+    assert refused({"detail": "busy"}, "3") == 3.0 and refused({"detail": "busy"}, None) == 1.0
+    assert refused(b"<html>proxy</html>", "2") == 2.0 and refused(["a"], "2") == 2.0  # not a JSON object
+    assert refused({"retry_after_s": True}, "2") == 2.0 and refused({"retry_after_s": "0.1"}, "2") == 2.0
+    assert refused({"retry_after_s": -1}) == 0.0 and refused({"retry_after_s": 1e9}) == 30.0  # clamped
+
+
+def test_a_429_is_retried_while_its_waits_fit_the_patience_a_503_a_counted_number_of_times() -> None:
+    limited = httpx.Response(429, json={"detail": "rate limit", "retry_after_s": 0.1})
+    retrying = client.Retrying(retries=1, patience_s=1.0)
+    waits = []
+    while (wait := retrying.after(limited)) is not None:
+        waits.append(wait)
+    assert all(0.1 <= w <= 0.2 for w in waits)  # the exact wait, spread, never doubled
+    assert 5 <= len(waits) <= 10 and sum(waits) <= 1.0  # many more refusals than `retries` allows
+    busy = httpx.Response(503, headers={"retry-after": "1"}, json={"detail": "busy"})
+    assert 1.0 <= retrying.after(busy) <= 2.0 and retrying.after(busy) is None  # one retry, as asked
+    assert client.Retrying(retries=0, patience_s=1.0).after_broken() is None
+    assert retrying.after(httpx.Response(200, json={"label": 1})) is None
+
+
+def test_a_rate_limited_client_loses_no_image_with_no_retries_left(checkpoint: Path, tmp_path: Path) -> None:
+    paths = []
+    for i in range(24):
+        paths.append(tmp_path / f"{i:02d}.png")
+        paths[-1].write_bytes(image_bytes(i))
+    with Server(checkpoint, "--backend", "torch", "--rate-limit-per-s", "20", "--rate-limit-burst", "2") as server:
+        c = client.Client(server.url, retries=0, timeout=30.0)
+        start = time.perf_counter()
+        answers = list(c.predict_files(paths, samples=1, concurrency=8))
+        elapsed = time.perf_counter() - start
+        metrics = httpx.get(f"{server.url}/metrics").text
+        c.close()
+    assert [a.error for a in answers] == [None] * 24
+    refusals = [line for line in metrics.splitlines() if line.startswith('siam_errors_total{kind="rate_limited"}')]
+    assert refusals and float(refusals[0].split()[-1]) > 0, metrics  # the limit was met, and waited out
+    assert elapsed >= (24 - 2) / 20 * 0.9  # and held: no faster than 20 requests/s after the burst
 
 
 def test_429_is_retried_like_503_and_the_api_key_goes_as_a_bearer_token() -> None:

@@ -8,6 +8,7 @@ The fuzzer's depth is ``SIAM_FUZZ_EXAMPLES`` cases per operation (60 in CI) and 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 import signal
@@ -373,6 +374,8 @@ def test_rate_limit_answers_429_with_retry_after(checkpoint: Path) -> None:
         assert statuses == [200, 200, 200, 429, 429]
         r = client.post("/predict", content=PNG, headers={"content-type": "image/png"})
         assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 2
+        exact = r.json()["retry_after_s"]  # the header's whole seconds, exactly
+        assert 0 < exact <= 2 and int(r.headers["retry-after"]) == max(1, math.ceil(exact))
         assert client.get("/health/ready").status_code == 200  # health is not rate limited
 
 
