@@ -99,12 +99,18 @@ def check_samples(samples: int | None, default: int, limit: int) -> int:
     return m
 
 
+def prediction_id(state: ServiceState, label: int, samples: int) -> str:
+    """A signed id that carries the answer, for ``POST /feedback`` through any process (service/feedback.py);
+    an abstention has nothing to be right or wrong about, so its id is random and takes no feedback."""
+    return state.ids.issue(label, samples) if state.ids is not None and label >= 0 else uuid.uuid4().hex
+
+
 def to_out(answer: Answer, state: ServiceState, aggregation: str, elapsed_ms: float, samples: int) -> PredictionOut:
     p, c, label = answer.prediction, answer.certificate, answer.label
     names = state.manifest.spec.class_names  # type: ignore[union-attr]
     sequential = answer.decided is not None
     return PredictionOut(
-        id=answer.id or uuid.uuid4().hex, label=label, class_name=names[label] if label >= 0 else None,
+        id=prediction_id(state, label, samples), label=label, class_name=names[label] if label >= 0 else None,
         probabilities=p.probabilities, vote_share=p.vote_share, samples=samples, model=state.model_name,
         latency_ms=round(elapsed_ms, 3), aggregation=aggregation,
         abstained=None if c is None else c.abstained, radius=None if c is None else c.radius,
@@ -150,12 +156,6 @@ async def predict(request: Request) -> Response:
     elapsed_ms = (time.perf_counter() - start) * 1000
     state.metrics.prediction_duration.labels(samples_bucket(m)).observe(elapsed_ms / 1000)
     outs = [to_out(a, state, rule, elapsed_ms, m) for a in answers]
-    # Kept before answering, so that feedback may follow at once (an answer with an id was kept already, by
-    # the model process of `siam serve --workers N`).
-    fresh = [(o.id, o.label, m, state.model_name) for a, o in zip(answers, outs, strict=True)
-             if a.id is None and o.label >= 0]
-    if fresh and state.feedback is not None:
-        await state.feedback.remember(fresh)
     body = PredictionsOut(predictions=outs) if as_list else outs[0]
     # Already validated when built: serialise once here rather than have FastAPI validate it again.
     return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
@@ -170,7 +170,7 @@ async def feedback(body: FeedbackIn, request: Request) -> FeedbackOut | JSONResp
     classes = len(state.manifest.spec.class_names) if state.manifest else None
     if classes is not None and body.label >= classes:
         raise InputError(f"label must be a class index in [0, {classes}), got {body.label}")
-    issued = await state.feedback.recall(body.id) if state.feedback else None
+    issued = await state.feedback.recall(body.id) if state.feedback is not None else None
     if issued is None:
         state.metrics.errors.labels("feedback_unknown_id").inc()
         return JSONResponse({"detail": f"prediction id {body.id!r} is unknown, expired, or already has feedback"},

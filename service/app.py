@@ -27,7 +27,7 @@ from service.auth import SECURITY_SCHEMES, Access, read_key_hashes, require_acce
 from service.backends import Backend, load_backend, remembered_chunk_rows
 from service.canary import run_canary_forever
 from service.engine import DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
-from service.feedback import FeedbackStore
+from service.feedback import FeedbackStore, PredictionIds
 from service.images import InputError
 from service.model_links import ModelLinks
 from service.observe import ObserveMiddleware
@@ -91,7 +91,8 @@ async def start(state: ServiceState) -> None:
     engine.row_cost_s = row_cost
     engine.start()
     state.backend, state.manifest, state.engine = backend, manifest, engine
-    state.feedback = FeedbackStore(s.feedback_capacity, s.feedback_ttl_s)
+    state.ids = PredictionIds(s.feedback_secret.get_secret_value(), manifest.name, s.feedback_ttl_s)
+    state.feedback = FeedbackStore(state.ids, s.feedback_capacity)
     info = {k: str(v) for k, v in backend.describe().items() if k in ("backend", "device", "precision", "provider")}
     state.metrics.prepare(manifest.name)
     state.metrics.describe_model({"name": manifest.name, "checksum": manifest.weights.sha256, **info})
@@ -101,9 +102,9 @@ async def start(state: ServiceState) -> None:
 
 async def start_worker(state: ServiceState, model_sockets: Sequence[Path], own: int = 0) -> None:
     """An HTTP worker of ``siam serve --workers N``: connect to the model processes, which load the model,
-    batch, and keep the feedback store; ready once they have loaded (service/model_process.py), and again
-    after one is restarted (service/model_links.py). Its requests go to model process ``own``; feedback goes
-    to whichever process keeps the prediction."""
+    batch, and remember which prediction ids had feedback; ready once they have loaded
+    (service/model_process.py), and again after one is restarted (service/model_links.py). Its requests go to
+    model process ``own``; feedback to the process :func:`service.remote_engine.owner` names."""
     state.access = build_access(state.settings)
     await ModelLinks(state, model_sockets, own).open()
 

@@ -18,6 +18,9 @@ from service.settings import Settings
 from service.workers import serve_workers
 
 
+SECRETS = ("feedback_secret",)  # environment only, never a flag (the process list shows flags), never echoed
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siam serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default=None,
                    help=f"checkpoint folder [env SIAM_CHECKPOINT; default {default}]")
     for name, field in Settings.model_fields.items():
-        if name == "checkpoint":
+        if name == "checkpoint" or name in SECRETS:
             continue
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description or name} [env SIAM_{name.upper()}; default {field.default}]"
@@ -46,7 +49,8 @@ def describe_invalid(error: ValidationError, given: set[str]) -> str:
         name = str(err["loc"][0]) if err["loc"] else "settings"
         flag = "the checkpoint argument" if name == "checkpoint" else f"--{name.replace('_', '-')}"
         where = flag if name in given else f"SIAM_{name.upper()}"
-        lines.append(f"  {where}: {err['msg']} (given: {err.get('input')!r})")
+        shown = "(not shown: a secret)" if name in SECRETS else f"(given: {err.get('input')!r})"
+        lines.append(f"  {where}: {err['msg']} {shown}")
     return "\n".join(lines)
 
 

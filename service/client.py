@@ -44,6 +44,7 @@ RESENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.Write
 nothing on the server, so it is sent again, after a backoff from :data:`BROKEN_WAIT_S`. A read timeout is not
 among them: the service may still be computing that answer, and a second copy would only add to its load."""
 BROKEN_WAIT_S = 0.5
+MAX_WAIT_S = 30.0  # the longest one wait between two tries, whatever the server asks
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def content_type(path: Path) -> str:
     return SUFFIXES.get(path.suffix.lower(), "image/png")
 
 
-def retry_after_s(header: str | None, default: float = 1.0, cap: float = 30.0) -> float:
+def retry_after_s(header: str | None, default: float = 1.0, cap: float = MAX_WAIT_S) -> float:
     """Seconds to wait from a ``Retry-After`` header (delay-seconds; an HTTP date or junk waits ``default``)."""
     try:
         return min(max(float(header), 0.0), cap) if header else default
@@ -80,7 +81,7 @@ def retry_after_s(header: str | None, default: float = 1.0, cap: float = 30.0) -
         return default
 
 
-def wait_of(r: httpx.Response, cap: float = 30.0) -> float:
+def wait_of(r: httpx.Response) -> float:
     """Seconds the service asked this client to wait: a 429's exact ``retry_after_s`` when its body has one,
     else ``Retry-After``. The header counts whole seconds, so under a 5 requests/s limit it says 1 s for a
     token due in 0.2 s, and 40 images took 14-15 s where 7 s would do."""
@@ -90,11 +91,11 @@ def wait_of(r: httpx.Response, cap: float = 30.0) -> float:
         body = None
     exact = body.get("retry_after_s") if isinstance(body, dict) else None
     if isinstance(exact, int | float) and not isinstance(exact, bool):
-        return min(max(float(exact), 0.0), cap)
-    return retry_after_s(r.headers.get("retry-after"), cap=cap)
+        return min(max(float(exact), 0.0), MAX_WAIT_S)
+    return retry_after_s(r.headers.get("retry-after"))
 
 
-def backoff_s(wait_s: float, attempt: int, cap: float = 30.0) -> float:
+def backoff_s(wait_s: float, attempt: int, cap: float = MAX_WAIT_S) -> float:
     """Seconds before retry ``attempt`` (0 for the first): ``wait_s`` (what the server asked for, or a default),
     doubled for each earlier retry and stretched by a random factor of 1 to 2. Without the spread, clients
     refused together came back together: eight threads under a 5 requests/s limit lost 3 and 6 of 40 images

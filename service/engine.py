@@ -76,8 +76,6 @@ class Answer:
     prediction: Prediction
     certificate: Certificate | None = None
     decided: bool | None = None  # sequential sampling only: the vote was settled before the budget ran out
-    # Set by the model process of `siam serve --workers N`, which keeps the id for feedback before answering.
-    id: str | None = None
 
     @property
     def label(self) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import Manifest
+from service.feedback import PredictionIds
 from service.remote_engine import FeedbackRouter, RemoteEngine, RemoteRuntime, connect
 from service.state import ServiceState
 
@@ -74,6 +75,8 @@ class ModelLinks:
         """Serve with the model process that said ``hello``: its manifest, backend and engine."""
         state = self.state
         state.manifest = Manifest.model_validate(hello["manifest"])
+        s = state.settings  # the supervisor's, secret included: ids this worker signs, any process reads
+        state.ids = PredictionIds(s.feedback_secret.get_secret_value(), state.manifest.name, s.feedback_ttl_s)
         state.backend = RemoteRuntime(hello["backend"], hello["chunk_rows"], hello["runtime"])
         state.engine = state.links[self.own]
 

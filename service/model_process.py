@@ -15,8 +15,6 @@ import os
 import signal
 import sys
 import threading
-import uuid
-from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import torch
 
 from service.app import start
 from service.canary import run_canary_forever
-from service.engine import Answer, Engine
+from service.engine import Engine
 from service.observe import setup_logging
 from service.settings import Settings
 from service.state import ServiceState
@@ -43,20 +41,11 @@ def hello(state: ServiceState) -> dict[str, Any]:
             "backend": state.backend.name, "chunk_rows": state.backend.chunk_rows}
 
 
-def new_id(index: int, processes: int) -> str:
-    """A prediction id; with several model processes it ends with this one's index (two hex digits), so that a
-    worker sends its feedback here (``remote_engine.owner``)."""
-    random = uuid.uuid4().hex
-    return random if processes == 1 else random[:-2] + f"{index:02x}"
-
-
 class WorkerLink:
     """One worker's connection: each request runs as its own task, so one worker's requests batch together."""
 
-    def __init__(self, state: ServiceState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 index: int = 0):
+    def __init__(self, state: ServiceState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.state, self.reader, self.writer = state, reader, writer
-        self.index = index  # this model process's place among --model-processes
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.drain_lock = asyncio.Lock()
 
@@ -79,14 +68,11 @@ class WorkerLink:
                     task = asyncio.create_task(self.run(header, payload))
                     self.tasks[rid] = task
                     task.add_done_callback(lambda _, rid=rid: self.tasks.pop(rid, None))
-                elif op == "remember":
-                    assert self.state.feedback is not None
-                    await self.state.feedback.remember([tuple(entry) for entry in header["entries"]])
-                    await self.send({"id": rid})
                 elif op == "recall":
-                    issued = await self.state.feedback.recall(header["prediction"]) if self.state.feedback else None
+                    store = self.state.feedback
+                    issued = await store.recall(header["prediction"]) if store is not None else None
                     await self.send({"id": rid, "issued": None if issued is None else
-                                     [issued.label, issued.samples, issued.model]})
+                                     [issued.label, issued.samples, issued.model, issued.at]})
                 else:
                     raise ValueError(f"unknown operation {op!r}")
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -97,19 +83,6 @@ class WorkerLink:
             for task in list(self.tasks.values()):
                 task.cancel()  # nobody is left to read these answers: the engine drops their rows
             self.writer.close()
-
-    def with_ids(self, answers: list[Answer], samples: int) -> list[Answer]:
-        """Give each answer its prediction id, kept for feedback before the worker hears of it: feedback
-        may follow through any worker at once (one message per request, no second round trip)."""
-        assert self.state.feedback is not None and self.state.manifest is not None
-        named = []
-        processes = self.state.settings.model_processes
-        for answer in answers:
-            prediction_id = new_id(self.index, processes)
-            if answer.label >= 0:
-                self.state.feedback.add(prediction_id, answer.label, samples, self.state.manifest.name)
-            named.append(replace(answer, id=prediction_id))
-        return named
 
     async def run(self, header: dict[str, Any], payload: bytes) -> None:
         engine = self.state.engine
@@ -124,8 +97,6 @@ class WorkerLink:
                 return
             answers = await engine.predict(images, header["samples"], header["aggregation"], header["seed"],
                                            header["alpha"], header["selection"], header["timeout"], header["internal"])
-            if not header["internal"]:
-                answers = self.with_ids(answers, header["samples"])
             await self.send({"id": rid, "answers": encode_answers(answers)})
         except Exception as e:  # the engine's refusals and model failures go back to the worker to answer
             await self.send({"id": rid, **encode_error(e)})
@@ -142,7 +113,7 @@ async def serve_model(settings: Settings, socket_path: Path, control: Connection
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await loaded.wait()
-        connection = WorkerLink(state, reader, writer, index)
+        connection = WorkerLink(state, reader, writer)
         await connection.send(hello(state))
         if state.engine is not None:
             await connection.serve()

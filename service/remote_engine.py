@@ -3,8 +3,8 @@ answered over the model process's Unix socket.
 
 The routers cannot tell :class:`RemoteEngine` from :class:`service.engine.Engine`: the same calls, the
 same answers, the same refusals (503 queue full or overloaded, 504 past the deadline). A request whose
-client leaves is cancelled in the model process too, so its rows are dropped there. The feedback store
-lives in the model process, so feedback for a prediction may reach any worker.
+client leaves is cancelled in the model process too, so its rows are dropped there. Which prediction ids
+had feedback is remembered in the model process, so feedback for a prediction may reach any worker.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,27 +36,17 @@ class ModelLostError(ShuttingDownError):
 
 
 def owner(prediction_id: str, processes: int) -> int:
-    """Which of ``processes`` model processes keeps ``prediction_id`` for feedback: its last two hex digits,
-    modulo the count. A model process ends the ids it issues with its own index (``model_process.new_id``);
-    an id a worker made (a sequential answer) is kept, and later found, wherever this points."""
-    try:
-        return int(prediction_id[-2:], 16) % processes
-    except ValueError:  # not an id this service issued: any process answers "unknown"
-        return 0
+    """Which of ``processes`` model processes remembers that ``prediction_id`` had its feedback: a hash of the
+    id, so that every worker asks the same one. (Any of them could read the id: it carries its answer.)"""
+    return zlib.crc32(prediction_id.encode("utf-8", "replace")) % processes
 
 
 class FeedbackRouter:
-    """The feedback store of ``--model-processes K`` as a worker sees it: each prediction id is kept by the
-    model process :func:`owner` names, so feedback may reach any worker and still find it."""
+    """The feedback store of ``--model-processes K`` as a worker sees it: the model process :func:`owner` names
+    remembers which ids had feedback, so that feedback through any worker counts once."""
 
     def __init__(self, links: list[RemoteEngine]):
         self.links = links
-
-    async def remember(self, entries: list[tuple[str, int, int, str]]) -> None:
-        by_owner: dict[int, list[tuple[str, int, int, str]]] = {}
-        for entry in entries:
-            by_owner.setdefault(owner(entry[0], len(self.links)), []).append(entry)
-        await asyncio.gather(*(self.links[k].remember(kept) for k, kept in by_owner.items()))
 
     async def recall(self, prediction_id: str) -> Issued | None:
         return await self.links[owner(prediction_id, len(self.links))].recall(prediction_id)
@@ -190,10 +181,7 @@ class RemoteEngine:
 
     # the feedback store, kept by the model process
 
-    async def remember(self, entries: list[tuple[str, int, int, str]]) -> None:
-        await self._call({"op": "remember", "entries": entries})
-
     async def recall(self, prediction_id: str) -> Issued | None:
         answer, _ = await self._call({"op": "recall", "prediction": prediction_id})
         issued = answer["issued"]
-        return None if issued is None else Issued(issued[0], issued[1], issued[2], 0.0)
+        return None if issued is None else Issued(*issued)

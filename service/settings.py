@@ -6,10 +6,11 @@ from the checkpoint manifest. These settings only say how the service runs it an
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Beside the code (an editable install or the Docker image), so `siam serve` works from any folder.
@@ -88,6 +89,11 @@ class Settings(BaseSettings):
     # monitoring
     feedback_capacity: int = Field(100_000, ge=1, description="prediction ids kept for POST /feedback")
     feedback_ttl_s: float = Field(3600.0, gt=0, description="how long a prediction id accepts feedback")
+    feedback_secret: SecretStr = Field(
+        default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),
+        description="signs prediction ids; environment only (SIAM_FEEDBACK_SECRET), at least 16 characters. "
+                    "Replicas that share it take feedback for each other's predictions, and ids outlive a restart; "
+                    "unset: a random one per start, shared by the processes of --workers N")
     canary_interval_s: float = Field(0.0, ge=0, description="seconds between canary runs; 0 = off")
     canary_samples: str = Field("1,16", description="comma-separated m values the canary measures")
     canary_attacked: bool = Field(True, description="canary also scores the PGD-attacked canary images")
@@ -106,6 +112,14 @@ class Settings(BaseSettings):
     exit_on_load_error: bool = Field(True, description="exit (status 1) when the checkpoint cannot be loaded, as "
                                      "Triton does; off: keep running, not ready, and say why on /health/ready")
     graceful_timeout_s: float = Field(30.0, gt=0, description="on SIGTERM, how long to finish accepted requests")
+
+    @field_validator("feedback_secret")
+    @classmethod
+    def long_enough(cls, secret: SecretStr) -> SecretStr:
+        if len(secret.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))'`)")
+        return secret
 
     def canary_sample_list(self) -> list[int]:
         return [int(m) for m in self.canary_samples.split(",") if m.strip()]

@@ -14,7 +14,7 @@ from models.checkpoint import Manifest
 from service.auth import Access
 from service.backends import Backend
 from service.engine import Engine
-from service.feedback import FeedbackStore
+from service.feedback import FeedbackStore, PredictionIds
 from service.images import InputError
 from service.metrics import Metrics
 from service.remote_engine import FeedbackRouter, RemoteEngine, RemoteRuntime
@@ -28,7 +28,8 @@ class ServiceState:
     manifest: Manifest | None = None
     backend: Backend | RemoteRuntime | None = None
     engine: Engine | RemoteEngine | None = None  # RemoteEngine: an HTTP worker of `siam serve --workers N`
-    feedback: FeedbackStore | RemoteEngine | FeedbackRouter | None = None
+    ids: PredictionIds | None = None  # issues the prediction ids of this process's answers
+    feedback: FeedbackStore | RemoteEngine | FeedbackRouter | None = None  # which ids had feedback (maybe remote)
     links: list[RemoteEngine] = field(default_factory=list)  # a worker's connections, one per model process
     access: Access | None = None
     ready: bool = False

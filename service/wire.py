@@ -50,13 +50,12 @@ def encode_answers(answers: list[Answer]) -> list[list[Any]]:
     for a in answers:
         p, c = a.prediction, a.certificate
         out.append([[p.label, p.probabilities, p.vote_share, p.samples],
-                    None if c is None else [c.label, c.radius, c.p_lower, c.counts], a.decided, a.id])
+                    None if c is None else [c.label, c.radius, c.p_lower, c.counts], a.decided])
     return out
 
 
 def decode_answers(encoded: list[list[Any]]) -> list[Answer]:
-    return [Answer(Prediction(*p), None if c is None else Certificate(*c), decided, pid)
-            for p, c, decided, pid in encoded]
+    return [Answer(Prediction(*p), None if c is None else Certificate(*c), decided) for p, c, decided in encoded]
 
 
 # The engine's refusals, by the name that crosses the wire; anything else is a model failure.

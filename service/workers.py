@@ -5,23 +5,23 @@ model thread computes; with a fast accelerator that process, not the model, sets
 HTTP side runs in N processes, each with its own listening socket on the one port (the kernel spreads
 connections over them: :func:`listening_sockets`), and each sends its requests to the model process
 (service/model_process.py), whose one engine batches the requests of all workers together. Prometheus
-metrics are summed over the processes (prometheus-client's multiprocess mode), and the feedback store
-lives in the model process.
+metrics are summed over the processes (prometheus-client's multiprocess mode). Prediction ids are signed
+with the one feedback secret all the processes share (service/feedback.py), so feedback may reach any worker.
 
 With ``--model-processes K`` there are K model processes on the one device, each with its own engine, and
 worker i feeds model process i mod K: for hosts where one model process's Python (framing, queueing,
 answering) caps the service below the model. (On the H200 measured, a second one did not raise the
-ceiling: docs/speed.md.) Each prediction id names the model process that keeps it, so feedback reaches it
-through any worker (service/remote_engine.py).
+ceiling: docs/speed.md.) Which ids had feedback is remembered by the model process that a hash of the id
+names, whichever worker the feedback reaches (service/remote_engine.py).
 
 On SIGTERM or SIGINT the workers drain first (each turns not-ready, finishes its accepted requests
 within the grace period, as the single-process service does), then the model processes finish what they
 still hold and exit. A process that dies is started again in its place: a worker on its own listening
 socket, a model process on its own socket, which its workers connect to again once it has loaded
-(service/model_links.py; meanwhile they answer 503 with Retry-After, and the feedback ids that process kept
-are forgotten). ``siam_process_restarts_total`` counts the restarts. Past :data:`RESTARTS_ALLOWED` restarts
-in :data:`RESTART_WINDOW_S` seconds, or when a model cannot be loaded, the others are stopped and ``siam
-serve`` exits with status 1, for the orchestrator to restart it.
+(service/model_links.py; meanwhile they answer 503 with Retry-After; the ids it answered still take
+feedback, as its successor reads them with the same secret). ``siam_process_restarts_total`` counts the
+restarts. Past :data:`RESTARTS_ALLOWED` restarts in :data:`RESTART_WINDOW_S` seconds, or when a model cannot
+be loaded, the others are stopped and ``siam serve`` exits with status 1, for the orchestrator to restart it.
 """
 
 from __future__ import annotations

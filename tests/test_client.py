@@ -119,6 +119,7 @@ def test_async_client_retries_alike_and_sends_confidence() -> None:
 
     first, refused = asyncio.run(run())
     assert first["samples_used"] == 32 and len(calls) == 3
+    assert calls[1].content == b"img" and calls[1].headers["content-type"] == "image/png"
     assert dict(calls[1].url.params) == {"samples": "256", "confidence": "0.999"}
     assert refused.body is None and refused.error.startswith("422: not an image")  # reported, not retried
 
@@ -175,6 +176,30 @@ def test_a_429_is_retried_while_its_waits_fit_the_patience_a_503_a_counted_numbe
     assert 1.0 <= retrying.after(busy) <= 2.0 and retrying.after(busy) is None  # one retry, as asked
     assert client.Retrying(retries=0, patience_s=1.0).after_broken() is None
     assert retrying.after(httpx.Response(200, json={"label": 1})) is None
+
+
+def test_both_clients_give_up_on_a_rate_limit_once_its_waits_would_pass_the_timeout() -> None:
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(429, headers={"retry-after": "1"}, json={"detail": "rate limit", "retry_after_s": 0.1})
+
+    sync = client.Client("http://siam.test", retries=0, timeout=0.5)
+    sync.http = httpx.Client(transport=httpx.MockTransport(handler))
+    with pytest.raises(httpx.HTTPStatusError, match="429: rate limit"):
+        sync.predict_bytes(b"img", "image/png")
+    assert 3 <= len(calls) <= 6  # waits of 0.1-0.2 s each, while they add up to 0.5 s at most
+
+    async def run() -> None:
+        async with client.AsyncClient("http://siam.test", retries=0, timeout=0.5) as c:
+            c.http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+            await c.predict_bytes(b"img", "image/png")
+
+    calls.clear()
+    with pytest.raises(httpx.HTTPStatusError, match="429: rate limit"):
+        asyncio.run(run())
+    assert 3 <= len(calls) <= 6
 
 
 def test_a_rate_limited_client_loses_no_image_with_no_retries_left(checkpoint: Path, tmp_path: Path) -> None:

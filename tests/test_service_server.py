@@ -14,6 +14,8 @@ import pytest
 import torch
 from service_helpers import Server, b64, image_bytes
 
+from service.settings import Settings
+
 BODY = {"image": b64(image_bytes(0))}
 
 
@@ -153,3 +155,22 @@ def test_a_bad_setting_is_named_as_the_user_gave_it(monkeypatch: pytest.MonkeyPa
     assert "--port: Input should be less than or equal to 65535 (given: '99999')" in message
     assert "SIAM_MAX_BATCH_ROWS: Input should be a valid integer" in message and "(given: 'abc')" in message
     assert "--max-batch-rows" not in message and "SIAM_PORT" not in message
+
+
+def test_the_feedback_secret_is_read_from_the_environment_only_and_never_echoed(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from service import cli
+
+    monkeypatch.setenv("SIAM_FEEDBACK_SECRET", "hunter2")
+    with pytest.raises(SystemExit) as refused:
+        cli.main([])
+    message = str(refused.value.code)
+    assert "SIAM_FEEDBACK_SECRET: Value error, must be at least 16 characters" in message, message
+    assert "hunter2" not in message and "not shown: a secret" in message
+    with pytest.raises(SystemExit) as unknown:
+        cli.main(["--feedback-secret", "a-long-enough-secret-on-the-command-line"])
+    assert unknown.value.code == 2 and "unrecognized arguments: --feedback-secret" in capsys.readouterr().err
+    monkeypatch.setenv("SIAM_FEEDBACK_SECRET", "x" * 16)
+    assert Settings().feedback_secret.get_secret_value() == "x" * 16 and "x" * 16 not in repr(Settings())
+    monkeypatch.delenv("SIAM_FEEDBACK_SECRET")
+    assert Settings().feedback_secret != Settings().feedback_secret  # unset: a random one for each start

@@ -19,7 +19,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -35,9 +34,10 @@ from service import model_links
 from service.app import start_worker
 from service.backends import load_backend
 from service.engine import Answer, DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
+from service.feedback import PredictionIds
 from service.metrics import Metrics
 from service.model_links import ModelLinks
-from service.model_process import new_id, serve_model
+from service.model_process import serve_model
 from service.remote_engine import FeedbackRouter, ModelLostError, RemoteEngine, connect, owner
 from service.settings import Settings
 from service.state import ServiceState, ServiceUnavailableError, serving
@@ -114,8 +114,7 @@ def test_remote_engine_answers_what_a_local_engine_answers(checkpoint: Path) -> 
             for kwargs in ({"seed": 5}, {"seed": 6, "certify_alpha": 0.01, "selection_samples": 8}):
                 mine = await local.predict(x, 16, "softmax", **kwargs)  # type: ignore[arg-type]
                 theirs = await remote.predict(x, 16, "softmax", **kwargs)  # type: ignore[arg-type]
-                assert [replace(a, id=None) for a in theirs] == mine
-                assert len({a.id for a in theirs}) == 3 and None not in {a.id for a in theirs}
+                assert theirs == mine
             assert [a.certificate is not None for a in theirs] == [True] * 3
             mine_logits = await local.copy_logits(x, 7, 9, 30.0)
             theirs_logits = await remote.copy_logits(x, 7, 9, 30.0)
@@ -181,56 +180,56 @@ def test_a_cancelled_request_is_dropped_by_the_model_process(checkpoint: Path) -
     asyncio.run(scenario())
 
 
-def test_feedback_is_kept_by_the_model_process(checkpoint: Path) -> None:
-    """Predictions are kept under their ids before the worker has them; the worker's own (sequential
-    sampling's) are sent to be kept; each id takes feedback once."""
+def test_the_model_process_reads_the_ids_a_worker_signed_and_takes_feedback_once(checkpoint: Path) -> None:
+    """A worker signs its answers' ids with the secret it shares with the model process (one Settings, as the
+    supervisor hands it to every child); the model process reads what each id answered and counts it once.
+    An id signed with another secret, or not an id at all, is unknown."""
 
     async def scenario() -> None:
-        async with ModelProcessInLoop(settings_for(checkpoint)) as remote:
-            answers = await remote.predict(images(2), 8, "vote")
-            for a in answers:
-                issued = await remote.recall(a.id)  # type: ignore[arg-type]
-                assert issued is not None and (issued.label, issued.samples) == (a.label, 8)
-            canary = await remote.predict(images(1), 8, "vote", internal=True)
-            assert canary[0].id is None  # the service's own traffic takes no feedback
-            await remote.remember([("a", 3, 16, "tiny"), ("b", 1, 4, "tiny")])
-            issued = await remote.recall("a")
+        settings = settings_for(checkpoint)
+        async with ModelProcessInLoop(settings) as remote:
+            worker_ids = PredictionIds(settings.feedback_secret.get_secret_value(), "tiny", settings.feedback_ttl_s)
+            ids = [worker_ids.issue(3, 16), worker_ids.issue(1, 4)]
+            issued = await remote.recall(ids[0])
             assert issued is not None and (issued.label, issued.samples, issued.model) == (3, 16, "tiny")
-            assert await remote.recall("a") is None  # once only
+            assert await remote.recall(ids[0]) is None  # once only
+            issued = await remote.recall(ids[1])
+            assert issued is not None and (issued.label, issued.samples) == (1, 4)
+            stranger = PredictionIds("another secret, 16+ chars", "tiny", settings.feedback_ttl_s)
+            assert await remote.recall(stranger.issue(3, 16)) is None
             assert await remote.recall("nobody") is None
+            canary = await remote.predict(images(1), 8, "vote", internal=True)
+            assert canary[0].prediction.samples == 8
 
     asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("processes", [1, 2, 3, 16])
-def test_a_prediction_id_names_the_model_process_that_keeps_it(processes: int) -> None:
-    ids = {k: [new_id(k, processes) for _ in range(50)] for k in range(processes)}
-    assert all(owner(i, processes) == k for k, issued in ids.items() for i in issued)
-    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for issued in ids.values() for i in issued)
-    assert len({i for issued in ids.values() for i in issued}) == 50 * processes
-    assert owner("not-hex!", processes) == 0  # a client's made-up id: some process answers "unknown"
+def test_every_worker_asks_the_same_model_process_about_an_id_and_ids_spread_over_them(processes: int) -> None:
+    ids = PredictionIds("a secret of sixteen chars", "tiny", 60.0)
+    issued = [ids.issue(i % 10, 16) for i in range(400)]
+    owners = [owner(i, processes) for i in issued]
+    assert owners == [owner(i, processes) for i in issued] and set(owners) == set(range(processes))
+    assert all(0 <= owner(made_up, processes) < processes for made_up in ("", "nope", "ünïcode", "\ud800"))
 
 
-def test_feedback_reaches_the_process_that_keeps_the_prediction_through_any_worker(checkpoint: Path) -> None:
-    """Two model processes, as ``--model-processes 2`` runs them; a worker's router remembers and recalls each
-    id in the process that :func:`owner` names, whichever process answered the prediction."""
+def test_feedback_through_any_worker_counts_once_in_the_process_that_owner_names(checkpoint: Path) -> None:
+    """Two model processes, as ``--model-processes 2`` runs them: a worker's router asks the one :func:`owner`
+    names, so an id takes feedback once whichever worker (and router) the feedback reaches."""
 
     async def scenario() -> None:
         settings = settings_for(checkpoint, model_processes=2)
-        async with ModelProcessInLoop(settings, index=0) as first, ModelProcessInLoop(settings, index=1) as second:
-            router = FeedbackRouter([first, second])
-            answered = [*(await first.predict(images(2), 4, "vote")), *(await second.predict(images(2), 4, "vote"))]
-            assert [owner(a.id, 2) for a in answered] == [0, 0, 1, 1]  # type: ignore[arg-type]
-            fresh = [new_id(0, 1) for _ in range(20)]  # a worker's own ids (sequential answers): any owner
-            await router.remember([(i, 3, 16, "tiny") for i in fresh])
-            for a in answered:
-                issued = await router.recall(a.id)  # type: ignore[arg-type]
-                assert issued is not None and issued.label == a.label
-            for i in fresh:
-                issued = await router.recall(i)
-                assert issued is not None and issued.label == 3
-            assert await router.recall(answered[0].id) is None  # type: ignore[arg-type]  # once only
-            assert {owner(i, 2) for i in fresh} == {0, 1}  # both processes were used (20 random ids)
+        one, two = ModelProcessInLoop(settings, index=0), ModelProcessInLoop(settings, index=1)
+        async with one as first, two as second:
+            router, other_worker = FeedbackRouter([first, second]), FeedbackRouter([first, second])
+            ids = PredictionIds(settings.feedback_secret.get_secret_value(), "tiny", settings.feedback_ttl_s)
+            issued = [ids.issue(k % 10, 16) for k in range(20)]
+            for k, i in enumerate(issued):
+                answer = await router.recall(i)
+                assert answer is not None and answer.label == k % 10
+                assert await other_worker.recall(i) is None  # the same owner remembers it was taken
+            kept = [len(one.state.feedback), len(two.state.feedback)]  # type: ignore[arg-type]
+            assert sum(kept) == 20 and min(kept) > 0  # each remembers its own share, and both had some
 
     asyncio.run(scenario())
 
@@ -593,14 +592,16 @@ def wait_for(condition: object, timeout: float, what: str) -> None:
 def test_a_dead_model_process_or_worker_is_restarted_and_the_service_answers_again(checkpoint: Path) -> None:
     """kill -9 of the model process: requests meanwhile are answered 503 with Retry-After at once (never a
     hang, never another 5xx), the workers turn ready again once the new process has loaded, and predictions
-    are answered; then kill -9 of a worker: it is replaced on its own socket. Each restart counts in
-    siam_process_restarts_total, and the service still stops cleanly."""
+    are answered, and an answer given before the kill still takes its feedback (its id is signed, not kept
+    by the process that died); then kill -9 of a worker: it is replaced on its own socket. Each restart counts
+    in siam_process_restarts_total, and the service still stops cleanly."""
     server = Server(checkpoint, "--workers", "2", "--backend", "torch", "--log-level", "info")
     with server:
         found = re.search(r"model process (\d+), 2 HTTP workers \((\d+), (\d+)\)", server.output())
         assert found, server.output()[-3000:]
         model, worker = int(found.group(1)), int(found.group(2))
         assert count(server.url, "siam_process_restarts_total", 'process="model"') == 0
+        before = [post(server.url, 4)[1] for _ in range(2)]
         os.kill(model, signal.SIGKILL)
         statuses: list[int] = []
 
@@ -621,6 +622,9 @@ def test_a_dead_model_process_or_worker_is_restarted_and_the_service_answers_aga
         assert count(server.url, "siam_errors_total", 'kind="not_ready"') == statuses.count(503)
         assert count(server.url, "siam_errors_total", 'kind="shutting_down"') == 0
         assert httpx.get(f"{server.url}/health/ready", timeout=5).status_code == 200
+        fed = [httpx.post(f"{server.url}/feedback", json={"id": b["id"], "label": b["label"]}, timeout=10)
+               for b in before]
+        assert [r.status_code for r in fed] == [200, 200] and all(r.json()["correct"] for r in fed), fed
 
         os.kill(worker, signal.SIGKILL)
         wait_for(lambda: "siam-http-0 exited with status -9: restarted as process" in server.output(), 30,

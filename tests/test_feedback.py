@@ -1,0 +1,63 @@
+"""Signed prediction ids: what an id carries, what makes one unknown, and feedback counted once per id."""
+
+from __future__ import annotations
+
+import base64
+
+from service.feedback import ID_BYTES, FeedbackStore, PredictionIds
+
+SECRET = "a secret of at least sixteen characters"
+
+
+def test_an_id_carries_its_answer_and_reads_back_in_another_process_with_the_secret() -> None:
+    issued_at = 1_800_000_000.25
+    prediction_id = PredictionIds(SECRET, "tiny", 60.0).issue(7, 256, now=issued_at)
+    again = PredictionIds(SECRET, "tiny", 60.0)  # another process, or one restarted: same secret, same model
+    issued = again.read(prediction_id, now=issued_at + 59.0)
+    assert issued is not None and (issued.label, issued.samples, issued.model, issued.at) == (7, 256, "tiny", issued_at)
+    assert len(base64.urlsafe_b64decode(prediction_id + "=")) == ID_BYTES and "=" not in prediction_id
+    assert again.read(prediction_id, now=issued_at + 60.5) is None  # past the TTL
+    assert again.read(prediction_id, now=issued_at - 5.0) is None  # from the future: not one this service issued
+    ids = {PredictionIds(SECRET, "tiny", 60.0).issue(7, 256, now=issued_at) for _ in range(100)}
+    assert len(ids) == 100  # the same answer at the same moment: still a hundred ids
+
+
+def test_an_id_of_another_model_or_secret_altered_or_malformed_is_unknown() -> None:
+    ids = PredictionIds(SECRET, "tiny", 60.0)
+    prediction_id = ids.issue(3, 16)
+    assert PredictionIds(SECRET, "tiny-v2", 60.0).read(prediction_id) is None
+    assert PredictionIds("another secret, long enough", "tiny", 60.0).read(prediction_id) is None
+    raw = bytearray(base64.urlsafe_b64decode(prediction_id + "="))
+    for position in (0, 8, 9, 13, ID_BYTES - 1):  # the nonce, the label, the samples, the time, the tag
+        altered = raw.copy()
+        altered[position] ^= 0x01
+        assert ids.read(base64.urlsafe_b64encode(bytes(altered)).decode().rstrip("=")) is None, position
+    for junk in ("", "nope", prediction_id[:-1], prediction_id + "AAAA", prediction_id[:20] + "!" + prediction_id[21:],
+                 prediction_id[:-2] + "é", "6ecc" * 8):
+        assert ids.read(junk) is None, junk
+
+
+def test_feedback_counts_once_per_id_however_it_is_spelt() -> None:
+    store = FeedbackStore(PredictionIds(SECRET, "tiny", 60.0), capacity=10)
+    first, second = store.ids.issue(1, 4), store.ids.issue(2, 4)
+    assert store.take(first) is not None and store.take(first) is None
+    # base64 leaves the last character's low bits unused: another spelling of the same bytes
+    last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".index(second[-1])
+    twin = second[:-1] + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[last ^ 0b11]
+    assert twin != second and store.ids.read(twin) == store.ids.read(second)
+    assert store.take(twin) is not None and store.take(second) is None
+    assert len(store) == 2
+
+
+def test_the_memory_of_taken_ids_is_bounded_and_drops_expired_ones_first() -> None:
+    ids = PredictionIds(SECRET, "tiny", 60.0)
+    store = FeedbackStore(ids, capacity=3)
+    old = [ids.issue(k, 4, now=1000.0) for k in range(3)]
+    assert all(store.take(i, now=1001.0) is not None for i in old) and len(store) == 3
+    newer = ids.issue(5, 4, now=1001.0)
+    assert store.take(newer, now=1002.0) is not None and len(store) == 3  # the oldest forgotten: capacity
+    assert store.take(old[1], now=1002.0) is None  # remembered still
+    late = ids.issue(6, 4, now=1059.0)
+    assert store.take(late, now=1061.0) is not None  # old[1], old[2] expired at 1060: forgotten, not counted
+    assert len(store) == 2
+    assert store.take(old[2], now=1061.0) is None  # and they stay unknown: expired
