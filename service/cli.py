@@ -17,7 +17,6 @@ from service.server import GracefulServer, uvicorn_config
 from service.settings import Settings
 from service.workers import serve_workers
 
-
 SECRETS = ("feedback_secret",)  # environment only, never a flag (the process list shows flags), never echoed
 
 
