@@ -1,7 +1,9 @@
 """siam serve: run the service under uvicorn, with graceful shutdown on SIGTERM.
 
 Every flag is a field of service/settings.py, also settable as the environment variable SIAM_<NAME>;
-a flag given on the command line wins over the environment.
+a flag given on the command line wins over the environment. One setting has no flag, so that it stays
+out of the process list: SIAM_FEEDBACK_SECRET (16 characters or more) signs the prediction ids; replicas
+given the same one take POST /feedback for each other's predictions (unset: a random one per start).
 """
 
 from __future__ import annotations

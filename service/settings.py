@@ -87,7 +87,8 @@ class Settings(BaseSettings):
     ssl_keyfile: Path | None = Field(None, description="the certificate's private key (PEM)")
 
     # monitoring
-    feedback_capacity: int = Field(100_000, ge=1, description="prediction ids kept for POST /feedback")
+    feedback_capacity: int = Field(100_000, ge=1, description="prediction ids each process remembers having had "
+                                   "their POST /feedback, so that each counts once")
     feedback_ttl_s: float = Field(3600.0, gt=0, description="how long a prediction id accepts feedback")
     feedback_secret: SecretStr = Field(
         default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),

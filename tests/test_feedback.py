@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+
+import pytest
 
 from service.feedback import ID_BYTES, FeedbackStore, PredictionIds
 
@@ -18,8 +21,9 @@ def test_an_id_carries_its_answer_and_reads_back_in_another_process_with_the_sec
     assert len(base64.urlsafe_b64decode(prediction_id + "=")) == ID_BYTES and "=" not in prediction_id
     assert again.read(prediction_id, now=issued_at + 60.5) is None  # past the TTL
     assert again.read(prediction_id, now=issued_at - 5.0) is None  # from the future: not one this service issued
-    ids = {PredictionIds(SECRET, "tiny", 60.0).issue(7, 256, now=issued_at) for _ in range(100)}
-    assert len(ids) == 100  # the same answer at the same moment: still a hundred ids
+    many = [again.issue(k % 10, 256, now=issued_at) for k in range(1000)]
+    assert len(set(many)) == 1000  # the same answer at the same moment: still a thousand ids
+    assert all(again.read(i, now=issued_at) is not None for i in many)  # every letter an id may end in
 
 
 def test_an_id_of_another_model_or_secret_altered_or_malformed_is_unknown() -> None:
@@ -33,6 +37,7 @@ def test_an_id_of_another_model_or_secret_altered_or_malformed_is_unknown() -> N
         altered[position] ^= 0x01
         assert ids.read(base64.urlsafe_b64encode(bytes(altered)).decode().rstrip("=")) is None, position
     for junk in ("", "nope", prediction_id[:-1], prediction_id + "AAAA", prediction_id[:20] + "!" + prediction_id[21:],
+                 prediction_id[:20] + "!" + prediction_id[20:], prediction_id[:20] + " " + prediction_id[20:],
                  prediction_id[:-2] + "é", "6ecc" * 8):
         assert ids.read(junk) is None, junk
 
@@ -61,3 +66,21 @@ def test_the_memory_of_taken_ids_is_bounded_and_drops_expired_ones_first() -> No
     assert store.take(late, now=1061.0) is not None  # old[1], old[2] expired at 1060: forgotten, not counted
     assert len(store) == 2
     assert store.take(old[2], now=1061.0) is None  # and they stay unknown: expired
+
+
+def test_the_id_format_is_pinned_so_replicas_of_two_versions_read_each_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """During a rolling upgrade old and new replicas share the secret: an id the old one issued must read the
+    same in the new one. A change of the layout, the key derivation or the tag length shows here first."""
+    monkeypatch.setattr("service.feedback.secrets.token_bytes", lambda n: bytes(range(n)))
+    pinned = "AAECAwQFBgcAAwAAABBB2tJ0gCAAADWksiIGKE0oi7A"
+    assert PredictionIds(SECRET, "tiny", 60.0).issue(3, 16, now=1_800_000_000.5) == pinned
+    issued = PredictionIds(SECRET, "tiny", 60.0).read(pinned, now=1_800_000_001.0)
+    assert issued is not None and (issued.label, issued.samples, issued.nonce) == (3, 16, bytes(range(8)))
+
+
+def test_a_worker_recalls_through_the_same_once_only_memory() -> None:
+    store = FeedbackStore(PredictionIds(SECRET, "tiny", 60.0), capacity=10)
+    prediction_id = store.ids.issue(4, 64)
+    issued = asyncio.run(store.recall(prediction_id))
+    assert issued is not None and (issued.label, issued.samples) == (4, 64)
+    assert asyncio.run(store.recall(prediction_id)) is None and store.take(prediction_id) is None

@@ -174,3 +174,20 @@ def test_the_feedback_secret_is_read_from_the_environment_only_and_never_echoed(
     assert Settings().feedback_secret.get_secret_value() == "x" * 16 and "x" * 16 not in repr(Settings())
     monkeypatch.delenv("SIAM_FEEDBACK_SECRET")
     assert Settings().feedback_secret != Settings().feedback_secret  # unset: a random one for each start
+
+
+def test_replicas_that_share_the_feedback_secret_take_feedback_for_each_others_answers(checkpoint: Path) -> None:
+    """Two services on the same checkpoint, as replicas behind a proxy: with one SIAM_FEEDBACK_SECRET an answer
+    of the first takes its feedback at the second (once there); a replica with another secret refuses it."""
+    shared = {"SIAM_FEEDBACK_SECRET": "shared by the replicas, 32 chars"}
+    with Server(checkpoint, "--backend", "torch", env=shared) as first, \
+            Server(checkpoint, "--backend", "torch", env=shared) as second, \
+            Server(checkpoint, "--backend", "torch") as stranger:
+        answers = [httpx.post(f"{first.url}/predict?samples=4", json=BODY, timeout=30).json() for _ in range(2)]
+        fed = httpx.post(f"{second.url}/feedback", json={"id": answers[0]["id"], "label": answers[0]["label"]},
+                         timeout=10)
+        assert fed.status_code == 200 and fed.json()["correct"] is True, fed.text
+        again = httpx.post(f"{second.url}/feedback", json={"id": answers[0]["id"], "label": 1}, timeout=10)
+        assert again.status_code == 404  # once, at the replica that took it
+        refused = httpx.post(f"{stranger.url}/feedback", json={"id": answers[1]["id"], "label": 1}, timeout=10)
+        assert refused.status_code == 404 and "unknown" in refused.json()["detail"], refused.text
