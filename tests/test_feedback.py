@@ -19,6 +19,7 @@ def test_an_id_carries_its_answer_and_reads_back_in_another_process_with_the_sec
     issued = again.read(prediction_id, now=issued_at + 59.0)
     assert issued is not None and (issued.label, issued.samples, issued.model, issued.at) == (7, 256, "tiny", issued_at)
     assert len(base64.urlsafe_b64decode(prediction_id + "=")) == ID_BYTES and "=" not in prediction_id
+    assert again.read(prediction_id, now=issued_at + 60.0) is not None  # the TTL's last moment
     assert again.read(prediction_id, now=issued_at + 60.5) is None  # past the TTL
     assert again.read(prediction_id, now=issued_at - 5.0) is None  # from the future: not one this service issued
     many = [again.issue(k % 10, 256, now=issued_at) for k in range(1000)]
@@ -37,7 +38,7 @@ def test_an_id_of_another_model_or_secret_altered_or_malformed_is_unknown() -> N
         altered[position] ^= 0x01
         assert ids.read(base64.urlsafe_b64encode(bytes(altered)).decode().rstrip("=")) is None, position
     for junk in ("", "nope", prediction_id[:-1], prediction_id + "AAAA", prediction_id[:20] + "!" + prediction_id[21:],
-                 prediction_id[:20] + "!" + prediction_id[20:], prediction_id[:20] + " " + prediction_id[20:],
+                 prediction_id[:20] + "!!" + prediction_id[20:], prediction_id[:20] + "  " + prediction_id[20:],
                  prediction_id[:-2] + "é", "6ecc" * 8):
         assert ids.read(junk) is None, junk
 
