@@ -6,7 +6,9 @@ then again while this script sends SIGKILL to the processes ``--kills`` names, e
 run began: ``model`` (the model process) or ``http`` (an HTTP worker). It reports, for both runs, the images
 answered and lost and the images per second, side by side, and for each kill how long the service took to
 answer again (the model process: until ``/health/ready`` says ready; a worker: until the supervisor logs its
-successor) and the 503 answers the client retried.
+successor) and the 503 answers the client retried. Last, it sends the true label of every image answered in
+either run to ``POST /feedback``: the ids of answers given before a model process was killed must still take
+their feedback (they are signed, not kept by the process that died).
 
     python -m benchmarks.restart_drill --images 2000 --kills model@3,http@8,model@13
 """
@@ -32,7 +34,7 @@ import torch
 from benchmarks.machine import describe, save_results, summary_line
 from benchmarks.servers import ServerProcess, service_spec
 from models.cli_types import positive_int
-from service.client import Client
+from service.client import Answer, Client
 from service.settings import DEFAULT_CHECKPOINT, DEFAULT_ONNX_CACHE
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -69,7 +71,7 @@ def errors_by_kind(url: str) -> dict[str, float]:
     return {kind: float(value) for kind, value in found}
 
 
-def run_client(url: str, paths: list[Path], samples: int, concurrency: int) -> dict[str, Any]:
+def run_client(url: str, paths: list[Path], samples: int, concurrency: int) -> tuple[dict[str, Any], list[Answer]]:
     client = Client(url, timeout=60.0, retries=5)
     started = time.perf_counter()
     answers = list(client.predict_files(paths, samples, concurrency=concurrency))
@@ -77,7 +79,23 @@ def run_client(url: str, paths: list[Path], samples: int, concurrency: int) -> d
     client.close()
     lost = [a for a in answers if a.body is None]
     return {"images": len(paths), "answered": len(paths) - len(lost), "lost": len(lost), "seconds": round(seconds, 2),
-            "images_per_s": round(len(paths) / seconds, 1), "errors": sorted({str(a.error) for a in lost})[:5]}
+            "images_per_s": round(len(paths) / seconds, 1), "errors": sorted({str(a.error) for a in lost})[:5]}, answers
+
+
+def send_feedback(url: str, answers: list[Answer]) -> dict[str, Any]:
+    """The true label (the image's folder) of every answered image to ``POST /feedback``; what was accepted."""
+    with httpx.Client(timeout=30.0) as http:
+        classes = http.get(f"{url}/v1/models").json()["models"][0]["spec"]["class_names"]
+        statuses = [http.post(f"{url}/feedback", json={"id": a.body["id"], "label": classes.index(a.path.parent.name)},
+                              ).status_code for a in answers if a.body is not None]
+    correct = http_metric(url, "siam_feedback_correct_total")
+    return {"sent": len(statuses), "accepted": statuses.count(200), "refused": len(statuses) - statuses.count(200),
+            "accuracy_from_feedback": round(correct / max(statuses.count(200), 1), 4)}
+
+
+def http_metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} ([\d.e+]+)$", text, re.M))
 
 
 def pids(server: ServerProcess) -> tuple[int, list[int]]:
@@ -142,13 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     spec.args += ["--log-level", "info"]  # the supervisor's log names the processes and their restarts
     with tempfile.TemporaryDirectory(prefix="siam-drill-") as folder, ServerProcess(spec) as server:
         paths = test_images(args.data, args.images, Path(folder))
-        baseline = run_client(server.url, paths, args.samples, args.concurrency)
+        baseline, first_answers = run_client(server.url, paths, args.samples, args.concurrency)
         print(f"nothing killed: {baseline}", flush=True)
         refused_before = errors_by_kind(server.url)
         kills: list[dict[str, Any]] = []
         killer = threading.Thread(target=kill_on_schedule, args=(server, args.kills, time.perf_counter(), kills))
         killer.start()
-        drill = run_client(server.url, paths, args.samples, args.concurrency)
+        drill, answers = run_client(server.url, paths, args.samples, args.concurrency)
         killer.join()
         for kill in kills:  # a kill after the last answer tests nothing: say so
             kill["during_run"] = kill["at_s"] + kill["back_after_s"] < drill["seconds"]
@@ -156,8 +174,10 @@ def main(argv: list[str] | None = None) -> None:
                    if v > refused_before.get(k, 0.0)}
         print(f"with kills:     {drill}\nkills: {kills}\nrefused meanwhile (retried by the client): {refused}")
         print(f"images/s with kills over without: {drill['images_per_s'] / baseline['images_per_s']:.2f}x")
+        feedback = send_feedback(server.url, first_answers + answers)
+        print(f"feedback after the kills, for the answers of both runs: {feedback}")
     save_results({"command": command, "machine": info, "baseline": baseline, "drill": drill, "kills": kills,
-                  "refused_during_drill": refused}, args.output)
+                  "refused_during_drill": refused, "feedback_after_kills": feedback}, args.output)
 
 
 if __name__ == "__main__":
