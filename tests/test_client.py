@@ -114,13 +114,13 @@ def test_async_client_retries_alike_and_sends_confidence() -> None:
     async def run() -> tuple[dict, client.Answer]:
         async with client.AsyncClient("http://siam.test", retries=5) as c:
             c.http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-            first = await c.predict_bytes(b"img", "image/png", samples=256, confidence=0.999)
+            first = await c.predict_bytes(b"img", "image/png", samples=256, confidence=0.999, certify=True)
             return first, await c.predict_file(Path(__file__), samples=4)
 
     first, refused = asyncio.run(run())
     assert first["samples_used"] == 32 and len(calls) == 3
     assert calls[1].content == b"img" and calls[1].headers["content-type"] == "image/png"
-    assert dict(calls[1].url.params) == {"samples": "256", "confidence": "0.999"}
+    assert dict(calls[1].url.params) == {"samples": "256", "confidence": "0.999", "certify": "true"}
     assert refused.body is None and refused.error.startswith("422: not an image")  # reported, not retried
 
 
@@ -233,6 +233,9 @@ def test_429_is_retried_like_503_and_the_api_key_goes_as_a_bearer_token() -> Non
     c.http = httpx.Client(transport=httpx.MockTransport(handler), headers=c.http.headers)
     assert c.predict_bytes(b"img", "image/png")["label"] == 3
     assert len(calls) == 2 and all(r.headers["authorization"] == "Bearer k1" for r in calls)
+    assert dict(calls[0].url.params) == {}  # nothing asked for: the service's defaults
+    c.predict_bytes(b"img", "image/png", samples=64, certify=True, confidence=0.99)
+    assert dict(calls[-1].url.params) == {"samples": "64", "certify": "true", "confidence": "0.99"}
 
     async def run() -> dict:
         async with client.AsyncClient("http://siam.test", retries=0, api_key="k2") as c:

@@ -313,6 +313,10 @@ def test_a_worker_waits_for_its_restarted_model_process_and_serves_through_it(
         assert state.ready and state.feedback is state.engine and state.backend.name == "fake"
         assert state.model_name == "tiny" and state.backend.chunk_rows == 64
         assert [a.label for a in await state.engine.predict(images(1), 4, "softmax")] == [1]
+        # the ids this worker signs are the model process's to read: the supervisor's secret, this model
+        s = state.settings
+        model_side = PredictionIds(s.feedback_secret.get_secret_value(), "tiny", s.feedback_ttl_s)
+        assert state.ids is not None and model_side.read(state.ids.issue(3, 4)) is not None
 
         first.die()
         await until(lambda: not state.ready)
