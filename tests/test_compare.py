@@ -137,9 +137,57 @@ def test_the_command_prints_and_writes_the_table(report: dict[str, Any], tmp_pat
     assert "| clean | 1 |" in printed and (tmp_path / "new" / "folder" / "out.md").read_text() == printed
     main([str(first.parent), str(first.parent), "--output", str(tmp_path / "new" / "folder" / "out.md")])
     assert "### tiny against tiny" in (tmp_path / "new" / "folder" / "out.md").read_text()  # into a folder that exists
-    second.write_text(json.dumps({**report, "data": {**report["data"], "images": 13}}))
-    with pytest.raises(SystemExit, match="siam compare: not the same test images"):
+    second.write_text(json.dumps({**report, "data": {**report["data"], "subset_seed": 1}}))
+    with pytest.raises(SystemExit, match="siam compare: not the same test images: data subset_seed"):
         main([str(first), str(second)])
+
+
+def longer(report: dict[str, Any], extra: str, images: int | None = None) -> dict[str, Any]:
+    """The same evaluation on more test images: the same first answers (the first images of one permutation),
+    then ``extra``'s answers for every result."""
+    out = copy.deepcopy(report)
+    out["model"] = "longer"
+    out["data"]["images"] = images or report["data"]["images"] + len(extra)
+    for row in out["results"]:
+        row["per_image"] += extra
+        row["correct"] = row["per_image"].count("1")
+        row["accuracy"] = row["correct"] / len(row["per_image"])
+    return out
+
+
+def test_a_smaller_run_pairs_with_the_first_images_of_a_larger_one(report: dict[str, Any],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    larger = longer(report, "0" * 8)  # 20 images, the last 8 all wrong: they must not count
+    rows = compare(report, larger)
+    assert all(r["images"] == 12 and r["difference"] == 0 and r["first"] == r["second"] for r in rows)
+    assert {r["second"] for r in rows} == {r["accuracy"] for r in report["results"]}
+    assert "paired on the first 12 (of 20) test images" in to_markdown(report, larger, rows)
+    whole = longer(report, "0" * 8, images=10_000)  # the whole split is in file order: not a prefix of anything
+    with pytest.raises(NotComparableError, match="12 against 10000, and a run of the whole test split"):
+        compare(report, whole)
+
+
+def test_attack_settings_pairs_one_models_two_evaluations_and_only_those(report: dict[str, Any]) -> None:
+    right = [i for i, c in enumerate(rows_of(report, "pgd", 4)) if c == "1"][:2]
+    assert right  # the tiny model answers some attacked image right: a stronger attack takes them
+    stronger = flipped(report, "pgd", 4, right)
+    stronger["model"] = report["model"]
+    stronger["attack"].update(steps=7)
+    with pytest.raises(NotComparableError, match="not the same attacks: steps 1 against 7"):
+        compare(report, stronger)
+    rows = {(r["attack"], r["samples"]): r for r in compare(report, stronger, attack_settings=True)}
+    assert rows["pgd", 4]["lost"] == len(right) and rows["pgd", 4]["gained"] == 0
+    assert rows["clean", 1]["difference"] == 0
+    text = to_markdown(report, stronger, list(rows.values()), attack_settings=True)
+    assert "### tiny, PGD-7, EOT 8, 8 adaptive copies against tiny, PGD-1, EOT 8, 8 adaptive copies" in text
+    other_weights = copy.deepcopy(stronger)
+    other_weights["weights_sha256"] = "0" * 64
+    with pytest.raises(NotComparableError, match="--attack-settings pairs two evaluations of one model"):
+        compare(report, other_weights, attack_settings=True)
+
+
+def rows_of(report: dict[str, Any], attack: str, m: int) -> str:
+    return next(r["per_image"] for r in report["results"] if (r["attack"], r["samples"]) == (attack, m))
 
 
 def test_settings_of_an_attack_neither_ran_do_not_block_the_pairing(report: dict[str, Any]) -> None:
@@ -216,7 +264,7 @@ def test_rules_must_name_two_and_the_help_says_what_each_argument_is(capsys: pyt
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for part in ("usage: siam compare [-h] [--rules FIRST,SECOND] [--output OUTPUT] first second",
+    for part in ("usage: siam compare [-h] [--rules FIRST,SECOND] [--attack-settings] [--output OUTPUT] first second",
                  "Is one model more robust than another on the same images?",
                  "the baseline's eval.json (or the folder holding it)",
                  "the other model's eval.json (or folder), on the same images",

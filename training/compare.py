@@ -1,12 +1,15 @@
 """Is one model more robust than another on the same images? (``siam compare``)
 
-Two ``siam evaluate`` runs on the same test images (same data checksum, image count and subset seed)
-and the same attack settings can be paired image by image: only the images on which the two models
+Two ``siam evaluate`` runs on the same test images (same data checksum and subset seed; with two image
+counts, the first images of the larger run are the smaller one's, and the pairing is on those) and the
+same attack settings can be paired image by image: only the images on which the two models
 disagree carry information, so the paired interval is far narrower than two independent ones: two
 models' 95% intervals can overlap while their paired difference excludes zero. Prints, for every attack and m that
 both evaluations ran, the second model's accuracy minus the first's with its 95% interval and the
 images gained and lost. With ``--rules``, two aggregation rules (``siam evaluate --aggregations``, one
-evaluation or two) pair the same way.
+evaluation or two) pair the same way. With ``--attack-settings``, two evaluations of one model (the same
+weights) under different attack settings pair too: the difference is then what the second's attacks find
+that the first's did not (e.g. APGD with EOT 20 against EOT 5).
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from typing import Any
 import torch
 
 from training.measure import paired_difference
+
+SPLIT_IMAGES = 10_000
+"""CIFAR's test split. ``siam evaluate --images N`` takes the first N of a fixed random permutation, so the first
+images of a larger run are a smaller run's; a run of the whole split is in file order instead, so it pairs
+only with another of the whole split."""
 
 WORST = "worst"
 """The per-image worst case ``siam evaluate`` adds: right under every attack it ran."""
@@ -117,35 +125,62 @@ def worst_is_paired(first: dict[str, Any], second: dict[str, Any]) -> bool:
     return attacks_run(first) == attacks_run(second)
 
 
-def check_comparable(first: dict[str, Any], second: dict[str, Any]) -> None:
-    """Refuse a pairing that would compare different images or different attacks."""
-    for key in ("sha256", "images", "subset_seed"):
+def same_model(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """Both evaluations are of one checkpoint's weights, answered the same way: only the attacks can differ."""
+    sha = first.get("weights_sha256")
+    return sha is not None and sha == second.get("weights_sha256") and first["smoothing"] == second["smoothing"]
+
+
+def check_comparable(first: dict[str, Any], second: dict[str, Any], attack_settings: bool = False) -> int:
+    """Refuse a pairing that would compare different images or different attacks (with ``attack_settings``:
+    a model other than the first's). Returns the number of test images paired: the smaller run's."""
+    for key in ("sha256", "subset_seed"):
         if first["data"].get(key) != second["data"].get(key):
             raise NotComparableError(f"not the same test images: data {key} is {first['data'].get(key)!r} for "
                                      f"{first['model']} and {second['data'].get(key)!r} for {second['model']}")
+    counts = (first["data"]["images"], second["data"]["images"])
+    if counts[0] != counts[1] and max(counts) >= SPLIT_IMAGES:
+        raise NotComparableError(f"not the same test images: {counts[0]} against {counts[1]}, and a run of the "
+                                 "whole test split is in file order, not the permutation a smaller run takes from")
+    if attack_settings:
+        if not same_model(first, second):
+            raise NotComparableError("--attack-settings pairs two evaluations of one model: these are of "
+                                     f"{first['model']} and {second['model']} (other weights or smoothing)")
+        return min(counts)
     common = attacks_run(first) & attacks_run(second)
     settings = {k for attack in common for k in ATTACK_SETTINGS.get(attack, ATTACK_KEYS)}
     differ = [k for k in ATTACK_KEYS if k in settings and first["attack"].get(k) != second["attack"].get(k)]
     if differ:
         raise NotComparableError("not the same attacks: " + ", ".join(
             f"{k} {first['attack'].get(k)} against {second['attack'].get(k)}" for k in differ))
+    return min(counts)
 
 
-def compare(first: dict[str, Any], second: dict[str, Any]) -> list[dict[str, Any]]:
-    """Paired accuracy differences, second minus first, for every (attack, m) both evaluations hold."""
-    check_comparable(first, second)
+def compare(first: dict[str, Any], second: dict[str, Any], attack_settings: bool = False) -> list[dict[str, Any]]:
+    """Paired accuracy differences, second minus first, for every (attack, m) both evaluations hold, on the
+    test images both ran (the first ones of the larger run)."""
+    n = check_comparable(first, second, attack_settings)
     a, b = _by_key(first), _by_key(second)
     common = [key for key in a if key in b and (key[0] != WORST or worst_is_paired(first, second))]
     if not common:
         raise NotComparableError(f"no attack and m in common: {sorted(a)} against {sorted(b)}")
-    return [{"attack": attack, "samples": m, "first": a[attack, m]["accuracy"], "second": b[attack, m]["accuracy"],
-             **paired_difference(_bits(b[attack, m], second["model"]), _bits(a[attack, m], first["model"]))}
-            for attack, m in common]
+    rows = []
+    for attack, m in common:
+        ours, theirs = _bits(a[attack, m], first["model"])[:n], _bits(b[attack, m], second["model"])[:n]
+        rows.append({"attack": attack, "samples": m, "images": n, "first": int(ours.sum()) / n,
+                     "second": int(theirs.sum()) / n, **paired_difference(theirs, ours)})
+    return rows
 
 
-def to_markdown(first: dict[str, Any], second: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def to_markdown(first: dict[str, Any], second: dict[str, Any], rows: list[dict[str, Any]],
+                attack_settings: bool = False) -> str:
     a, b = first["model"], second["model"]
-    lines = [f"### {b} against {a}: paired on the same {first['data']['images']} test images", "",
+    n = rows[0]["images"] if rows else first["data"]["images"]
+    if attack_settings:
+        a, b = f"{a}, {attack_label(first)}", f"{b}, {attack_label(second)}"
+    counts = {first["data"]["images"], second["data"]["images"]}
+    which = f"the same {n}" if len(counts) == 1 else f"the first {n} (of {max(counts)})"
+    lines = [f"### {b} against {a}: paired on {which} test images", "",
              f"| attack | m | {a} | {b} | difference, 95% interval | images gained / lost |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -161,6 +196,16 @@ def to_markdown(first: dict[str, Any], second: dict[str, Any], rows: list[dict[s
     return "\n".join(lines) + "\n"
 
 
+def attack_label(report: dict[str, Any]) -> str:
+    """What sets one evaluation's attacks apart, for the same model evaluated twice."""
+    a = report["attack"]
+    ran = attacks_run(report)
+    parts = [f"APGD {a.get('apgd_steps')} steps, EOT {a.get('apgd_eot')}"] if ran & {"apgd-ce", "apgd-dlr"} else []
+    if ran & {"pgd", "eot", "adaptive", "adaptive-logits"}:
+        parts.append(f"PGD-{a.get('steps')}, EOT {a.get('eot_draws')}, {a.get('adaptive_samples')} adaptive copies")
+    return "; ".join(parts) or "clean only"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="siam compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rules", default=None, metavar="FIRST,SECOND",
                    help="the aggregation rule of each side, for evaluations made with `siam evaluate --aggregations` "
                         "(both sides may be the same evaluation: `--rules softmax,vote`)")
+    p.add_argument("--attack-settings", action="store_true",
+                   help="the two are evaluations of one model under different attack settings: pair them anyway, "
+                        "to see what the second's attacks find that the first's did not")
     p.add_argument("--output", type=Path, default=None, help="also write the table here (Markdown)")
     args = p.parse_args(argv)
     try:
@@ -181,10 +229,10 @@ def main(argv: list[str] | None = None) -> None:
             if len(rules) != 2:
                 p.error(f"--rules takes two rules, the first side's and the second's: got {args.rules!r}")
             first, second = under_rule(first, rules[0]), under_rule(second, rules[1])
-        rows = compare(first, second)
+        rows = compare(first, second, args.attack_settings)
     except NotComparableError as e:
         raise SystemExit(f"siam compare: {e}") from None
-    text = to_markdown(first, second, rows)
+    text = to_markdown(first, second, rows, args.attack_settings)
     print(text, end="")
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
