@@ -180,6 +180,16 @@ def test_attack_settings_pairs_one_models_two_evaluations_and_only_those(report:
     assert rows["clean", 1]["difference"] == 0
     text = to_markdown(report, stronger, list(rows.values()), attack_settings=True)
     assert "### tiny, PGD-7, EOT 8, 8 adaptive copies against tiny, PGD-1, EOT 8, 8 adaptive copies" in text
+    apgd = with_attacks(report, ["apgd-ce"]), with_attacks(report, ["apgd-ce"])
+    apgd[1]["attack"].update(apgd_eot=20, apgd_steps=100)
+    text = to_markdown(*apgd, compare(*apgd, attack_settings=True), attack_settings=True)
+    eot = report["attack"]["apgd_eot"]
+    assert f"### tiny, APGD 100 steps, EOT 20; PGD-1, EOT 8, 8 adaptive copies against tiny, APGD " \
+           f"{report['attack']['apgd_steps']} steps, EOT {eot}; PGD-1" in text
+    clean_only = copy.deepcopy(report)
+    clean_only["results"] = [r for r in report["results"] if r["attack"] == "clean"]
+    assert "### tiny, clean only against tiny, clean only" in to_markdown(
+        clean_only, clean_only, compare(clean_only, clean_only, attack_settings=True), attack_settings=True)
     other_weights = copy.deepcopy(stronger)
     other_weights["weights_sha256"] = "0" * 64
     with pytest.raises(NotComparableError, match="--attack-settings pairs two evaluations of one model"):
