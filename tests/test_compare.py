@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from training import evaluate
-from training.compare import NotComparableError, compare, main, to_markdown
+from training.compare import NotComparableError, attack_label, compare, main, to_markdown
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +340,11 @@ def test_one_rules_results_are_picked_out_of_an_evaluation_of_several() -> None:
     with pytest.raises(NotComparableError, match=r"^a's evaluation has no results under the logits rule "
                                                  r"\(it answered with softmax, vote\)$"):
         under_rule(report, "logits")
+
+
+@pytest.mark.parametrize("attack", ["apgd-ce", "apgd-dlr", "pgd", "eot", "adaptive", "adaptive-logits"])
+def test_the_attack_label_names_the_settings_of_any_attack_that_ran(report: dict[str, Any], attack: str) -> None:
+    alone = copy.deepcopy(report)
+    alone["results"] = [dict(row, attack=attack) for row in report["results"] if row["attack"] == "pgd"]
+    label = attack_label(alone)
+    assert label.startswith("APGD ") if attack.startswith("apgd") else label.startswith("PGD-1, EOT 8"), label

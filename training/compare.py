@@ -167,8 +167,8 @@ def compare(first: dict[str, Any], second: dict[str, Any], attack_settings: bool
     rows = []
     for attack, m in common:
         ours, theirs = _bits(a[attack, m], first["model"])[:n], _bits(b[attack, m], second["model"])[:n]
-        rows.append({"attack": attack, "samples": m, "images": n, "first": int(ours.sum()) / n,
-                     "second": int(theirs.sum()) / n, **paired_difference(theirs, ours)})
+        rows.append({"attack": attack, "samples": m, "first": int(ours.sum()) / n, "second": int(theirs.sum()) / n,
+                     **paired_difference(theirs, ours)})  # its "images": the n paired
     return rows
 
 
