@@ -83,19 +83,15 @@ def run_client(url: str, paths: list[Path], samples: int, concurrency: int) -> t
 
 
 def send_feedback(url: str, answers: list[Answer]) -> dict[str, Any]:
-    """The true label (the image's folder) of every answered image to ``POST /feedback``; what was accepted."""
+    """The true label (the image's folder) of every answered image to ``POST /feedback``; what was accepted,
+    and the accuracy the accepted answers say."""
     with httpx.Client(timeout=30.0) as http:
         classes = http.get(f"{url}/v1/models").json()["models"][0]["spec"]["class_names"]
-        statuses = [http.post(f"{url}/feedback", json={"id": a.body["id"], "label": classes.index(a.path.parent.name)},
-                              ).status_code for a in answers if a.body is not None]
-    correct = http_metric(url, "siam_feedback_correct_total")
-    return {"sent": len(statuses), "accepted": statuses.count(200), "refused": len(statuses) - statuses.count(200),
-            "accuracy_from_feedback": round(correct / max(statuses.count(200), 1), 4)}
-
-
-def http_metric(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} ([\d.e+]+)$", text, re.M))
+        replies = [http.post(f"{url}/feedback", json={"id": a.body["id"], "label": classes.index(a.path.parent.name)})
+                   for a in answers if a.body is not None]
+    correct = [r.json()["correct"] for r in replies if r.status_code == 200]
+    return {"sent": len(replies), "accepted": len(correct), "refused": len(replies) - len(correct),
+            "accuracy_from_feedback": round(sum(correct) / max(len(correct), 1), 4)}
 
 
 def pids(server: ServerProcess) -> tuple[int, list[int]]:
