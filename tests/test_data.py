@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import CLASSES, synthetic_images
-from training.data import augment, load_split
+from training.data import Dataset, augment, load_split, to_float
 
 
 def _expected(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,3 +76,142 @@ def test_augment_crops_and_flips_per_image() -> None:
     unchanged = (out == images).flatten(1).all(1)
     flipped = (out == images.flip(3)).flatten(1).all(1)
     assert int(unchanged.sum() + flipped.sum()) < 64
+
+
+def test_augment_is_a_crop_of_the_image_padded_by_4_at_every_offset_mirrored_or_not() -> None:
+    """The CIFAR recipe: each output is a 32x32 crop of the image zero-padded by 4, at one of the 9 x 9
+    offsets, mirrored half the time; over 512 images every offset and both mirrorings occur."""
+    torch.manual_seed(1)
+    images = torch.randint(1, 255, (512, 3, 32, 32), dtype=torch.uint8)
+    out = augment(images)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    seen: set[tuple[str, int]] = set()
+    for i in range(len(images)):
+        found = [(dy, dx, mirrored) for dy in range(9) for dx in range(9) for mirrored in (False, True)
+                 if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32].flip(2) if mirrored
+                                else padded[i, :, dy:dy + 32, dx:dx + 32])]
+        assert len(found) == 1, i  # no shift beyond 4, and only one reading of each output
+        dy, dx, mirrored = found[0]
+        seen |= {("dy", dy), ("dx", dx), ("mirrored", mirrored)}
+    assert seen == {("dy", k) for k in range(9)} | {("dx", k) for k in range(9)} | {("mirrored", False),
+                                                                                 ("mirrored", True)}
+
+
+def _indexed(n: int = 40) -> Dataset:
+    """A split whose image ``i`` is filled with the value ``i`` and labelled ``i % 10``: what a subset or a
+    holdout took, and whether each label travelled with its image, reads off the pixels."""
+    images = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 3, 32, 32).contiguous()
+    return Dataset(images, torch.arange(n) % 10, CLASSES, "made here", "sum", "as stored")
+
+
+def _indices(data: Dataset) -> list[int]:
+    index = data.images[:, 0, 0, 0].long()
+    assert torch.equal(data.labels, index % 10)  # each label still with its image
+    assert (data.classes, data.source, data.checksum, data.encoding) == (CLASSES, "made here", "sum", "as stored")
+    return index.tolist()
+
+
+def test_subset_is_a_fixed_random_choice_whose_smaller_sizes_are_its_first_images() -> None:
+    """``siam compare`` pairs a run of n images with the first n of a larger one: that holds only if a subset
+    of n is the first n of any larger subset with the same seed."""
+    data = _indexed()
+    ten = _indices(data.subset(10, seed=1))
+    assert len(set(ten)) == 10 and ten == _indices(data.subset(10, seed=1))
+    assert ten != sorted(ten)  # random, not the first ten
+    assert _indices(data.subset(4, seed=1)) == ten[:4] and _indices(data.subset(39, seed=1))[:10] == ten
+    assert _indices(data.subset(10, seed=2)) != ten
+    assert data.subset(None) is data and data.subset(40) is data and data.subset(41) is data
+
+
+def test_hold_out_splits_without_overlap_each_part_in_its_original_order() -> None:
+    data = _indexed()
+    held, rest = data.hold_out(12, seed=3)
+    held_at, rest_at = _indices(held), _indices(rest)
+    assert len(held_at) == 12 and sorted(held_at + rest_at) == list(range(40))
+    assert held_at == sorted(held_at) and rest_at == sorted(rest_at)
+    assert held_at != list(range(12))  # a random choice, not the first images
+    assert _indices(data.hold_out(12, seed=3)[0]) == held_at and _indices(data.hold_out(12, seed=4)[0]) != held_at
+    one, others = data.hold_out(1, seed=3)
+    assert len(one) == 1 and len(others) == 39
+    none, everything = data.hold_out(0, seed=3)
+    assert len(none) == 0 and everything is data
+    with pytest.raises(ValueError, match="cannot hold out 40 of 40 images"):
+        data.hold_out(40, seed=3)
+
+
+def test_cache_hit_returns_what_was_read_and_new_content_gets_a_new_entry(tiny_cifar_folder: Path,
+                                                                          tmp_path: Path) -> None:
+    fresh = load_split(tiny_cifar_folder, "test", cache_dir=None)
+    load_split(tiny_cifar_folder, "test", cache_dir=tmp_path / "cache")
+    cached = load_split(tiny_cifar_folder, "test", cache_dir=tmp_path / "cache")
+    for a, b in ((fresh.images, cached.images), (fresh.labels, cached.labels)):
+        assert torch.equal(a, b)
+    assert (cached.classes, cached.checksum, cached.encoding) == (fresh.classes, fresh.checksum, fresh.encoding)
+    changed = shutil.copytree(tiny_cifar_folder, tmp_path / "changed")
+    first = sorted((changed / "test" / "cat").iterdir())[0]
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(first)
+    other = load_split(changed, "test", cache_dir=tmp_path / "cache")
+    assert other.checksum != fresh.checksum and len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    cat = CLASSES.index("cat")
+    assert (other.images[other.labels == cat][0] == torch.tensor([255, 0, 0])[:, None, None]).all()
+    # A folder's checksum covers its names: the last automobile moved to be the first bird leaves the bytes
+    # in the same order, but not the labels, and the cache must not answer with the old ones.
+    moved = shutil.copytree(tiny_cifar_folder, tmp_path / "moved")
+    sorted((moved / "test" / "automobile").iterdir())[-1].rename(moved / "test" / "bird" / "0000.png")
+    relabelled = load_split(moved, "test", cache_dir=tmp_path / "cache")
+    assert relabelled.checksum != fresh.checksum and torch.equal(relabelled.images, fresh.images)
+    assert (relabelled.labels != fresh.labels).sum() == 1
+
+
+def test_an_archive_checksum_covers_its_contents(tiny_cifar_folder: Path, tmp_path: Path) -> None:
+    """Two archives that differ in one image must not share a cache entry."""
+    import tarfile
+
+    from PIL import Image
+
+    changed = shutil.copytree(tiny_cifar_folder, tmp_path / "changed")
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(sorted((changed / "test" / "cat").iterdir())[0])
+    archives = []
+    for folder in (tiny_cifar_folder, changed):
+        archives.append(tmp_path / f"{folder.name}-{len(archives)}.tar.gz")
+        with tarfile.open(archives[-1], "w:gz") as tar:
+            tar.add(folder, arcname="cifar10-png")
+    first, second = (load_split(a, "test", cache_dir=tmp_path / "cache") for a in archives)
+    assert first.checksum != second.checksum and not torch.equal(first.images, second.images)
+
+
+def test_files_outside_split_class_file_are_ignored(tiny_cifar_folder: Path, tmp_path: Path) -> None:
+    """Only ``<split>/<class>/<image>`` counts: not notes, nor images one folder too deep or too shallow."""
+    messy = shutil.copytree(tiny_cifar_folder, tmp_path / "messy")
+    (messy / "test" / "cat" / "notes.txt").write_text("not an image")
+    (messy / "test" / "cat" / "thumbs").mkdir()
+    shutil.copy(sorted((messy / "test" / "dog").iterdir())[0], messy / "test" / "cat" / "thumbs" / "0001.png")
+    shutil.copy(sorted((messy / "test" / "dog").iterdir())[0], messy / "test" / "stray.png")
+    clean, read = load_split(tiny_cifar_folder, "test", cache_dir=None), load_split(messy, "test", cache_dir=None)
+    assert read.classes == clean.classes and torch.equal(read.labels, clean.labels)
+    assert torch.equal(read.images, clean.images)
+
+
+def test_official_cifar100_layout_reads_the_fine_labels(tmp_path: Path) -> None:
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    names = [f"class{i:03d}" for i in range(100)]
+    (root / "meta").write_bytes(pickle.dumps({"fine_label_names": names, "coarse_label_names": ["c"] * 20}))
+    for split, n, seed in (("train", 30, 0), ("test", 12, 1)):
+        images, _ = synthetic_images(n, seed)
+        fine = [(7 * i + seed) % 100 for i in range(n)]
+        batch = {"data": images.transpose(0, 3, 1, 2).reshape(n, -1), "fine_labels": fine,
+                 "coarse_labels": [f // 5 for f in fine]}
+        (root / split).write_bytes(pickle.dumps(batch, protocol=2))
+    test = load_split(tmp_path, "test", cache_dir=None)
+    assert test.classes == tuple(names) and test.labels.tolist() == [(7 * i + 1) % 100 for i in range(12)]
+    assert torch.equal(test.images, torch.from_numpy(synthetic_images(12, 1)[0]).permute(0, 3, 1, 2))
+    assert len(load_split(root, "train", cache_dir=None)) == 30
+    assert test.encoding.startswith("official CIFAR100")
+
+
+def test_to_float_maps_0_255_onto_0_1() -> None:
+    out = to_float(torch.tensor([0, 51, 255], dtype=torch.uint8))
+    assert out.dtype == torch.float32 and out.tolist() == pytest.approx([0.0, 0.2, 1.0], abs=1e-7)
