@@ -121,14 +121,18 @@ def tiny_cifar_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_cifar_tar(tiny_cifar_folder: Path) -> Path:
+def packed(folder: Path, path: Path) -> Path:
+    """``folder`` as a .tar.gz at ``path``, laid out as the shared archive is (``cifar10-png/train/...``)."""
     import tarfile
 
-    path = tiny_cifar_folder.parent / "cifar10-png.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
-        tar.add(tiny_cifar_folder, arcname="cifar10-png")
+        tar.add(folder, arcname="cifar10-png")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar_tar(tiny_cifar_folder: Path) -> Path:
+    return packed(tiny_cifar_folder, tiny_cifar_folder.parent / "cifar10-png.tar.gz")
 
 
 @pytest.fixture(scope="session")

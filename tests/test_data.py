@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CLASSES, synthetic_images
+from tests.conftest import CLASSES, packed, synthetic_images
 from training.data import Dataset, augment, load_split, to_float
 
 
@@ -167,17 +167,11 @@ def test_cache_hit_returns_what_was_read_and_new_content_gets_a_new_entry(tiny_c
 
 def test_an_archive_checksum_covers_its_contents(tiny_cifar_folder: Path, tmp_path: Path) -> None:
     """Two archives that differ in one image must not share a cache entry."""
-    import tarfile
-
     from PIL import Image
 
     changed = shutil.copytree(tiny_cifar_folder, tmp_path / "changed")
     Image.new("RGB", (32, 32), (0, 0, 255)).save(sorted((changed / "test" / "cat").iterdir())[0])
-    archives = []
-    for folder in (tiny_cifar_folder, changed):
-        archives.append(tmp_path / f"{folder.name}-{len(archives)}.tar.gz")
-        with tarfile.open(archives[-1], "w:gz") as tar:
-            tar.add(folder, arcname="cifar10-png")
+    archives = [packed(tiny_cifar_folder, tmp_path / "a.tar.gz"), packed(changed, tmp_path / "b.tar.gz")]
     first, second = (load_split(a, "test", cache_dir=tmp_path / "cache") for a in archives)
     assert first.checksum != second.checksum and not torch.equal(first.images, second.images)
 

@@ -18,6 +18,7 @@ import torch
 from models import load_checkpoint
 from tests.conftest import make_lively_model, saved_tiny
 from training import evaluate
+from training.compare import per_image_bits
 from training.data import load_split, to_float
 
 SETTINGS = {"eps": 1 / 255, "step": 0.5 / 255, "steps": 3, "restarts": 2, "eot": 3, "adaptive_samples": 5,
@@ -123,7 +124,7 @@ def test_accuracy_is_each_image_scored_against_its_own_label(tiny_cifar_tar: Pat
     test = load_split(tiny_cifar_tar, "test", cache).subset(30, seed=5)
     with torch.no_grad():
         right = model(to_float(test.images)).argmax(1) == test.labels
-    expected = "".join("1" if r else "0" for r in right.tolist())
+    expected = per_image_bits(right)
     assert 0 < right.sum() < len(right)  # right and wrong answers both: a scoring that flips them shows
     for m in (1, 4):
         clean = rows[0.0, "clean", m]
