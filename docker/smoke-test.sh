@@ -247,7 +247,8 @@ say "Prometheus: $loaded alert and recording rules loaded, all evaluated and hea
 # HTTP worker processes in front of its model process (SIAM_WORKERS=2: the metrics of a replica's
 # processes are summed in what Prometheus scrapes) -------------------------------------------------------
 if [[ "${SIAM_SMOKE_SCALE:-1}" == 1 ]]; then
-  say "scale: SIAM_WORKERS=2 SIAM_PUBLISH=8000 ${compose[*]} --profile scale up -d --scale siam-cpu=2 ${lb_services[*]}"
+  export SIAM_FEEDBACK_SECRET="smoke-test-secret-shared-by-the-replicas"
+  say "scale: SIAM_FEEDBACK_SECRET=... SIAM_WORKERS=2 SIAM_PUBLISH=8000 ${compose[*]} --profile scale up -d --scale siam-cpu=2 ${lb_services[*]}"
   SIAM_WORKERS=2 SIAM_PUBLISH=8000 "${compose[@]}" --profile scale up -d --scale siam-cpu=2 "${lb_services[@]}"
   wait_healthy siam-cpu
   "${compose[@]}" exec -T nginx nginx -s reload  # nginx resolves the replicas when it (re)loads
@@ -269,4 +270,18 @@ if [[ "${SIAM_SMOKE_SCALE:-1}" == 1 ]]; then
     ((processes >= 4)) || fail "container $cid runs $processes Python processes, expected 4 with SIAM_WORKERS=2"
   done
   say "each replica runs two HTTP workers in front of its model process"
+  # Feedback across replicas: an answer of the first takes its feedback at the second (the shared secret),
+  # and only once: the first refuses it then (the feedback file on the shared volume).
+  one="http://127.0.0.1:$("${compose[@]}" port --index=1 siam-cpu 8000 | sed 's/.*://')"
+  two="http://127.0.0.1:$("${compose[@]}" port --index=2 siam-cpu 8000 | sed 's/.*://')"
+  [[ "$one" != "$two" ]] || fail "both replicas published on $one"
+  id="$(curl -sf -X POST "$one/predict?samples=4" -H 'Content-Type: image/jpeg' --data-binary @"$work/test/cat/0000.jpg" |
+    python3 -c "import json, sys; print(json.load(sys.stdin)['id'])")" || fail "POST /predict at $one"
+  status="$(curl -s -o /dev/null -w '%{http_code}' -X POST "$two/feedback" -H 'Content-Type: application/json' \
+    -d "{\"id\": \"$id\", \"label\": 3}")"
+  [[ "$status" == 200 ]] || fail "feedback at the second replica for the first's answer: HTTP $status, expected 200"
+  status="$(curl -s -o /dev/null -w '%{http_code}' -X POST "$one/feedback" -H 'Content-Type: application/json' \
+    -d "{\"id\": \"$id\", \"label\": 3}")"
+  [[ "$status" == 404 ]] || fail "a second feedback at the first replica: HTTP $status, expected 404 (already counted)"
+  say "feedback for one replica's answer taken at the other, and refused the second time (shared file)"
 fi

@@ -27,7 +27,7 @@ from service.auth import SECURITY_SCHEMES, Access, read_key_hashes, require_acce
 from service.backends import Backend, load_backend, remembered_chunk_rows
 from service.canary import run_canary_forever
 from service.engine import DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
-from service.feedback import FeedbackStore, PredictionIds
+from service.feedback import FeedbackStore, FeedbackUnavailableError, PredictionIds
 from service.images import InputError
 from service.model_links import ModelLinks
 from service.observe import ObserveMiddleware
@@ -82,6 +82,8 @@ async def start(state: ServiceState) -> None:
         if s.warmup:
             row_cost = await asyncio.to_thread(warm_up, backend, manifest,
                                                s.tuning_cache if s.chunk_rows == "auto" else None)
+        ids = PredictionIds(s.feedback_secret.get_secret_value(), manifest.name, s.feedback_ttl_s)
+        feedback = FeedbackStore(ids, s.feedback_capacity, s.feedback_db)
     except (CheckpointError, RuntimeError, OSError, ValueError) as e:
         log.error("could not load %s: %s: %s", s.checkpoint, type(e).__name__, e)
         state.load_error = without_paths(f"{type(e).__name__}: {e}", s.checkpoint)
@@ -91,8 +93,7 @@ async def start(state: ServiceState) -> None:
     engine.row_cost_s = row_cost
     engine.start()
     state.backend, state.manifest, state.engine = backend, manifest, engine
-    state.ids = PredictionIds(s.feedback_secret.get_secret_value(), manifest.name, s.feedback_ttl_s)
-    state.feedback = FeedbackStore(state.ids, s.feedback_capacity)
+    state.ids, state.feedback = ids, feedback
     info = {k: str(v) for k, v in backend.describe().items() if k in ("backend", "device", "precision", "provider")}
     state.metrics.prepare(manifest.name)
     state.metrics.describe_model({"name": manifest.name, "checksum": manifest.weights.sha256, **info})
@@ -132,6 +133,8 @@ def create_app(settings: Settings | None = None, model_sockets: Sequence[Path] |
                 await link.stop()
         if state.engine:
             await state.engine.stop()
+        if isinstance(state.feedback, FeedbackStore):
+            state.feedback.close()
 
     app = FastAPI(title="siam: smoothed inference for adversarially-trained models", version="1",
                   lifespan=lifespan, description="POST /predict?samples=N answers with the aggregate of the model "
@@ -213,6 +216,11 @@ def install_error_handlers(app: FastAPI, state: ServiceState) -> None:
     @app.exception_handler(ShuttingDownError)
     async def shutting_down(request: Request, e: ShuttingDownError) -> JSONResponse:
         return answer(request, 503, "shutting_down", str(e), {"Retry-After": "5"})
+
+    @app.exception_handler(FeedbackUnavailableError)
+    async def feedback_unavailable(request: Request, e: FeedbackUnavailableError) -> JSONResponse:
+        # not counted: the client may send the same feedback again
+        return answer(request, 503, "feedback_unavailable", f"{e}; retry later", {"Retry-After": "1"})
 
     @app.exception_handler(DeadlineExceededError)
     async def deadline(request: Request, e: DeadlineExceededError) -> JSONResponse:

@@ -20,6 +20,7 @@ USED_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
 SHARE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # Every value the ``kind`` label of siam_errors_total takes (service/app.py's handlers).
 ERROR_KINDS = ("bad_request", "payload_too_large", "unsupported_media_type", "not_found", "feedback_unknown_id",
+               "feedback_unavailable",
                "unauthorized", "rate_limited", "queue_full", "overloaded", "not_ready", "shutting_down", "deadline",
                "client_disconnected", "internal")
 MODEL_LABELS = ("name", "checksum", "backend", "device", "precision", "provider")

@@ -24,6 +24,7 @@ import torch
 from service.app import start
 from service.canary import run_canary_forever
 from service.engine import Engine
+from service.feedback import FeedbackStore
 from service.observe import setup_logging
 from service.settings import Settings
 from service.state import ServiceState
@@ -69,10 +70,9 @@ class WorkerLink:
                     self.tasks[rid] = task
                     task.add_done_callback(lambda _, rid=rid: self.tasks.pop(rid, None))
                 elif op == "recall":
-                    store = self.state.feedback
-                    issued = await store.recall(header["prediction"]) if store is not None else None
-                    await self.send({"id": rid, "issued": None if issued is None else
-                                     [issued.label, issued.samples, issued.model, issued.at]})
+                    task = asyncio.create_task(self.recall(rid, header["prediction"]))
+                    self.tasks[rid] = task
+                    task.add_done_callback(lambda _, rid=rid: self.tasks.pop(rid, None))
                 else:
                     raise ValueError(f"unknown operation {op!r}")
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -83,6 +83,17 @@ class WorkerLink:
             for task in list(self.tasks.values()):
                 task.cancel()  # nobody is left to read these answers: the engine drops their rows
             self.writer.close()
+
+    async def recall(self, rid: int, prediction_id: str) -> None:
+        """Feedback's once-only check, as its own task: with SIAM_FEEDBACK_DB it may wait on the file's lock."""
+        store = self.state.feedback
+        try:
+            issued = await store.recall(prediction_id) if store is not None else None
+        except Exception as e:  # the file could not be written: the worker answers 503
+            await self.send({"id": rid, **encode_error(e)})
+            return
+        await self.send({"id": rid, "issued": None if issued is None else
+                         [issued.label, issued.samples, issued.model, issued.at]})
 
     async def run(self, header: dict[str, Any], payload: bytes) -> None:
         engine = self.state.engine
@@ -149,6 +160,8 @@ async def serve_model(settings: Settings, socket_path: Path, control: Connection
     server.close()
     if state.engine is not None:
         await state.engine.stop()
+    if isinstance(state.feedback, FeedbackStore):
+        state.feedback.close()
     return 0
 
 

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     feedback_capacity: int = Field(100_000, ge=1, description="prediction ids each process remembers having had "
                                    "their POST /feedback, so that each counts once")
     feedback_ttl_s: float = Field(3600.0, gt=0, description="how long a prediction id accepts feedback")
+    feedback_db: Path | None = Field(None, description="SQLite file of the prediction ids that had their feedback, "
+                                     "shared by every process and replica that opens it (one host: a shared "
+                                     "volume, not a network file system) and kept over restarts, so that a "
+                                     "second feedback is refused there too; unset: each process remembers its own "
+                                     "(SIAM_FEEDBACK_CAPACITY ids, lost on restart)")
     feedback_secret: SecretStr = Field(
         default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),
         description="signs prediction ids; environment only (SIAM_FEEDBACK_SECRET), at least 16 characters. "

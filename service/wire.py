@@ -16,6 +16,7 @@ import torch
 
 from models.smooth import Certificate, Prediction
 from service.engine import Answer, DeadlineExceededError, OverloadedError, QueueFullError, ShuttingDownError
+from service.feedback import FeedbackUnavailableError
 
 PREFIX = struct.Struct("!II")  # header bytes, payload bytes
 MAX_HEADER = 64 * 1024 * 1024  # an answer for max_images images with 1000 classes stays far below this
@@ -60,7 +61,8 @@ def decode_answers(encoded: list[list[Any]]) -> list[Answer]:
 
 # The engine's refusals, by the name that crosses the wire; anything else is a model failure.
 ERRORS: dict[str, type[Exception]] = {"queue_full": QueueFullError, "deadline": DeadlineExceededError,
-                                      "shutting_down": ShuttingDownError, "overloaded": OverloadedError}
+                                      "shutting_down": ShuttingDownError, "overloaded": OverloadedError,
+                                      "feedback_unavailable": FeedbackUnavailableError}
 
 
 class ModelProcessError(RuntimeError):

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import multiprocessing
+import random
+import sqlite3
+from pathlib import Path
 
 import pytest
 
-from service.feedback import ID_BYTES, FeedbackStore, PredictionIds
+from service.feedback import ID_BYTES, FeedbackStore, FeedbackUnavailableError, PredictionIds, TakenInFile
 
 SECRET = "a secret of at least sixteen characters"
 
@@ -85,3 +89,88 @@ def test_a_worker_recalls_through_the_same_once_only_memory() -> None:
     issued = asyncio.run(store.recall(prediction_id))
     assert issued is not None and (issued.label, issued.samples) == (4, 64)
     assert asyncio.run(store.recall(prediction_id)) is None and store.take(prediction_id) is None
+
+
+def take_all(path: Path, prediction_ids: list[str], seed: int, start: multiprocessing.synchronize.Barrier,
+             taken: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    """One process of the race below: take every id, in its own order, once all have opened the file, and
+    report the ones it got."""
+    store = FeedbackStore(PredictionIds(SECRET, "tiny", 600.0), capacity=1, path=path)
+    order = prediction_ids.copy()
+    random.Random(seed).shuffle(order)
+    start.wait(60)
+    taken.put([i for i in order if store.take(i) is not None])
+    store.close()
+
+
+def test_a_feedback_file_counts_each_id_once_across_processes_and_restarts(tmp_path: Path) -> None:
+    """SIAM_FEEDBACK_DB: processes (or replicas on one host) racing on the same ids take each exactly once
+    between them, and a store opened again on the file, as after a restart, refuses them all. The memory
+    capacity does not apply to the file: a capacity of 1 forgets nothing there."""
+    path = tmp_path / "state" / "feedback.sqlite"  # the folder is made
+    ids = PredictionIds(SECRET, "tiny", 600.0)
+    issued = [ids.issue(k % 10, 16) for k in range(300)]
+    context = multiprocessing.get_context("spawn")
+    start, taken = context.Barrier(3), context.Queue()
+    racers = [context.Process(target=take_all, args=(path, issued, seed, start, taken)) for seed in range(3)]
+    for racer in racers:
+        racer.start()
+    got = [taken.get(timeout=120) for _ in racers]
+    for racer in racers:
+        racer.join(30)
+        assert racer.exitcode == 0
+    assert sorted(i for share in got for i in share) == sorted(issued)  # each id once, across the three
+    restarted = FeedbackStore(ids, capacity=1, path=path)
+    assert len(restarted) == 300 and all(restarted.take(i) is None for i in issued)
+    fresh = ids.issue(2, 16)
+    issued_fresh = restarted.take(fresh)
+    assert issued_fresh is not None and issued_fresh.label == 2 and restarted.take(fresh) is None
+    restarted.close()
+    in_memory = FeedbackStore(ids, capacity=1)  # without the file: this process's own memory, which knew none
+    assert in_memory.take(issued[0]) is not None
+
+
+def test_the_feedback_file_keeps_ids_until_they_expire_and_models_apart(tmp_path: Path) -> None:
+    path = tmp_path / "feedback.sqlite"
+    ids = PredictionIds(SECRET, "tiny", 60.0)
+    store = FeedbackStore(ids, capacity=10, path=path)
+    old = [ids.issue(k, 4, now=1000.0) for k in range(3)]
+    assert all(store.take(i, now=1001.0) is not None for i in old) and len(store) == 3
+    # another model's store on the same file: its own rows, even for the same nonce
+    other = TakenInFile(path, "tiny-v2")
+    nonce = ids.read(old[0], now=1001.0).nonce  # type: ignore[union-attr]
+    assert other.first(nonce, 1060.0, now=1001.0) and not other.first(nonce, 1060.0, now=1001.0)
+    assert len(other) == 1 and len(store) == 3
+    # rows are dropped once their id has expired (1060), at the next pruning; a valid id is never dropped
+    late = ids.issue(7, 4, now=1030.0)
+    assert store.take(late, now=1030.0 + TakenInFile.PRUNE_EVERY_S) is not None
+    assert len(store) == 1 and store.take(late, now=1031.0 + TakenInFile.PRUNE_EVERY_S) is None
+    other.close()
+    store.close()
+
+
+def test_a_locked_or_unusable_feedback_file_fails_loudly_and_counts_nothing(tmp_path: Path) -> None:
+    """A file another process holds locked past the busy timeout: FeedbackUnavailableError (the service
+    answers 503), and the feedback was not counted, so the client's retry is taken. A path that cannot be a
+    SQLite file fails at start, naming the setting."""
+    path = tmp_path / "feedback.sqlite"
+    ids = PredictionIds(SECRET, "tiny", 60.0)
+    store = FeedbackStore(ids, capacity=10, path=path)
+    store.taken = TakenInFile(path, "tiny", busy_timeout_s=0.2)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    prediction_id = ids.issue(5, 16)
+    with pytest.raises(FeedbackUnavailableError, match="could not be written"):
+        store.take(prediction_id)
+    with pytest.raises(FeedbackUnavailableError):
+        asyncio.run(store.recall(prediction_id))
+    holder.execute("ROLLBACK")
+    holder.close()
+    issued = asyncio.run(store.recall(prediction_id))  # the retry counts, once
+    assert issued is not None and issued.label == 5 and store.take(prediction_id) is None
+    store.close()
+    (tmp_path / "a folder").mkdir()
+    (tmp_path / "a file").write_text("not a folder")
+    for unusable in (tmp_path / "a folder", tmp_path / "a file" / "feedback.sqlite", tmp_path / "a file"):
+        with pytest.raises(OSError, match="as the feedback file \\(SIAM_FEEDBACK_DB\\)"):
+            FeedbackStore(ids, capacity=10, path=unusable)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from service_helpers import b64, image_bytes
 from models import save_checkpoint
 from models.canary import Canary, save_canary
 from service.app import create_app
+from service.feedback import TakenInFile
 from service.settings import Settings
 
 PNG = image_bytes(0)
@@ -255,6 +257,37 @@ def test_feedback_counts_live_accuracy(client: TestClient) -> None:
                                                                                **labels) == 2
     assert metric_value(after, "siam_feedback_correct_total", **labels) - metric_value(
         before, "siam_feedback_correct_total", **labels) == 1
+
+
+def test_with_a_feedback_file_a_restarted_service_refuses_a_second_feedback(checkpoint: Path, tmp_path: Path) -> None:
+    """SIAM_FEEDBACK_DB: the memory of which answers had feedback outlives the process, so live accuracy does
+    not count an answer twice after a restart; a file locked past the busy timeout answers 503 (kind
+    feedback_unavailable, Retry-After) and counts nothing, so the client's retry is taken once. A file that
+    cannot be opened leaves the service not ready, saying why."""
+    shared = {"feedback_db": tmp_path / "feedback.sqlite", "feedback_secret": "kept by the deployment, 32 chars"}
+    with TestClient(create_app(settings(checkpoint, **shared))) as first:
+        answers = [first.post("/predict?samples=4", json={"image": b64(PNG)}).json() for _ in range(2)]
+        assert first.post("/feedback", json={"id": answers[0]["id"], "label": 0}).status_code == 200
+    with TestClient(create_app(settings(checkpoint, **shared))) as restarted:
+        again = restarted.post("/feedback", json={"id": answers[0]["id"], "label": 0})
+        assert again.status_code == 404 and "already has feedback" in again.json()["detail"]
+        holder = sqlite3.connect(shared["feedback_db"], isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        restarted.app.state.siam.feedback.taken = TakenInFile(shared["feedback_db"], "tiny", busy_timeout_s=0.1)
+        locked = restarted.post("/feedback", json={"id": answers[1]["id"], "label": 0})
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert locked.status_code == 503 and locked.headers["retry-after"] == "1", locked.text
+        assert "could not be written" in locked.json()["detail"]
+        retried = restarted.post("/feedback", json={"id": answers[1]["id"], "label": 0})
+        assert retried.status_code == 200, retried.text
+        text = restarted.get("/metrics").text
+        assert metric_value(text, "siam_errors_total", kind="feedback_unavailable") == 1
+        assert metric_value(text, "siam_feedback_total", model="tiny") == 1  # the retry only
+    with TestClient(create_app(settings(checkpoint, feedback_db=tmp_path, exit_on_load_error=False))) as unusable:
+        ready = unusable.get("/health/ready")
+        assert ready.status_code == 503 and "SIAM_FEEDBACK_DB" in ready.json()["detail"], ready.text
+        assert str(tmp_path) not in ready.text  # paths stay out of answers, as for the checkpoint
 
 
 def test_labelled_counters_exist_at_zero_before_the_first_event(checkpoint: Path) -> None:

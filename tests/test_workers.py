@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from service import model_links
 from service.app import start_worker
 from service.backends import load_backend
 from service.engine import Answer, DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
-from service.feedback import PredictionIds
+from service.feedback import FeedbackUnavailableError, PredictionIds, TakenInFile
 from service.metrics import Metrics
 from service.model_links import ModelLinks
 from service.model_process import serve_model
@@ -200,6 +201,36 @@ def test_the_model_process_reads_the_ids_a_worker_signed_and_takes_feedback_once
             assert await remote.recall("nobody") is None
             canary = await remote.predict(images(1), 8, "vote", internal=True)
             assert canary[0].prediction.samples == 8
+
+    asyncio.run(scenario())
+
+
+def test_a_model_process_on_the_feedback_file_remembers_its_predecessors_feedback(checkpoint: Path,
+                                                                                   tmp_path: Path) -> None:
+    """SIAM_FEEDBACK_DB under ``--workers N``: a model process restarted in place refuses feedback its
+    predecessor took. When the file is locked past the busy timeout the worker gets FeedbackUnavailableError
+    (503) and the connection goes on serving: the retry is taken."""
+
+    async def scenario() -> None:
+        settings = settings_for(checkpoint, feedback_db=tmp_path / "feedback.sqlite")
+        ids = PredictionIds(settings.feedback_secret.get_secret_value(), "tiny", settings.feedback_ttl_s)
+        issued = [ids.issue(k, 16) for k in range(3)]
+        async with ModelProcessInLoop(settings) as remote:
+            assert await remote.recall(issued[0]) is not None
+        successor = ModelProcessInLoop(settings)
+        async with successor as remote:
+            assert await remote.recall(issued[0]) is None  # taken before the restart
+            holder = sqlite3.connect(tmp_path / "feedback.sqlite", isolation_level=None)
+            holder.execute("BEGIN EXCLUSIVE")
+            successor.state.feedback.taken = TakenInFile(tmp_path / "feedback.sqlite", "tiny",  # type: ignore[union-attr]
+                                                         busy_timeout_s=0.1)
+            with pytest.raises(FeedbackUnavailableError, match="could not be written"):
+                await remote.recall(issued[1])
+            holder.execute("ROLLBACK")
+            holder.close()
+            answer = await remote.recall(issued[1])
+            assert answer is not None and answer.label == 1
+            assert (await remote.predict(images(1), 4, "softmax"))[0].prediction.samples == 4
 
     asyncio.run(scenario())
 
