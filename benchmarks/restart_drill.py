@@ -6,9 +6,12 @@ then again while this script sends SIGKILL to the processes ``--kills`` names, e
 run began: ``model`` (the model process) or ``http`` (an HTTP worker). It reports, for both runs, the images
 answered and lost and the images per second, side by side, and for each kill how long the service took to
 answer again (the model process: until ``/health/ready`` says ready; a worker: until the supervisor logs its
-successor) and the 503 answers the client retried. Last, it sends the true label of every image answered in
-either run to ``POST /feedback``: the ids of answers given before a model process was killed must still take
-their feedback (they are signed, not kept by the process that died).
+successor) and the 503 answers the client retried. The true label of every image of the first run goes to
+``POST /feedback`` before the kills; after them, those of the second run, whose ids were issued by model
+processes that were then killed, must still take their feedback (they are signed, not kept by the process
+that died), and those of the first run, sent again, must be refused: the service runs with
+``--feedback-db``, so which answers had feedback outlives the model process (``--no-feedback-db`` shows
+what happens without it).
 
     python -m benchmarks.restart_drill --images 2000 --kills model@3,http@8,model@13
 """
@@ -142,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kills", type=parse_kills, default=parse_kills("model@3,http@8,model@13"),
                    help="what to kill when, seconds after the run began (default: model@3,http@8,model@13)")
     p.add_argument("--data", type=Path, default=ARCHIVE, help="the JPEG CIFAR-10 archive (default: %(default)s)")
+    p.add_argument("--feedback-db", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the service with a feedback file (default: %(default)s); without it, the killed model "
+                        "process's memory of which answers had feedback is lost")
     p.add_argument("--output", type=Path, default=None, help="write the results here as JSON")
     return p
 
@@ -153,27 +159,41 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.restart_drill " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(f"{command}\n{summary_line(info)}", flush=True)
     spec = service_spec(args.checkpoint, args.threads, "onnx", "cpu", DEFAULT_ONNX_CACHE, workers=args.workers)
-    spec.args += ["--log-level", "info"]  # the supervisor's log names the processes and their restarts
-    with tempfile.TemporaryDirectory(prefix="siam-drill-") as folder, ServerProcess(spec) as server:
-        paths = test_images(args.data, args.images, Path(folder))
-        baseline, first_answers = run_client(server.url, paths, args.samples, args.concurrency)
-        print(f"nothing killed: {baseline}", flush=True)
-        refused_before = errors_by_kind(server.url)
-        kills: list[dict[str, Any]] = []
-        killer = threading.Thread(target=kill_on_schedule, args=(server, args.kills, time.perf_counter(), kills))
-        killer.start()
-        drill, answers = run_client(server.url, paths, args.samples, args.concurrency)
-        killer.join()
-        for kill in kills:  # a kill after the last answer tests nothing: say so
-            kill["during_run"] = kill["at_s"] + kill["back_after_s"] < drill["seconds"]
-        refused = {k: v - refused_before.get(k, 0.0) for k, v in errors_by_kind(server.url).items()
-                   if v > refused_before.get(k, 0.0)}
-        print(f"with kills:     {drill}\nkills: {kills}\nrefused meanwhile (retried by the client): {refused}")
-        print(f"images/s with kills over without: {drill['images_per_s'] / baseline['images_per_s']:.2f}x")
-        feedback = send_feedback(server.url, first_answers + answers)
-        print(f"feedback after the kills, for the answers of both runs: {feedback}")
-    save_results({"command": command, "machine": info, "baseline": baseline, "drill": drill, "kills": kills,
-                  "refused_during_drill": refused, "feedback_after_kills": feedback}, args.output)
+    with tempfile.TemporaryDirectory(prefix="siam-drill-") as folder:
+        # the supervisor's log names the processes and their restarts
+        spec.args += ["--log-level", "info"]
+        if args.feedback_db:
+            spec.args += ["--feedback-db", str(Path(folder, "feedback.sqlite"))]
+        with ServerProcess(spec) as server:
+            results = run_drill(server, args, Path(folder))
+    save_results({"command": command, "machine": info, "feedback_db": args.feedback_db, **results}, args.output)
+
+
+def run_drill(server: ServerProcess, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The two runs, the kills and the feedback of :func:`main`, on a started service."""
+    paths = test_images(args.data, args.images, folder)
+    baseline, first_answers = run_client(server.url, paths, args.samples, args.concurrency)
+    print(f"nothing killed: {baseline}", flush=True)
+    before = send_feedback(server.url, first_answers)
+    print(f"feedback for the answers of the first run: {before}", flush=True)
+    refused_before = errors_by_kind(server.url)
+    kills: list[dict[str, Any]] = []
+    killer = threading.Thread(target=kill_on_schedule, args=(server, args.kills, time.perf_counter(), kills))
+    killer.start()
+    drill, answers = run_client(server.url, paths, args.samples, args.concurrency)
+    killer.join()
+    for kill in kills:  # a kill after the last answer tests nothing: say so
+        kill["during_run"] = kill["at_s"] + kill["back_after_s"] < drill["seconds"]
+    refused = {k: v - refused_before.get(k, 0.0) for k, v in errors_by_kind(server.url).items()
+               if v > refused_before.get(k, 0.0)}
+    print(f"with kills:     {drill}\nkills: {kills}\nrefused meanwhile (retried by the client): {refused}")
+    print(f"images/s with kills over without: {drill['images_per_s'] / baseline['images_per_s']:.2f}x")
+    feedback = send_feedback(server.url, answers)
+    print(f"feedback after the kills, for the answers of the second run: {feedback}")
+    again = send_feedback(server.url, first_answers)
+    print(f"feedback after the kills, again for the answers of the first run: {again}")
+    return {"baseline": baseline, "drill": drill, "kills": kills, "refused_during_drill": refused,
+            "feedback_before_kills": before, "feedback_after_kills": feedback, "feedback_again_after_kills": again}
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import multiprocessing
+import queue
 import random
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -107,18 +109,31 @@ def test_a_feedback_file_counts_each_id_once_across_processes_and_restarts(tmp_p
     """SIAM_FEEDBACK_DB: processes (or replicas on one host) racing on the same ids take each exactly once
     between them, and a store opened again on the file, as after a restart, refuses them all. The memory
     capacity does not apply to the file: a capacity of 1 forgets nothing there."""
-    path = tmp_path / "state" / "feedback.sqlite"  # the folder is made
+    path = tmp_path / "state" / "siam" / "feedback.sqlite"  # the folders are made
     ids = PredictionIds(SECRET, "tiny", 600.0)
     issued = [ids.issue(k % 10, 16) for k in range(300)]
+    FeedbackStore(ids, capacity=1, path=path).close()  # the first process to start makes the file
     context = multiprocessing.get_context("spawn")
     start, taken = context.Barrier(3), context.Queue()
     racers = [context.Process(target=take_all, args=(path, issued, seed, start, taken)) for seed in range(3)]
-    for racer in racers:
-        racer.start()
-    got = [taken.get(timeout=120) for _ in racers]
-    for racer in racers:
-        racer.join(30)
-        assert racer.exitcode == 0
+    got: list[list[str]] = []
+    try:
+        for racer in racers:
+            racer.start()
+        deadline = time.monotonic() + 120
+        while len(got) < len(racers):
+            try:
+                got.append(taken.get(timeout=0.5))
+            except queue.Empty:  # a racer that died fails the test now, not at the deadline
+                assert all(r.exitcode in (None, 0) for r in racers), [r.exitcode for r in racers]
+                assert time.monotonic() < deadline
+        for racer in racers:
+            racer.join(30)
+            assert racer.exitcode == 0
+    finally:
+        for racer in racers:
+            if racer.is_alive():
+                racer.kill()
     assert sorted(i for share in got for i in share) == sorted(issued)  # each id once, across the three
     restarted = FeedbackStore(ids, capacity=1, path=path)
     assert len(restarted) == 300 and all(restarted.take(i) is None for i in issued)
@@ -141,10 +156,13 @@ def test_the_feedback_file_keeps_ids_until_they_expire_and_models_apart(tmp_path
     nonce = ids.read(old[0], now=1001.0).nonce  # type: ignore[union-attr]
     assert other.first(nonce, 1060.0, now=1001.0) and not other.first(nonce, 1060.0, now=1001.0)
     assert len(other) == 1 and len(store) == 3
-    # rows are dropped once their id has expired (1060), at the next pruning; a valid id is never dropped
+    # rows are dropped once their id has expired (1060), at the next pruning, PRUNE_EVERY_S after the last
+    # (at the first take, 1001); a valid id is never dropped
     late = ids.issue(7, 4, now=1030.0)
-    assert store.take(late, now=1030.0 + TakenInFile.PRUNE_EVERY_S) is not None
-    assert len(store) == 1 and store.take(late, now=1031.0 + TakenInFile.PRUNE_EVERY_S) is None
+    assert store.take(late, now=1059.0) is not None and len(store) == 4  # nothing expired yet
+    later = ids.issue(8, 4, now=1030.0)
+    assert store.take(later, now=1001.0 + TakenInFile.PRUNE_EVERY_S) is not None
+    assert len(store) == 2 and store.take(late, now=1062.0) is None
     other.close()
     store.close()
 
@@ -160,8 +178,10 @@ def test_a_locked_or_unusable_feedback_file_fails_loudly_and_counts_nothing(tmp_
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     prediction_id = ids.issue(5, 16)
+    started = time.monotonic()
     with pytest.raises(FeedbackUnavailableError, match="could not be written"):
         store.take(prediction_id)
+    assert 0.15 < time.monotonic() - started < 3.0  # it waited for the lock, as long as it was told
     with pytest.raises(FeedbackUnavailableError):
         asyncio.run(store.recall(prediction_id))
     holder.execute("ROLLBACK")
