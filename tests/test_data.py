@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +48,58 @@ def test_official_python_layout(tiny_cifar_official: Path, tmp_path: Path) -> No
     assert torch.equal(test.images, torch.from_numpy(images).permute(0, 3, 1, 2))
     assert torch.equal(test.labels, torch.from_numpy(labels))
     assert test.encoding == "official CIFAR10 (lossless; MD5s differ from the published release)"  # synthetic files
+
+
+def python2_pickle(obj: object) -> bytes:
+    """``obj`` as Python 2's cPickle writes the official release's batches (protocol 2): its ``str`` as
+    BINSTRING, raw bytes that Python 3 reads back only through the unpickler's ``encoding``, and numpy arrays
+    through ``numpy.core.multiarray._reconstruct`` with their data as such a string. Python 3's own
+    ``pickle.dumps`` never writes these opcodes, so the fixture's pickles cannot show the encoding matters."""
+
+    def string(b: bytes) -> bytes:
+        return (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<I", len(b))) + b
+
+    def write(o: object) -> bytes:
+        if isinstance(o, str):
+            return string(o.encode("latin1"))
+        if isinstance(o, bool):
+            return b"\x88" if o else b"\x89"
+        if isinstance(o, int):
+            return b"J" + struct.pack("<i", o)
+        if o is None:
+            return b"N"
+        if isinstance(o, tuple):
+            return b"(" + b"".join(map(write, o)) + b"t"
+        if isinstance(o, list):
+            return b"]" + b"".join(write(v) + b"a" for v in o)
+        if isinstance(o, dict):
+            return b"}" + b"".join(write(k) + write(v) + b"s" for k, v in o.items())
+        assert isinstance(o, np.ndarray) and o.dtype == np.uint8, type(o)
+        dtype = b"cnumpy\ndtype\n" + write(("u1", 0, 1)) + b"R" + write((3, "|", None, None, None, -1, -1, 0)) + b"b"
+        return (b"cnumpy.core.multiarray\n_reconstruct\n" + b"(cnumpy\nndarray\n" + write((0,)) + write("b") + b"tR"
+                + b"(" + write(1) + write(o.shape) + dtype + write(False) + string(o.tobytes()) + b"tb")
+
+    return b"\x80\x02" + write(obj) + b"."
+
+
+def test_official_layout_reads_python_2_pickles_as_the_release_ships_them(tmp_path: Path) -> None:
+    """The official cifar-10-batches-py files are Python 2 pickles: keys and pixel data are Python 2 strings,
+    which Python 3 decodes as ASCII unless told otherwise (and the pixels are not ASCII)."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name, n, seed in (("test_batch", 20, 1), *((f"data_batch_{i}", 4, 10 + i) for i in range(1, 6))):
+        images, labels = synthetic_images(n, seed)
+        batch = {"batch_label": f"{name} of 5", "data": images.transpose(0, 3, 1, 2).reshape(n, -1),
+                 "labels": labels.tolist(), "filenames": [f"img_{i}.png" for i in range(n)]}
+        (folder / name).write_bytes(python2_pickle(batch))
+    (folder / "batches.meta").write_bytes(python2_pickle({"label_names": list(CLASSES), "num_cases_per_batch": 4}))
+    with pytest.raises(UnicodeDecodeError):  # what Python 3 makes of it by default
+        pickle.loads((folder / "test_batch").read_bytes())
+    test = load_split(folder, "test", cache_dir=None)
+    images, labels = synthetic_images(20, 1)
+    assert torch.equal(test.images, torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert torch.equal(test.labels, torch.from_numpy(labels)) and test.classes == CLASSES
+    assert len(load_split(folder, "train", cache_dir=None)) == 20
 
 
 def test_official_layout_refuses_code_in_pickles(tiny_cifar_official: Path, tmp_path: Path) -> None:

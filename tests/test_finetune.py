@@ -86,7 +86,7 @@ def test_wide_model_resumes_and_refuses_changed_settings(tiny_cifar_tar: Path, t
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "wide"
     common = train_args(tiny_cifar_tar, out, tmp_path / "cache", "--attack", "smoothadv", "--steps", "1",
-                        "--train-samples", "2", "--width", "2", "--batch-size", "100")
+                        "--train-samples", "1", "--width", "2", "--batch-size", "100")
     train.main([*common, "--epochs", "1"])
     with pytest.raises(SystemExit, match=r"--sigma 0.0625 -> 0.25"):
         train.main([*common, "--epochs", "2", "--sigma", "0.25"])
