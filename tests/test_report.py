@@ -3,8 +3,10 @@ split, and a whole (tiny) ``siam evaluate --report --quick`` run."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from tests.test_attacks import accuracy, separable_problem
 from training import evaluate, report, report_render, train
 from training.attacks import pgd, smoothed_probabilities
 from training.data import load_split
-from training.nattack import margin, nattack, project, to_tanh_space
+from training.nattack import gap, margin, nattack, project, to_tanh_space
 from training.robustness import choose_operating_point, correct_by_m, eps_sweep, noise_free, sweep_problems
 
 EPS = 8 / 255
@@ -37,6 +39,8 @@ def test_projection_stays_in_the_ball_and_the_box() -> None:
     adv = project(x, w, EPS)
     assert (adv - x).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     assert torch.allclose(project(x, to_tanh_space(x), EPS), x, atol=1e-4)
+    # finite at the box's edges: an infinite point could never move, so a black or white pixel would stay put
+    assert torch.isfinite(to_tanh_space(torch.tensor([0.0, 1.0]))).all()
 
 
 def test_margin_is_positive_only_while_the_label_is_right() -> None:
@@ -91,6 +95,95 @@ def test_nattack_through_the_smoothed_black_box(problem: tuple[Classifier, torch
     after = correct_by_m(smooth, result.adversarial, y, [16])[16].float().mean()
     assert before > 0.9 and after <= 0.5
     assert (result.adversarial - x).abs().max() <= EPS + 1e-6
+
+
+def test_one_iteration_moves_the_mean_as_the_papers_update_says() -> None:
+    """One round by hand, from the paper (Li et al. 2019, Algorithm 1): mu += lr / (P sigma) * sum_i A_i z_i,
+    A the standardised rewards -max(0, gap + kappa) of the P candidates; then the mean's projection is
+    checked. The label trails by 0.1 in log-probability (not yet a mistake at kappa 0.25), so some
+    candidates are past -kappa and the clamp at 0 shapes the update."""
+    torch.manual_seed(0)
+    x, weights = torch.rand(2, 3, 4, 4), torch.randn(48, 5)
+    y = torch.tensor([1, 3])
+    logits = x.flatten(1) @ weights
+    others = logits.scatter(1, y[:, None], -float("inf")).amax(1)
+    bias = torch.zeros(2, 5)
+    bias[torch.arange(2), y] = others - logits[torch.arange(2), y] - 0.1
+    population, sigma, lr, kappa = 8, 0.1, 0.02, 0.25  # sigma and lr: the defaults, left out of the call
+
+    def box(images: torch.Tensor) -> torch.Tensor:
+        """A linear model on the pixels, each image with its own bias row: every answer recomputable."""
+        per_image = images.shape[0] // 2
+        return (images.flatten(1) @ weights + bias.repeat_interleave(per_image, 0)).softmax(1)
+
+    result = nattack(box, x, y, eps=EPS, population=population, kappa=kappa, max_queries=population + 2,
+                     generator=torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    mu = 0.001 * torch.randn(x.shape, generator=generator)
+    z = torch.randn((2, population, 3, 4, 4), generator=generator)
+    w = to_tanh_space(x)
+    candidates = project(x[:, None], (w + mu)[:, None] + sigma * z, EPS)
+    logp = box(candidates.flatten(0, 1)).log().view(2, population, 5)
+    labels = y[:, None, None].expand(2, population, 1)
+    gaps = logp.gather(2, labels).squeeze(2) - logp.scatter(2, labels, -float("inf")).amax(2)
+    assert ((gaps < -kappa).any(1) & (gaps > -kappa).any(1)).all()  # the clamp is at work in both images
+    reward = -(gaps + kappa).clamp(min=0)
+    advantage = (reward - reward.mean(1, keepdim=True)) / reward.std(1, unbiased=False, keepdim=True)
+    mu = mu + lr / (population * sigma) * (advantage[:, :, None, None, None] * z).sum(1)
+    expected = project(x, w + mu, EPS)
+    assert torch.allclose(result.adversarial, expected, atol=1e-5)
+    assert result.queries.tolist() == [population + 2] * 2  # a check, one round, the check of the new mean
+    assert torch.equal(result.success, gap(box(expected), y) < -kappa)
+
+
+def test_the_defaults_are_the_papers_cifar_settings() -> None:
+    defaults = {k: v.default for k, v in inspect.signature(nattack).parameters.items() if v.default is not v.empty}
+    assert {k: defaults[k] for k in ("eps", "population", "sigma", "lr", "kappa", "check_every")} == {
+        "eps": 8 / 255, "population": 300, "sigma": 0.1, "lr": 0.02, "kappa": 0.0, "check_every": 10}
+    # and they are the ones used: rounds of 300 candidates and a check every 10 rounds, here within 3,400
+    # queries (a check, ten rounds, a check, an eleventh round, the final check)
+    calls: list[int] = []
+    result = nattack(fixed_box([0.9, 0.1], calls), torch.rand(1, 3, 4, 4), torch.tensor([0]), max_queries=3400)
+    assert calls == [1] + [300] * 10 + [1, 300, 1] and result.queries.tolist() == [3303]
+
+
+def fixed_box(probabilities: list[float], calls: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A black box that answers ``probabilities`` whatever it is shown, counting the images."""
+    def f(images: torch.Tensor) -> torch.Tensor:
+        calls.append(images.shape[0])
+        return torch.tensor(probabilities).expand(images.shape[0], -1)
+    return f
+
+
+def test_an_image_counts_as_fooled_only_once_another_class_leads_by_kappa() -> None:
+    """The label's probability 0.3 against 0.5: a gap of log(0.3 / 0.5) = -0.51 in log-probability."""
+    x, y = torch.rand(1, 3, 4, 4), torch.tensor([0])
+    calls: list[int] = []
+    done = nattack(fixed_box([0.3, 0.5, 0.2], calls), x, y, population=10, max_queries=100, kappa=0.4)
+    assert done.success.tolist() == [True] and done.queries.tolist() == [1] and calls == [1]
+    tie = nattack(fixed_box([0.4, 0.4, 0.2], []), x, y, population=10, max_queries=30)
+    assert tie.success.tolist() == [False]  # a tie with another class is not yet a mistake
+    calls.clear()
+    spent: list[int] = []
+    short = nattack(fixed_box([0.3, 0.5, 0.2], calls), x, y, population=10, max_queries=100, kappa=0.6,
+                    progress=spent.append)
+    assert short.success.tolist() == [False] and short.queries.tolist() == [sum(calls)] == [sum(spent)]
+
+
+@pytest.mark.parametrize(("check_every", "budget", "queries"), [(10, 300, 272), (3, 300, 274), (10, 301, 272),
+                                                               (10, 332, 302)])
+def test_the_mean_is_checked_every_check_every_rounds_and_once_more_at_the_end(check_every: int, budget: int,
+                                                                               queries: int) -> None:
+    """Never fooled, 30 candidates a round, at most 300 queries: nine rounds fit (270 queries). With
+    check_every 10 the mean is checked before round 0 and once no round fits (272); with 3, also before
+    rounds 3 and 6, and the last check falls on round 9's turn (274). With 301, a tenth round would leave
+    no query for the final check, so it does not run; with 332, the check before round 10 leaves 30
+    queries, and a round would leave none for the check of its mean (302)."""
+    x, y = torch.rand(2, 3, 4, 4), torch.tensor([0, 0])
+    calls: list[int] = []
+    result = nattack(fixed_box([0.9, 0.1], calls), x, y, population=30, max_queries=budget, check_every=check_every)
+    assert result.queries.tolist() == [queries, queries] and sum(calls) == 2 * queries
+    assert result.queries.dtype == torch.long
 
 
 def test_eps_sweep_is_monotone_and_reaches_zero(problem: tuple[Classifier, torch.Tensor, torch.Tensor]) -> None:
