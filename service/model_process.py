@@ -65,12 +65,9 @@ class WorkerLink:
                     task = self.tasks.get(rid)
                     if task is not None:
                         task.cancel()
-                elif op in ("predict", "logits"):
-                    task = asyncio.create_task(self.run(header, payload))
-                    self.tasks[rid] = task
-                    task.add_done_callback(lambda _, rid=rid: self.tasks.pop(rid, None))
-                elif op == "recall":
-                    task = asyncio.create_task(self.recall(rid, header["prediction"]))
+                elif op in ("predict", "logits", "recall"):
+                    work = self.run(header, payload) if op != "recall" else self.recall(rid, header["prediction"])
+                    task = asyncio.create_task(work)
                     self.tasks[rid] = task
                     task.add_done_callback(lambda _, rid=rid: self.tasks.pop(rid, None))
                 else:
