@@ -1,17 +1,22 @@
-"""Helpers shared by the service tests: encoded images and a real uvicorn server in a subprocess."""
+"""Helpers shared by the service tests: encoded images, a real uvicorn server in a subprocess, and a
+feedback file held locked by another connection."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from benchmarks.servers import ROOT, ServerProcess, SystemSpec, free_port
+from service.feedback import FeedbackStore, TakenInFile
 
-__all__ = ["ROOT", "Server", "b64", "free_port", "image_bytes"]
+__all__ = ["ROOT", "Server", "b64", "free_port", "image_bytes", "locked_feedback_file"]
 
 
 def image_bytes(seed: int = 0, size: int = 32, mode: str = "RGB", fmt: str = "PNG") -> bytes:
@@ -26,6 +31,24 @@ def image_bytes(seed: int = 0, size: int = 32, mode: str = "RGB", fmt: str = "PN
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+@contextlib.contextmanager
+def locked_feedback_file(store: FeedbackStore, path: Path, busy_timeout_s: float, model: str = "tiny"
+                         ) -> Iterator[None]:
+    """``store`` writing to the feedback file at ``path`` while another connection holds it locked (as a
+    stuck replica would): the store is given its own connection that waits ``busy_timeout_s`` for the lock
+    (not the service's 5 s), and keeps it after the lock is released on leaving."""
+    assert isinstance(store.taken, TakenInFile), "the store must have been made with a feedback file"
+    store.taken.close()
+    store.taken = TakenInFile(path, model, busy_timeout_s=busy_timeout_s)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        yield
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
 
 
 class Server(ServerProcess):

@@ -7,11 +7,11 @@ import base64
 import multiprocessing
 import queue
 import random
-import sqlite3
 import time
 from pathlib import Path
 
 import pytest
+from service_helpers import locked_feedback_file
 
 from service.feedback import ID_BYTES, FeedbackStore, FeedbackUnavailableError, PredictionIds, TakenInFile
 
@@ -174,18 +174,14 @@ def test_a_locked_or_unusable_feedback_file_fails_loudly_and_counts_nothing(tmp_
     path = tmp_path / "feedback.sqlite"
     ids = PredictionIds(SECRET, "tiny", 60.0)
     store = FeedbackStore(ids, capacity=10, path=path)
-    store.taken = TakenInFile(path, "tiny", busy_timeout_s=0.2)
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
     prediction_id = ids.issue(5, 16)
-    started = time.monotonic()
-    with pytest.raises(FeedbackUnavailableError, match="could not be written"):
-        store.take(prediction_id)
-    assert 0.15 < time.monotonic() - started < 3.0  # it waited for the lock, as long as it was told
-    with pytest.raises(FeedbackUnavailableError):
-        asyncio.run(store.recall(prediction_id))
-    holder.execute("ROLLBACK")
-    holder.close()
+    with locked_feedback_file(store, path, busy_timeout_s=0.2):
+        started = time.monotonic()
+        with pytest.raises(FeedbackUnavailableError, match="could not be written"):
+            store.take(prediction_id)
+        assert 0.15 < time.monotonic() - started < 3.0  # it waited for the lock, as long as it was told
+        with pytest.raises(FeedbackUnavailableError):
+            asyncio.run(store.recall(prediction_id))
     issued = asyncio.run(store.recall(prediction_id))  # the retry counts, once
     assert issued is not None and issued.label == 5 and store.take(prediction_id) is None
     store.close()

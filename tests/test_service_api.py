@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,12 +17,11 @@ import torch
 from conftest import CLASSES, batch_tolerance, make_model
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from service_helpers import b64, image_bytes
+from service_helpers import b64, image_bytes, locked_feedback_file
 
 from models import save_checkpoint
 from models.canary import Canary, save_canary
 from service.app import create_app
-from service.feedback import TakenInFile
 from service.settings import Settings
 
 PNG = image_bytes(0)
@@ -271,12 +269,8 @@ def test_with_a_feedback_file_a_restarted_service_refuses_a_second_feedback(chec
     with TestClient(create_app(settings(checkpoint, **shared))) as restarted:
         again = restarted.post("/feedback", json={"id": answers[0]["id"], "label": 0})
         assert again.status_code == 404 and "already has feedback" in again.json()["detail"]
-        holder = sqlite3.connect(shared["feedback_db"], isolation_level=None)
-        holder.execute("BEGIN EXCLUSIVE")
-        restarted.app.state.siam.feedback.taken = TakenInFile(shared["feedback_db"], "tiny", busy_timeout_s=0.1)
-        locked = restarted.post("/feedback", json={"id": answers[1]["id"], "label": 0})
-        holder.execute("ROLLBACK")
-        holder.close()
+        with locked_feedback_file(restarted.app.state.siam.feedback, shared["feedback_db"], busy_timeout_s=0.1):
+            locked = restarted.post("/feedback", json={"id": answers[1]["id"], "label": 0})
         assert locked.status_code == 503 and locked.headers["retry-after"] == "1", locked.text
         assert "could not be written" in locked.json()["detail"]
         retried = restarted.post("/feedback", json={"id": answers[1]["id"], "label": 0})

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from service import model_links
 from service.app import start_worker
 from service.backends import load_backend
 from service.engine import Answer, DeadlineExceededError, Engine, OverloadedError, QueueFullError, ShuttingDownError
-from service.feedback import FeedbackUnavailableError, PredictionIds, TakenInFile
+from service.feedback import FeedbackUnavailableError, PredictionIds
 from service.metrics import Metrics
 from service.model_links import ModelLinks
 from service.model_process import serve_model
@@ -52,7 +51,7 @@ from service.wire import (
     read_frame,
 )
 from service.workers import RestartBudget, Supervisor, listening_sockets
-from tests.service_helpers import ROOT, Server, b64, image_bytes
+from tests.service_helpers import ROOT, Server, b64, image_bytes, locked_feedback_file
 from tests.stand_in_children import hold
 
 BODY = {"image": b64(image_bytes(0))}
@@ -220,14 +219,10 @@ def test_a_model_process_on_the_feedback_file_remembers_its_predecessors_feedbac
         successor = ModelProcessInLoop(settings)
         async with successor as remote:
             assert await remote.recall(issued[0]) is None  # taken before the restart
-            holder = sqlite3.connect(tmp_path / "feedback.sqlite", isolation_level=None)
-            holder.execute("BEGIN EXCLUSIVE")
-            successor.state.feedback.taken = TakenInFile(tmp_path / "feedback.sqlite", "tiny",  # type: ignore[union-attr]
-                                                         busy_timeout_s=0.1)
-            with pytest.raises(FeedbackUnavailableError, match="could not be written"):
+            assert successor.state.feedback is not None
+            with (locked_feedback_file(successor.state.feedback, tmp_path / "feedback.sqlite", busy_timeout_s=0.1),
+                  pytest.raises(FeedbackUnavailableError, match="could not be written")):
                 await remote.recall(issued[1])
-            holder.execute("ROLLBACK")
-            holder.close()
             answer = await remote.recall(issued[1])
             assert answer is not None and answer.label == 1
             assert (await remote.predict(images(1), 4, "softmax"))[0].prediction.samples == 4
