@@ -99,3 +99,21 @@ def test_torch_drawn_noise_is_refused_off_the_cpu(tmp_path: Path) -> None:
     _, manifest, path = exported(tmp_path, "pixel")
     with pytest.raises(RuntimeError, match="SIAM_ORT_NOISE=graph"):
         OnnxBackend(path, manifest, torch.device("cuda"), 8, 1, "always", host_noise=True)
+
+
+def test_export_leaves_the_callers_model_as_it_was_and_makes_the_folder(tmp_path: Path) -> None:
+    """Training exports mid-run: the model it goes on training must stay in train mode, module by module."""
+    model, spec = make_model()
+    model.train()
+    path = export_onnx(model, spec, tmp_path / "a" / "b" / "model.onnx")
+    assert path.is_file() and all(m.training for m in model.modules())
+
+
+def test_the_exports_parity_check_asks_for_cuda_only_where_a_gpu_is_usable() -> None:
+    from models.onnx import default_providers
+
+    expected = (["CUDAExecutionProvider", "CPUExecutionProvider"]
+                if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+                else ["CPUExecutionProvider"])
+    assert default_providers() == expected
+    assert set(default_providers()) <= set(ort.get_available_providers())

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from models.smooth import aggregate, plan_chunks, rows_of_chunk, summarize
@@ -59,6 +59,7 @@ def test_plan_chunks_refuses_chunks_without_room(chunk_rows: int) -> None:
 
 @settings(max_examples=500, deadline=None)
 @given(st.integers(1, 3000), st.integers(1, 300), st.integers(1, 16))
+@example(rows=64, size=16, workers=4)  # exactly a chunk per thread: still one share each
 def test_chunk_bounds_cut_every_row_once_in_order_and_end_in_small_chunks(rows: int, size: int, workers: int) -> None:
     bounds = chunk_bounds(rows, size, workers)
     assert [b for _, b in bounds[:-1]] == [a for a, _ in bounds[1:]] and bounds[0][0] == 0 and bounds[-1][1] == rows
