@@ -117,3 +117,25 @@ def test_the_exports_parity_check_asks_for_cuda_only_where_a_gpu_is_usable() -> 
                 else ["CPUExecutionProvider"])
     assert default_providers() == expected
     assert set(default_providers()) <= set(ort.get_available_providers())
+
+
+def test_the_graph_declares_what_a_deployment_reads_from_it(tmp_path: Path) -> None:
+    """Triton, KServe and other runtimes size their inputs from the graph: the opset it promises, a batch
+    axis shared by images and logits, the image size and the class count."""
+    import onnx
+
+    from models.onnx import OPSET
+
+    _, manifest, path = exported(tmp_path, "pixel")
+    proto = onnx.load(str(path))
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", OPSET)]
+
+    def dims(value: onnx.ValueInfoProto) -> list[int | str]:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    values = [*proto.graph.input, *proto.graph.output]
+    declared = {v.name: dims(v) for v in values}
+    batch, classes = declared["images"][0], manifest.spec.architecture.num_classes
+    assert isinstance(batch, str) and batch
+    assert declared == {"images": [batch, 3, 32, 32], "sigma": [1], "logits": [batch, classes]}
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in values)
