@@ -42,9 +42,12 @@ def test_auto_picks_the_backend_that_can_serve_the_model_at_that_precision(
         checkpoints: dict[str, Path], model: str, precision: str, expected: tuple[str, str]) -> None:
     backend, manifest = load_backend(settings(checkpoints[model], precision=precision))
     assert (backend.name, backend.precision) == expected and manifest.name == "tiny"
-    assert backend.describe()["backend"] == expected[0] and backend.describe()["precision"] == expected[1]
+    described = backend.describe()
+    assert (described["backend"], described["precision"], described["device"]) == (*expected, "cpu")
+    assert backend.device == torch.device("cpu")
     if backend.name == "onnx":  # SIAM_THREADS=1: one call at a time, whatever the machine's cores
-        assert backend.describe()["ort_parallel_calls"] == 1
+        assert (described["ort_threads"], described["ort_parallel_calls"]) == ("per-call", 1)
+        assert Path(str(described["graph"])).is_file() and described["provider"] == "CPUExecutionProvider"
 
 
 def test_siam_compile_wraps_the_torch_backends_model(checkpoints: dict[str, Path]) -> None:

@@ -102,7 +102,8 @@ def test_torch_drawn_noise_is_refused_off_the_cpu(tmp_path: Path) -> None:
 
 
 def test_export_leaves_the_callers_model_as_it_was_and_makes_the_folder(tmp_path: Path) -> None:
-    """Training exports mid-run: the model it goes on training must stay in train mode, module by module."""
+    """A caller goes on using the model it exported (`siam bench` times the same model under PyTorch): export
+    works on a copy, so a model in train mode stays in it, module by module."""
     model, spec = make_model()
     model.train()
     path = export_onnx(model, spec, tmp_path / "a" / "b" / "model.onnx")
