@@ -39,7 +39,7 @@ class NoisyGraph(nn.Module):
     """What the ONNX graph computes: the base classifier under Gaussian input noise of scale ``sigma``
     (with ``noise=False``, the bare classifier: the benchmarks' noise-free reference)."""
 
-    def __init__(self, model: Classifier, space: str, noise: bool = True):
+    def __init__(self, model: Classifier, space: str, noise: bool):
         super().__init__()
         self.model = model
         self.space = space

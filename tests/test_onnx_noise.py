@@ -125,9 +125,10 @@ def test_the_graph_declares_what_a_deployment_reads_from_it(tmp_path: Path) -> N
     axis shared by images and logits, the image size and the class count."""
     import onnx
 
-    from models.onnx import OPSET
+    from models.onnx import OPSET, exported_weights
 
     _, manifest, path = exported(tmp_path, "pixel")
+    assert exported_weights(path) is None  # exported without naming its weights: it says nothing
     proto = onnx.load(str(path))
     assert [(o.domain, o.version) for o in proto.opset_import] == [("", OPSET)]
 
