@@ -104,8 +104,8 @@ def test_a_mixed_batch_gives_each_image_its_copies_in_order_on_pooled_calls(chec
     """Seeded and unseeded images with several copies each, on a pool of one-thread calls over many chunks:
     each seeded image's rows are what it gets alone in a one-call backend, and each unseeded image's rows are
     its own image's (noise off for those: sigma 0)."""
-    path = load_backend(settings(checkpoints["plain"]))[0].path  # type: ignore[attr-defined]
-    manifest = load_checkpoint(checkpoints["plain"])[1]
+    served, manifest = load_backend(settings(checkpoints["plain"]))
+    path = served.path  # type: ignore[attr-defined]
     pooled = OnnxBackend(path, manifest, torch.device("cpu"), 4, 2, "always", "auto", host_noise)
     alone = OnnxBackend(path, manifest, torch.device("cpu"), 64, 1, "always", "per-call", host_noise)
     assert pooled.workers == 2 and alone.workers == 1
