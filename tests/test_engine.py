@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -650,6 +651,100 @@ def test_the_tuned_chunk_size_is_measured_once_per_machine_and_remembered(tmp_pa
     broken = Counting()
     remembered_chunk_rows(broken, 8, "ab" * 32, cache)  # type: ignore[arg-type]
     assert broken.calls > 5
+
+
+def test_the_tuning_cache_key_names_everything_the_fastest_chunk_depends_on(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk size measured for one model, backend, device, precision, CPU, thread count, PyTorch or thread
+    layout must not be served to another: changing any one of them changes the key, and nothing else does."""
+    from service import backends
+
+    key = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+    assert backends.machine_key(Counting(), "ab" * 32) == key  # type: ignore[arg-type]
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # the CPU by the model name the kernel gives
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        assert not names or names[0] in key.split("|")
+
+    def changed(**attrs: object) -> str:
+        backend = Counting()
+        for name, value in attrs.items():
+            setattr(backend, name, value)
+        return backends.machine_key(backend, "ab" * 32)  # type: ignore[arg-type]
+
+    keys = {"weights": backends.machine_key(Counting(), "cd" * 32), "backend": changed(name="onnx"),  # type: ignore[arg-type]
+            "device": changed(device=torch.device("meta")), "precision": changed(precision="fp16"),
+            "pooled": changed(workers=2, ort_threads=1), "pool size": changed(workers=3, ort_threads=1)}
+    assert changed(workers=1, ort_threads=4) == key  # one call at a time: its threads are torch's, below
+    with monkeypatch.context() as m:
+        m.setattr(torch, "get_num_threads", lambda: 97)
+        keys["threads"] = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", "0.0.0+other")
+        keys["torch"] = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+    other_cpu = tmp_path / "cpuinfo"
+    other_cpu.write_text("processor\t: 0\nmodel name\t: Another CPU 9000\n")
+    with monkeypatch.context() as m:
+        m.setattr(backends, "Path", lambda _: other_cpu)
+        keys["cpu"] = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+    assert "Another CPU 9000" in keys["cpu"].split("|")
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "get_device_name", lambda device: f"Some GPU on {device}")
+        keys["gpu"] = changed(device=torch.device("cuda", 1))
+    assert "Some GPU on cuda:1" in keys["gpu"].split("|")
+    assert len({key, *keys.values()}) == len(keys) + 1, keys
+
+
+class Paced(Counting):
+    """Takes a fixed time per call plus a time per row that grows past 128-row chunks: 128 is fastest."""
+
+    workers = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
+        self.rows.append(samples[0])
+        per_row = 1e-5 if self.chunk_rows <= 128 else 2e-4
+        time.sleep(0.002 + per_row * samples[0])
+        return super().logits(images, samples, seeds)
+
+
+def test_tuning_keeps_the_chunk_with_the_most_rows_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.backends import tune_chunk_rows
+
+    backend = Paced()
+    assert tune_chunk_rows(backend, 8, budget_s=0.05) == 128 == backend.chunk_rows  # type: ignore[arg-type]
+    assert sorted(set(backend.rows)) == [32, 64, 128, 256, 512]  # the CPU's sizes, each measured
+    pooled = Paced()
+    pooled.workers = 3  # one chunk per thread of the pool in each measured call, as it serves
+    tune_chunk_rows(pooled, 8, candidates=(32, 64), budget_s=0.02)  # type: ignore[arg-type]
+    assert sorted(set(pooled.rows)) == [96, 192]
+    gpu = Paced()
+    gpu.device = torch.device("cuda")
+    monkeypatch.setattr(Paced, "logits", lambda self, images, samples, seeds: self.rows.append(samples[0]))
+    tune_chunk_rows(gpu, 8, budget_s=0.001)  # type: ignore[arg-type]
+    assert sorted(set(gpu.rows)) == [32, 64, 128, 256, 512, 1024, 2048]  # a GPU's go on up
+
+
+def test_a_cache_that_cannot_be_written_or_holds_no_usable_size_still_serves_a_measured_size(tmp_path: Path) -> None:
+    from service.backends import machine_key, remembered_chunk_rows
+
+    cache = tmp_path / "chunk-rows.json"
+    key = machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+    for stored in (0, -64, "128", None):  # not a size: measured again, and replaced
+        cache.write_text(json.dumps({key: stored, "another machine": 64}))
+        backend = Counting()
+        chosen = remembered_chunk_rows(backend, 8, "ab" * 32, cache)  # type: ignore[arg-type]
+        assert backend.calls > 5 and chosen in (32, 64, 128, 256, 512)
+        assert json.loads(cache.read_text()) == {key: chosen, "another machine": 64}  # the others kept
+    not_a_folder = tmp_path / "a-file"  # the cache's folder cannot be made, even by root
+    not_a_folder.write_text("")
+    backend = Counting()
+    chosen = remembered_chunk_rows(backend, 8, "ab" * 32, not_a_folder / "chunk-rows.json")  # type: ignore[arg-type]
+    assert backend.calls > 5 and backend.chunk_rows == chosen and not_a_folder.read_text() == ""
 
 
 def test_processes_starting_together_measure_the_chunk_size_once(tmp_path: Path) -> None:

@@ -51,7 +51,8 @@ def test_fgsm_pni_run(tiny_cifar_folder: Path, tmp_path: Path) -> None:
 def test_resume_continues_from_the_last_epoch(tiny_cifar_tar: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "resume"
-    common = train_args(tiny_cifar_tar, out, tmp_path / "cache", "--attack", "fgsm", "--batch-size", "100")
+    common = train_args(tiny_cifar_tar, out, tmp_path / "cache", "--attack", "fgsm", "--train-images", "200",
+                        "--batch-size", "50")
     train.main([*common, "--epochs", "1"])
     train.main([*common, "--epochs", "2"])
     assert "resuming" in capsys.readouterr().out
@@ -221,7 +222,7 @@ def test_a_run_stopped_mid_epoch_resumes_where_it_stopped_and_matches_an_uninter
     """--max-steps inside an epoch leaves the epoch incomplete (not marked done); the resumed run skips the
     steps already taken and, with the random state restored, ends with the very weights of a run that was
     never interrupted."""
-    common = ["--attack", "fgsm", "--batch-size", "100", "--epochs", "1"]
+    common = ["--attack", "fgsm", "--train-images", "200", "--batch-size", "50", "--epochs", "1"]
     straight, pieces = tmp_path / "straight", tmp_path / "pieces"
     train.main(train_args(tiny_cifar_tar, straight, tmp_path / "cache", *common))
     train.main(train_args(tiny_cifar_tar, pieces, tmp_path / "cache", *common, "--max-steps", "2"))
