@@ -106,9 +106,14 @@ if [[ "$PROMETHEUS_IMAGE" == siam-tools:local || "$NGINX_IMAGE" == siam-tools:lo
   tools_pid=$!
 fi
 export SIAM_BUILD_CHECKPOINT="$checkpoint"
+# The wheels in DIR were downloaded for the requirement list pyproject.toml gives now. (Compared by content,
+# not by date: a fresh clone's pyproject.toml is always newer than the wheels kept from an earlier run.)
+wheels_current() {
+  [[ -f "$1/requirements.txt" ]] && cmp -s "$1/requirements.txt" <(python3 docker/requirements.py pyproject.toml)
+}
 case "${SIAM_SMOKE_PIP:-wheels}" in
   wheels)
-    if [[ ! -f docker/wheels/requirements.txt || pyproject.toml -nt docker/wheels/requirements.txt ]]; then
+    if ! wheels_current docker/wheels; then
       say "downloading wheels"
       docker/download-wheels.sh
     fi ;;
@@ -116,8 +121,7 @@ case "${SIAM_SMOKE_PIP:-wheels}" in
     [[ -z "$(find docker/wheels -name '*.whl' 2>/dev/null | head -1)" ]] ||
       fail "SIAM_SMOKE_PIP=index needs a docker/wheels/ without wheels (they would be installed instead)"
     wheels="${SIAM_WHEELS_DIR:-$HOME/.cache/siam/wheels}"
-    [[ -f "$wheels/requirements.txt" && ! pyproject.toml -nt "$wheels/requirements.txt" ]] ||
-      SIAM_WHEELS_DIR="$wheels" docker/download-wheels.sh
+    wheels_current "$wheels" || SIAM_WHEELS_DIR="$wheels" docker/download-wheels.sh
     # A "simple" index: a folder per normalized project name, holding links to its wheels.
     for whl in "$wheels"/*.whl; do
       project="$(basename "$whl" | cut -d- -f1 | tr 'A-Z_.' 'a-z--')"
@@ -132,7 +136,11 @@ case "${SIAM_SMOKE_PIP:-wheels}" in
       gateway="$(ip -4 -o addr show "${bridge:-docker0}" 2>/dev/null | awk '{print $4}' | cut -d/ -f1 | head -1)"
     fi
     [[ -n "$gateway" ]] || fail "no IPv4 address for the default docker bridge: the containers could not reach the index"
-    port="$(free_port)"
+    # The same port from run to run where it is free: the index's address is a build argument, part of the
+    # build cache's key, so a new one each run would reinstall the dependencies (6 GB) every time.
+    port="${SIAM_SMOKE_INDEX_PORT:-43141}"
+    python3 -c 'import socket, sys; socket.socket().bind((sys.argv[1], int(sys.argv[2])))' "$gateway" "$port" \
+      2>/dev/null || port="$(free_port)"
     python3 -m http.server --bind "$gateway" --directory "$work/index" "$port" >"$work/index.log" 2>&1 &
     index_pid=$!
     export PIP_INDEX_URL="http://$gateway:$port/simple/" PIP_TRUSTED_HOST="$gateway"
@@ -152,6 +160,17 @@ say "built $SIAM_IMAGE ($(docker image inspect --format '{{.Size}}' "$SIAM_IMAGE
 # The tag moved to the new image: the one it named before (several GB) would stay behind untagged.
 if [[ -n "$previous" && "$previous" != "$(docker image inspect --format '{{.Id}}' "$SIAM_IMAGE")" ]]; then
   if docker image rm "$previous" >/dev/null 2>&1; then say "removed the previous $SIAM_IMAGE (${previous:7:12})"; fi
+fi
+# So would the build stages of earlier builds (docker/Dockerfile labels them): the untagged ones that
+# nothing is built on. The newest of each stage is this build's (made now, or taken from the cache) and the
+# next build's cache: it stays.
+stale=()
+for stage in requirements deps app; do
+  mapfile -t -O "${#stale[@]}" stale < <(docker images --quiet --filter dangling=true \
+    --filter "label=siam-serve.build-stage=$stage" | tail -n +2)
+done
+if ((${#stale[@]})) && docker image rm "${stale[@]}" >/dev/null 2>&1; then
+  say "removed ${#stale[@]} untagged build stages of earlier builds"
 fi
 
 if [[ -n "$tools_pid" ]]; then
