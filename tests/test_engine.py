@@ -684,11 +684,22 @@ def test_the_tuning_cache_key_names_everything_the_fastest_chunk_depends_on(tmp_
         m.setattr(torch, "__version__", "0.0.0+other")
         keys["torch"] = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
     other_cpu = tmp_path / "cpuinfo"
-    other_cpu.write_text("processor\t: 0\nmodel name\t: Another CPU 9000\n")
+    other_cpu.write_text("processor\t: 0\nmodel name\t: Another CPU: 9000\n")
     with monkeypatch.context() as m:
         m.setattr(backends, "Path", lambda _: other_cpu)
         keys["cpu"] = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
-    assert "Another CPU 9000" in keys["cpu"].split("|")
+    assert "Another CPU: 9000" in keys["cpu"].split("|")
+    # An ARM kernel's cpuinfo names no model: then the platform's processor, or else its machine type.
+    arm = tmp_path / "cpuinfo-arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 243.75\nCPU implementer\t: 0x41\n")
+    with monkeypatch.context() as m:
+        m.setattr(backends, "Path", lambda _: arm)
+        m.setattr(backends.platform, "processor", lambda: "arm-processor")
+        m.setattr(backends.platform, "machine", lambda: "aarch64")
+        keys["arm"] = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+        m.setattr(backends.platform, "processor", lambda: "")
+        keys["arm, no processor name"] = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+    assert "arm-processor" in keys["arm"].split("|") and "aarch64" in keys["arm, no processor name"].split("|")
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "get_device_name", lambda device: f"Some GPU on {device}")
         keys["gpu"] = changed(device=torch.device("cuda", 1))
@@ -697,17 +708,18 @@ def test_the_tuning_cache_key_names_everything_the_fastest_chunk_depends_on(tmp_
 
 
 class Paced(Counting):
-    """Takes a fixed time per call plus a time per row that grows past 128-row chunks: 128 is fastest."""
-
-    workers = 1
+    """Takes a fixed time per call plus a time per row that grows past 128-row chunks: 128 is fastest, by rows
+    per second (a chunk whose one call outlasts the budget does the most rows times seconds)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[int] = []
+        self.inputs: set[tuple[tuple[int, ...], tuple[int | None, ...]]] = set()
 
     def logits(self, images: torch.Tensor, samples: Sequence[int], seeds: Sequence[int | None]) -> torch.Tensor:
         self.rows.append(samples[0])
-        per_row = 1e-5 if self.chunk_rows <= 128 else 2e-4
+        self.inputs.add((tuple(images.shape), tuple(seeds)))
+        per_row = 1e-5 if self.chunk_rows <= 128 else 1e-3
         time.sleep(0.002 + per_row * samples[0])
         return super().logits(images, samples, seeds)
 
@@ -718,8 +730,9 @@ def test_tuning_keeps_the_chunk_with_the_most_rows_per_second(monkeypatch: pytes
     backend = Paced()
     assert tune_chunk_rows(backend, 8, budget_s=0.05) == 128 == backend.chunk_rows  # type: ignore[arg-type]
     assert sorted(set(backend.rows)) == [32, 64, 128, 256, 512]  # the CPU's sizes, each measured
+    assert backend.inputs == {((1, 3, 8, 8), (None,))}  # one image of the served size, fresh noise
     pooled = Paced()
-    pooled.workers = 3  # one chunk per thread of the pool in each measured call, as it serves
+    pooled.workers = 3  # type: ignore[attr-defined]  # one chunk per thread of the pool in each call, as served
     tune_chunk_rows(pooled, 8, candidates=(32, 64), budget_s=0.02)  # type: ignore[arg-type]
     assert sorted(set(pooled.rows)) == [96, 192]
     gpu = Paced()
@@ -729,22 +742,25 @@ def test_tuning_keeps_the_chunk_with_the_most_rows_per_second(monkeypatch: pytes
     assert sorted(set(gpu.rows)) == [32, 64, 128, 256, 512, 1024, 2048]  # a GPU's go on up
 
 
-def test_a_cache_that_cannot_be_written_or_holds_no_usable_size_still_serves_a_measured_size(tmp_path: Path) -> None:
-    from service.backends import machine_key, remembered_chunk_rows
+def test_a_cache_that_cannot_be_written_or_holds_no_usable_size_still_serves_a_measured_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import backends
 
+    measured: list[int] = []
+    monkeypatch.setattr(backends, "tune_chunk_rows", lambda backend, size: measured.append(size) or 96)
     cache = tmp_path / "chunk-rows.json"
-    key = machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+    key = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+    cache.write_text(json.dumps({key: 1}))  # one row at a time is a size (if a slow one): served as measured
+    assert backends.remembered_chunk_rows(Counting(), 8, "ab" * 32, cache) == 1 and not measured  # type: ignore[arg-type]
     for stored in (0, -64, "128", None):  # not a size: measured again, and replaced
         cache.write_text(json.dumps({key: stored, "another machine": 64}))
-        backend = Counting()
-        chosen = remembered_chunk_rows(backend, 8, "ab" * 32, cache)  # type: ignore[arg-type]
-        assert backend.calls > 5 and chosen in (32, 64, 128, 256, 512)
-        assert json.loads(cache.read_text()) == {key: chosen, "another machine": 64}  # the others kept
+        assert backends.remembered_chunk_rows(Counting(), 8, "ab" * 32, cache) == 96  # type: ignore[arg-type]
+        assert json.loads(cache.read_text()) == {key: 96, "another machine": 64}  # the others kept
+    assert measured == [8] * 4
     not_a_folder = tmp_path / "a-file"  # the cache's folder cannot be made, even by root
     not_a_folder.write_text("")
-    backend = Counting()
-    chosen = remembered_chunk_rows(backend, 8, "ab" * 32, not_a_folder / "chunk-rows.json")  # type: ignore[arg-type]
-    assert backend.calls > 5 and backend.chunk_rows == chosen and not_a_folder.read_text() == ""
+    assert backends.remembered_chunk_rows(Counting(), 8, "ab" * 32, not_a_folder / "c.json") == 96  # type: ignore[arg-type]
+    assert measured == [8] * 5 and not_a_folder.read_text() == ""
 
 
 def test_processes_starting_together_measure_the_chunk_size_once(tmp_path: Path) -> None:
