@@ -134,3 +134,18 @@ def test_siam_ort_threads_lays_out_onnx_runtimes_threads(checkpoints: dict[str, 
     assert chunk_session.get_session_options().intra_op_num_threads == chunk_threads
     assert (chunk_session is backend.session) == (mode != "auto")  # type: ignore[attr-defined]
     assert backend.describe()["provider"] == "CPUExecutionProvider" == backend.describe()["providers"][0]
+
+
+def test_the_torch_backend_computes_at_the_precision_asked_and_answers_float32(checkpoints: dict[str, Path]) -> None:
+    """SIAM_PRECISION=fp16/bf16: the weights and the forward in that type (so the logits move by its rounding),
+    the answer back in float32 on the CPU for the aggregation; the same seeds draw the same copies."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    answers = {}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        backend, _ = load_backend(settings(checkpoints["plain"], backend="torch", precision=precision))
+        assert {p.dtype for p in backend.model.parameters()} == {dtype}
+        answers[precision] = backend.logits(images, [3, 2], [5, 6])
+        assert answers[precision].dtype == torch.float32 and answers[precision].device.type == "cpu"
+    for precision in ("bf16", "fp16"):
+        assert not torch.equal(answers[precision], answers["fp32"]), precision
+        torch.testing.assert_close(answers[precision], answers["fp32"], atol=0.1, rtol=0.05)

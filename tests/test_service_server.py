@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from service_helpers import Server, b64, image_bytes
+from service_helpers import Server, b64, image_bytes, started_together
 
 from service.settings import Settings
 
@@ -180,9 +180,9 @@ def test_replicas_that_share_the_feedback_secret_take_feedback_for_each_others_a
     """Two services on the same checkpoint, as replicas behind a proxy: with one SIAM_FEEDBACK_SECRET an answer
     of the first takes its feedback at the second (once there); a replica with another secret refuses it."""
     shared = {"SIAM_FEEDBACK_SECRET": "shared by the replicas, 32 chars"}
-    with Server(checkpoint, "--backend", "torch", env=shared) as first, \
-            Server(checkpoint, "--backend", "torch", env=shared) as second, \
-            Server(checkpoint, "--backend", "torch") as stranger:
+    with started_together(Server(checkpoint, "--backend", "torch", env=shared),
+                          Server(checkpoint, "--backend", "torch", env=shared),
+                          Server(checkpoint, "--backend", "torch")) as (first, second, stranger):
         answers = [httpx.post(f"{first.url}/predict?samples=4", json=BODY, timeout=30).json() for _ in range(2)]
         fed = httpx.post(f"{second.url}/feedback", json={"id": answers[0]["id"], "label": answers[0]["label"]},
                          timeout=10)
