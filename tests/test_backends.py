@@ -144,6 +144,7 @@ def test_the_torch_backend_computes_at_the_precision_asked_and_answers_float32(c
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         backend, _ = load_backend(settings(checkpoints["plain"], backend="torch", precision=precision))
         assert {p.dtype for p in backend.model.parameters()} == {dtype}
+        assert backend.chunk_rows == 16 and backend.describe()["cuda_graphs"] is None  # (graphs: CUDA only)
         answers[precision] = backend.logits(images, [3, 2], [5, 6])
         assert answers[precision].dtype == torch.float32 and answers[precision].device.type == "cpu"
     for precision in ("bf16", "fp16"):
