@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,8 +35,18 @@ def mutant_names(module: str) -> list[str]:
     return sorted(json.loads(meta.read_text())["exit_code_by_key"])
 
 
-def run_child(mutant: str, tests: list[str]) -> int:
-    """Fork; the child runs pytest with the mutant on and exits with pytest's code."""
+def pytest_args(tests: list[str]) -> list[str]:
+    """The tests by absolute path, with the configuration pytest finds from the mutants folder: each child
+    runs in a folder of its own (below), where relative paths would find nothing."""
+    here = Path.cwd()
+    config = next(p for p in (here / "pyproject.toml", here.parent / "pyproject.toml") if p.is_file())
+    return [*PYTEST_ARGS, "-c", str(config), "--rootdir", str(config.parent), *(str(here / t) for t in tests)]
+
+
+def run_child(mutant: str, args: list[str], cwd: str) -> int:
+    """Fork; the child runs pytest with the mutant on, in ``cwd``, and exits with pytest's code. A mutant
+    that writes a file where it should not (a path turned into "None") writes it in ``cwd``, which the parent
+    deletes, not in mutants/, where a later mutant would find it (one survived that way)."""
     pid = os.fork()
     if pid == 0:
         os.environ["MUTANT_UNDER_TEST"] = mutant
@@ -42,9 +54,10 @@ def run_child(mutant: str, tests: list[str]) -> int:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         os.setsid()
+        os.chdir(cwd)
         import pytest
 
-        code = pytest.main([*PYTEST_ARGS, *tests])
+        code = pytest.main(args)
         os._exit(int(code))
     return pid
 
@@ -80,7 +93,9 @@ def main() -> int:
     # A test newer than the mutants' source would fail on every mutant and pass them all off as
     # killed: the tests must pass with no mutant switched on first.
     baseline_start = time.monotonic()
-    pid = run_child("none", args.tests)
+    test_args = pytest_args(args.tests)
+    scratch = Path(tempfile.mkdtemp(prefix="recheck-"))
+    pid = run_child("none", test_args, tempfile.mkdtemp(dir=scratch))
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         print("the tests fail on mutants/ with no mutant switched on: regenerate the mutants", file=sys.stderr)
@@ -90,13 +105,14 @@ def main() -> int:
     todo = [m for m in mutant_names(args.module) if m not in record or (args.survivors and record[m] == "survived")]
     if args.functions:
         todo = [m for m in todo if any(f"{name}__mutmut_" in m for name in args.functions.split(","))]
-    running: dict[int, tuple[str, float]] = {}
+    running: dict[int, tuple[str, float, str]] = {}
     while todo or running:
         while todo and len(running) < args.jobs:
             mutant = todo.pop(0)
-            running[run_child(mutant, args.tests)] = (mutant, time.monotonic())
+            cwd = tempfile.mkdtemp(dir=scratch)
+            running[run_child(mutant, test_args, cwd)] = (mutant, time.monotonic(), cwd)
         time.sleep(0.2)
-        for pid, (mutant, started) in list(running.items()):
+        for pid, (mutant, started, cwd) in list(running.items()):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done == 0 and time.monotonic() - started > args.timeout:
                 os.killpg(pid, signal.SIGKILL)
@@ -107,10 +123,12 @@ def main() -> int:
             else:
                 outcome = "survived" if os.waitstatus_to_exitcode(status) == 0 else "killed"
             del running[pid]
+            shutil.rmtree(cwd, ignore_errors=True)
             record[mutant] = outcome
             record_path.write_text(json.dumps(record, indent=1, sort_keys=True))
             print(f"{outcome:8s} {mutant}  ({len(record)} done, {len(todo)} to go)", flush=True)
 
+    shutil.rmtree(scratch, ignore_errors=True)
     counts = {k: sum(v == k for v in record.values()) for k in ("killed", "timeout", "survived")}
     print(f"{args.module}: {len(record)} mutants: {counts}")
     return 0
