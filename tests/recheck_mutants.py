@@ -98,6 +98,7 @@ def main() -> int:
     pid = run_child("none", test_args, tempfile.mkdtemp(dir=scratch))
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
+        shutil.rmtree(scratch, ignore_errors=True)
         print("the tests fail on mutants/ with no mutant switched on: regenerate the mutants", file=sys.stderr)
         return 2
     print(f"baseline passes in {time.monotonic() - baseline_start:.1f} s", flush=True)
