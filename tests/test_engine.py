@@ -659,19 +659,20 @@ def test_the_tuning_cache_key_names_everything_the_fastest_chunk_depends_on(tmp_
     layout must not be served to another: changing any one of them changes the key, and nothing else does."""
     from service import backends
 
-    key = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
-    assert backends.machine_key(Counting(), "ab" * 32) == key  # type: ignore[arg-type]
+    def changed(**attrs: object) -> str:
+        """The key of a stub backend with ``attrs`` set, for the same weights."""
+        backend = Counting()
+        for name, value in attrs.items():
+            setattr(backend, name, value)
+        return backends.machine_key(backend, "ab" * 32)  # type: ignore[arg-type]
+
+    key = changed()
+    assert changed() == key
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():  # the CPU by the model name the kernel gives
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         assert not names or names[0] in key.split("|")
-
-    def changed(**attrs: object) -> str:
-        backend = Counting()
-        for name, value in attrs.items():
-            setattr(backend, name, value)
-        return backends.machine_key(backend, "ab" * 32)  # type: ignore[arg-type]
 
     keys = {"weights": backends.machine_key(Counting(), "cd" * 32), "backend": changed(name="onnx"),  # type: ignore[arg-type]
             "device": changed(device=torch.device("meta")), "precision": changed(precision="fp16"),
@@ -679,15 +680,15 @@ def test_the_tuning_cache_key_names_everything_the_fastest_chunk_depends_on(tmp_
     assert changed(workers=1, ort_threads=4) == key  # one call at a time: its threads are torch's, below
     with monkeypatch.context() as m:
         m.setattr(torch, "get_num_threads", lambda: 97)
-        keys["threads"] = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+        keys["threads"] = changed()
     with monkeypatch.context() as m:
         m.setattr(torch, "__version__", "0.0.0+other")
-        keys["torch"] = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+        keys["torch"] = changed()
     other_cpu = tmp_path / "cpuinfo"
     other_cpu.write_text("processor\t: 0\nmodel name\t: Another CPU: 9000\n")
     with monkeypatch.context() as m:
         m.setattr(backends, "Path", lambda _: other_cpu)
-        keys["cpu"] = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+        keys["cpu"] = changed()
     assert "Another CPU: 9000" in keys["cpu"].split("|")
     # An ARM kernel's cpuinfo names no model: then the platform's processor, or else its machine type.
     arm = tmp_path / "cpuinfo-arm"
@@ -696,9 +697,9 @@ def test_the_tuning_cache_key_names_everything_the_fastest_chunk_depends_on(tmp_
         m.setattr(backends, "Path", lambda _: arm)
         m.setattr(backends.platform, "processor", lambda: "arm-processor")
         m.setattr(backends.platform, "machine", lambda: "aarch64")
-        keys["arm"] = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+        keys["arm"] = changed()
         m.setattr(backends.platform, "processor", lambda: "")
-        keys["arm, no processor name"] = backends.machine_key(Counting(), "ab" * 32)  # type: ignore[arg-type]
+        keys["arm, no processor name"] = changed()
     assert "arm-processor" in keys["arm"].split("|") and "aarch64" in keys["arm, no processor name"].split("|")
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "get_device_name", lambda device: f"Some GPU on {device}")
